@@ -1,0 +1,87 @@
+"""Side-by-side comparison of the forget measures along one axis of the sweep (size for
+Appendix B, method for Appendix C, model for Appendix D), holding the other two fixed."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from itertools import combinations
+
+import pyarrow as pa
+
+from raysweep.analysis.measures import CORRELATION_FIELDS, Cell, cells_table, correlate, correlation_row
+from raysweep.analysis.registry import AnalysisResult, Skip
+
+AXES = ("model", "method", "size")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    axis: str
+    # Axis values in display order; others present in the sweep are left out.
+    values: tuple[str, ...]
+    # When set, a group qualifies by having this value alone (flipped trials are worth
+    # showing without a random-label twin); otherwise it needs two values to compare.
+    anchor: str | None = None
+
+    def qualifies(self, present: set[str]) -> bool:
+        return self.anchor in present if self.anchor is not None else len(present) >= 2
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        return tuple(a for a in AXES if a != self.axis)
+
+
+def _axis_value(c: Cell, axis: str) -> str:
+    return str(getattr(c, axis))
+
+
+def compare(cells: list[Cell], cmp: Comparison, what: str) -> AnalysisResult:
+    groups: dict[tuple, dict[str, list[Cell]]] = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        v = _axis_value(c, cmp.axis)
+        if v in cmp.values:
+            groups[tuple(getattr(c, a) for a in cmp.held)][v].append(c)
+    groups = {k: g for k, g in groups.items() if cmp.qualifies(set(g))}
+    if not groups:
+        raise Skip(f"no two conditions differ only in {cmp.axis}: nothing to compare for {what}")
+
+    present = [v for v in cmp.values if any(v in g for g in groups.values())]
+    summary_rows, long_parts, agree_rows = [], [], []
+    for key in sorted(groups):
+        g = groups[key]
+        tasks = sorted({c.forget_task for vals in g.values() for c in vals if c.eval_task == c.forget_task})
+        for task in tasks:
+            row: dict[str, object] = {a: key[i] for i, a in enumerate(cmp.held)}
+            row["forget_task"] = task
+            for v in present:
+                diag = next((c for c in g.get(v, []) if c.forget_task == task and c.eval_task == task), None)
+                row[f"acc_finetuned[{v}]"] = diag.acc_finetuned if diag else None
+                row[f"acc_forgotten[{v}]"] = diag.acc_forgotten if diag else None
+                row[f"forget_ratio[{v}]"] = diag.forget_ratio if diag else None
+            summary_rows.append(row)
+        for v in present:
+            if v in g:
+                t = cells_table(g[v])
+                long_parts.append(t.append_column("compared", pa.array([v] * t.num_rows, pa.string())))
+        for a, b in combinations([v for v in present if v in g], 2):
+            ra = {(c.forget_task, c.eval_task): c.forget_ratio for c in g[a]}
+            rb = {(c.forget_task, c.eval_task): c.forget_ratio for c in g[b]}
+            shared = sorted(set(ra) & set(rb))
+            corr = correlate([ra[k] for k in shared], [rb[k] for k in shared])
+            agree_rows.append({**{x: key[i] for i, x in enumerate(cmp.held)}, "a": a, "b": b, **correlation_row(corr)})
+
+    held_types = {"model": pa.string(), "method": pa.string(), "size": pa.int32()}
+    held_fields = [(a, held_types[a]) for a in cmp.held]
+    summary_schema = pa.schema(
+        held_fields + [("forget_task", pa.string())]
+        + [(f"{m}[{v}]", pa.float64()) for v in present for m in ("acc_finetuned", "acc_forgotten", "forget_ratio")]
+    )
+    agree_schema = pa.schema(held_fields + [("a", pa.string()), ("b", pa.string())] + CORRELATION_FIELDS)
+    tables = {
+        "summary": pa.Table.from_pylist(summary_rows, schema=summary_schema),
+        "cells": pa.concat_tables(long_parts),
+        "agreement": pa.Table.from_pylist(agree_rows, schema=agree_schema),
+    }
+    msg = f"{cmp.axis} {' vs '.join(present)} in {len(groups)} group(s); agreement = correlation of cross-task forget ratios"
+    return AnalysisResult(tables, msg)

@@ -1,0 +1,272 @@
+"""What an analysis sees: the done trials, their milestone files, an engine, and parameters.
+
+Scans shared by several analyses (the per-milestone accuracy sums above all) are cached on
+the context, so `run_analyses` reads each file once however many analyses need it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from raysweep.analysis.engine import Engine, Scan, ScanFile, make_engine
+from raysweep.analysis.reducers import AccuracySums, CollectRows, FirstCrossing
+from raysweep.errors import BadInput
+from raysweep.store import Store
+
+MILESTONES = ("pretrained", "finetuned", "forgotten", "relearned")
+HIDDEN_CHUNK_BYTES = 256 * 1024**2
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class AnalysisParams:
+    # Split of the headline accuracies (forget ratio, cross-task matrix, predictors).
+    split: str = "test"
+    # Fig 5.1: the confidence that counts as learned (>=) / forgotten (<=).
+    order_threshold: float = 0.6
+    # Fig 5.1: a task is kept only with MORE than this many examples both forgotten and learned.
+    order_min_examples: int = 100
+    # Fig 5.1: the examples whose order is compared are those trained on.
+    order_split: str = "train"
+    # Fig 4.1: hidden states whose total variance predicts the forget ratio.
+    variance_split: str = "train"
+    # Fig 6.1: inverse regularisation strengths tried, chosen on the validation split.
+    probe_cs: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+    def __post_init__(self) -> None:
+        for name in ("split", "order_split", "variance_split"):
+            if getattr(self, name) not in SPLITS:
+                raise BadInput(f"analysis: {name} {getattr(self, name)!r} is not one of {', '.join(SPLITS)}")
+        if not 0 < self.order_threshold < 1:
+            raise BadInput(f"analysis: order_threshold {self.order_threshold} must be in (0, 1)")
+        if self.order_min_examples < 0:
+            raise BadInput("analysis: order_min_examples must be >= 0")
+        if not self.probe_cs or any(c <= 0 for c in self.probe_cs):
+            raise BadInput("analysis: probe_cs must be positive numbers")
+
+
+@dataclass(frozen=True)
+class EpochRef:
+    phase: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class TrialInfo:
+    sweep: str
+    trial_id: str
+    model: str
+    forget_task: str
+    method: str
+    size: int
+    seed: int
+    milestones: dict[str, EpochRef]
+    # Committed epochs per phase (commit marker present): only these files are read.
+    committed: dict[str, tuple[int, ...]]
+
+    def file(self, root: Path, kind: str, ref: EpochRef) -> Path:
+        return root / kind / self.sweep / self.trial_id / ref.phase / f"e{ref.epoch:04d}.parquet"
+
+    def scan_file(self, root: Path, kind: str, ref: EpochRef) -> ScanFile | None:
+        if ref.epoch not in self.committed.get(ref.phase, ()):
+            return None
+        p = self.file(root, kind, ref)
+        return ScanFile(p, self.sweep, self.trial_id) if p.is_file() else None
+
+
+@dataclass(frozen=True)
+class SweepIndex:
+    root: Path
+    trials: tuple[TrialInfo, ...]
+
+    @staticmethod
+    def build(store: Store, sweep: str | None) -> "SweepIndex":
+        sweeps = store.sweeps()
+        if sweep is not None:
+            if sweep not in sweeps:
+                raise BadInput(f"sweep: {sweep!r} is not in the store (found: {', '.join(sweeps) or 'none'})")
+            sweeps = [sweep]
+        infos = []
+        for sw in sweeps:
+            rows = {r["trial_id"]: r for r in store.trials(sw).to_pylist()}
+            ms: dict[str, dict[str, EpochRef]] = {}
+            for m in store.milestones(sw).to_pylist():
+                ms.setdefault(m["trial_id"], {})[m["milestone"]] = EpochRef(m["phase"], int(m["epoch"]))
+            for tid in sorted(ms):
+                r = rows[tid]
+                committed = {ph: tuple(eps) for ph, eps in store.committed_epochs(sw, tid).items()}
+                infos.append(
+                    TrialInfo(
+                        sweep=sw,
+                        trial_id=tid,
+                        model=r["model"] or "",
+                        forget_task=r["forget_task"] or "",
+                        method=r["method"] or "random",
+                        size=int(r["size"] or 0),
+                        seed=int(r["seed"] or 0),
+                        milestones=ms[tid],
+                        committed=committed,
+                    )
+                )
+        return SweepIndex(store.root, tuple(infos))
+
+    def milestone_table(self) -> pa.Table:
+        """One row per (trial, milestone) with the trial's parameters: the join target that
+        turns per-file sums into per-condition measures."""
+        rows = []
+        for t in self.trials:
+            for name, ref in t.milestones.items():
+                rows.append(
+                    dict(sweep=t.sweep, trial_id=t.trial_id, model=t.model, forget_task=t.forget_task, method=t.method,
+                         size=t.size, seed=t.seed, milestone=name, phase=ref.phase, epoch=ref.epoch)
+                )
+        schema = pa.schema(
+            [("sweep", pa.string()), ("trial_id", pa.string()), ("model", pa.string()), ("forget_task", pa.string()),
+             ("method", pa.string()), ("size", pa.int32()), ("seed", pa.int32()), ("milestone", pa.string()),
+             ("phase", pa.string()), ("epoch", pa.int32())]
+        )
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def trial_table(self) -> pa.Table:
+        schema = pa.schema(
+            [("sweep", pa.string()), ("trial_id", pa.string()), ("model", pa.string()), ("forget_task", pa.string()),
+             ("method", pa.string()), ("size", pa.int32()), ("seed", pa.int32())]
+        )
+        rows = [dict(sweep=t.sweep, trial_id=t.trial_id, model=t.model, forget_task=t.forget_task, method=t.method, size=t.size, seed=t.seed) for t in self.trials]
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def milestone_files(self, kind: str, milestones: tuple[str, ...], trials: tuple[TrialInfo, ...] | None = None) -> tuple[ScanFile, ...]:
+        out = []
+        for t in self.trials if trials is None else trials:
+            for m in milestones:
+                ref = t.milestones.get(m)
+                if ref is None:
+                    continue
+                f = t.scan_file(self.root, kind, ref)
+                if f is not None:
+                    out.append(f)
+        return tuple(out)
+
+    def phase_files(self, kind: str, phases: tuple[str, ...], trials: tuple[TrialInfo, ...] | None = None) -> tuple[ScanFile, ...]:
+        out = []
+        for t in self.trials if trials is None else trials:
+            for ph in phases:
+                for ep in t.committed.get(ph, ()):
+                    f = t.scan_file(self.root, kind, EpochRef(ph, ep))
+                    if f is not None:
+                        out.append(f)
+        return tuple(out)
+
+    def forget_task_keys(self, trials: tuple[TrialInfo, ...] | None = None) -> tuple[tuple[str, str, str], ...]:
+        return tuple((t.sweep, t.trial_id, t.forget_task) for t in (self.trials if trials is None else trials))
+
+
+@dataclass
+class AnalysisContext:
+    store: Store
+    sweep: str | None
+    engine_name: str
+    params: AnalysisParams
+    index: SweepIndex
+    _engine: Engine | None = field(default=None, repr=False)
+    _cache: dict[tuple, pa.Table] = field(default_factory=dict, repr=False)
+
+    @property
+    def engine(self) -> Engine:
+        # Started on first use: a run whose analyses all skip never pays Ray's start-up.
+        if self._engine is None:
+            self._engine = make_engine(self.engine_name)
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def accuracy_sums(self, split: str | None = None) -> pa.Table:
+        """Per (trial, phase, epoch, eval_task) sums at the pretrained/finetuned/forgotten
+        milestones, on one split, joined with the trial's parameters and milestone name."""
+        split = split or self.params.split
+        key = ("accuracy_sums", split)
+        if key not in self._cache:
+            files = self.index.milestone_files("scores", ("pretrained", "finetuned", "forgotten"))
+            scan = Scan(files, columns=("sweep", "trial_id", "phase", "epoch", "eval_task", "split", "correct", "confidence"), equals=(("split", split),))
+            sums = self.engine.reduce(scan, AccuracySums())
+            ms = self.index.milestone_table()
+            self._cache[key] = sums.join(ms, keys=["sweep", "trial_id", "phase", "epoch"], join_type="inner").sort_by(
+                [("sweep", "ascending"), ("trial_id", "ascending"), ("milestone", "ascending"), ("eval_task", "ascending")]
+            )
+        return self._cache[key]
+
+    def forget_task_scores(self) -> pa.Table:
+        """Per-example rows of each trial's own forget task at the pretrained / finetuned /
+        forgotten milestones, all splits: small (one task per trial), and shared by the
+        example-level predictors and the probes' labels."""
+        key = ("forget_task_scores",)
+        if key not in self._cache:
+            files = self.index.milestone_files("scores", ("pretrained", "finetuned", "forgotten"))
+            scan = Scan(
+                files,
+                columns=("sweep", "trial_id", "phase", "epoch", "split", "example_idx", "gold", "confidence"),
+                trial_task=self.index.forget_task_keys(),
+            )
+            self._cache[key] = self.engine.reduce(scan, CollectRows(order=("sweep", "trial_id", "phase", "epoch", "split", "example_idx")))
+        return self._cache[key]
+
+    def first_crossings(self, trials: tuple[TrialInfo, ...]) -> pa.Table:
+        """First forget / learn epochs per example of the given trials' own forget tasks."""
+        key = ("first_crossings", self.params.order_threshold, self.params.order_split, tuple((t.sweep, t.trial_id) for t in trials))
+        if key not in self._cache:
+            files = self.index.phase_files("scores", ("forget", "relearn"), trials)
+            scan = Scan(
+                files,
+                columns=("sweep", "trial_id", "phase", "epoch", "example_idx", "confidence"),
+                equals=(("split", self.params.order_split),),
+                trial_task=self.index.forget_task_keys(trials),
+            )
+            self._cache[key] = self.engine.reduce(scan, FirstCrossing(threshold=self.params.order_threshold))
+        return self._cache[key]
+
+    def hidden_rows(self, milestones: tuple[str, ...], split: str | None, trials: tuple[TrialInfo, ...]) -> pa.Table:
+        """Hidden states of the trials' own forget task (all splits when `split` is None).
+        Callers pass trials of one model: the vector width is part of the file schema and
+        differs between models, so one scan cannot mix them."""
+        files = self.index.milestone_files("hidden", milestones, trials)
+        if not files:
+            return pa.table({})
+        scan = Scan(
+            files,
+            columns=("sweep", "trial_id", "phase", "epoch", "split", "example_idx", "hidden"),
+            equals=(("split", split),) if split is not None else (),
+            trial_task=self.index.forget_task_keys(trials),
+        )
+        return self.engine.reduce(scan, CollectRows(order=("sweep", "trial_id", "phase", "epoch", "split", "example_idx")))
+
+    def hidden_chunks(self, milestones: tuple[str, ...], budget_bytes: int = HIDDEN_CHUNK_BYTES) -> list[tuple[TrialInfo, ...]]:
+        """Trials grouped by model (one vector width per scan) and cut so that each group's
+        hidden-state files stay under the budget: float32 states barely compress, so file
+        size is close to what the rows take in memory, and a 7B model's states for a whole
+        sweep would not fit the driver at once."""
+        chunks: list[tuple[TrialInfo, ...]] = []
+        by_model: dict[str, list[TrialInfo]] = {}
+        for t in self.trials_with_hidden(milestones):
+            by_model.setdefault(t.model, []).append(t)
+        for model in sorted(by_model):
+            cur: list[TrialInfo] = []
+            used = 0
+            for t in by_model[model]:
+                size = sum(f.path.stat().st_size for f in self.index.milestone_files("hidden", milestones, (t,)))
+                if cur and used + size > budget_bytes:
+                    chunks.append(tuple(cur))
+                    cur, used = [], 0
+                cur.append(t)
+                used += size
+            if cur:
+                chunks.append(tuple(cur))
+        return chunks
+
+    def trials_with_hidden(self, milestones: tuple[str, ...]) -> list[TrialInfo]:
+        return [t for t in self.index.trials if self.index.milestone_files("hidden", milestones, (t,))]

@@ -1,0 +1,87 @@
+"""Fig 5.1: learning order vs forgetting order.
+
+An example of a trial's forget task is forgotten at the first `forget` epoch with confidence
+<= threshold and learned at the first `relearn` epoch with confidence >= threshold. Examples
+never forgotten or never learned are left out; a task is reported only with more than
+`order_min_examples` remaining examples (pooled over the condition's seeds), and the two
+epochs are correlated (Spearman) per task.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raysweep.analysis.common import require_trials
+from raysweep.analysis.context import AnalysisContext, TrialInfo
+from raysweep.analysis.measures import correlate
+from raysweep.analysis.registry import AnalysisResult, Skip, register
+
+_COND = [("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), ("forget_task", pa.string())]
+TASK_SCHEMA = pa.schema(
+    _COND + [("n_trials", pa.int32()), ("n_forgotten", pa.int64()), ("n_learned", pa.int64()), ("n_examples", pa.int64()),
+             ("spearman_r", pa.float64()), ("spearman_p", pa.float64()), ("status", pa.string())]
+)
+EXAMPLE_SCHEMA = pa.schema(
+    _COND + [("sweep", pa.string()), ("trial_id", pa.string()), ("seed", pa.int32()), ("example_idx", pa.int32()),
+             ("forget_epoch", pa.int32()), ("learn_epoch", pa.int32())]
+)
+
+
+def crossing_table(ctx: AnalysisContext, trials: tuple[TrialInfo, ...]) -> pa.Table:
+    """Per (trial, example): first forget epoch and first learn epoch (either may be null)."""
+    x = ctx.first_crossings(trials)
+    keys = ["sweep", "trial_id", "example_idx"]
+
+    def kind(k: str, name: str) -> pa.Table:
+        return x.filter(pc.equal(x["kind"], k)).select([*keys, "epoch"]).rename_columns([*keys, name])
+
+    j = kind("forget", "forget_epoch").join(kind("learn", "learn_epoch"), keys=keys, join_type="full outer")
+    j = j.join(ctx.index.trial_table(), keys=["sweep", "trial_id"], join_type="inner")
+    return j.select(EXAMPLE_SCHEMA.names).cast(EXAMPLE_SCHEMA).sort_by(
+        [("model", "ascending"), ("method", "ascending"), ("size", "ascending"), ("forget_task", "ascending"),
+         ("sweep", "ascending"), ("trial_id", "ascending"), ("example_idx", "ascending")]
+    )
+
+
+@register("order", title="Learning vs forgetting order", figure="Fig 5.1")
+def run(ctx: AnalysisContext) -> AnalysisResult:
+    require_trials(ctx)
+    relearn = [t for t in ctx.index.trials if t.committed.get("relearn")]
+    if not relearn:
+        raise Skip("no relearn phase in the sweep (phases.relearn.enabled is false)")
+    p = ctx.params
+    allx = crossing_table(ctx, tuple(relearn))
+    both = allx.filter(pc.and_(pc.is_valid(allx["forget_epoch"]), pc.is_valid(allx["learn_epoch"])))
+
+    cols = {c: allx[c].to_pylist() for c in ("model", "method", "size", "forget_task", "trial_id", "forget_epoch", "learn_epoch")}
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(allx.num_rows):
+        groups[(cols["model"][i], cols["method"][i], cols["size"][i], cols["forget_task"][i])].append(i)
+    rows = []
+    for key in sorted(groups):
+        idx = groups[key]
+        f = [cols["forget_epoch"][i] for i in idx]
+        g = [cols["learn_epoch"][i] for i in idx]
+        pairs = [(a, b) for a, b in zip(f, g) if a is not None and b is not None]
+        n = len(pairs)
+        row = {"model": key[0], "method": key[1], "size": key[2], "forget_task": key[3],
+               "n_trials": len({cols["trial_id"][i] for i in idx}), "n_forgotten": sum(a is not None for a in f),
+               "n_learned": sum(b is not None for b in g), "n_examples": n, "spearman_r": None, "spearman_p": None}
+        if n <= p.order_min_examples:
+            row["status"] = f"skipped: {n} example(s) both forgotten and learned, need more than {p.order_min_examples}"
+        else:
+            c = correlate([a for a, _ in pairs], [b for _, b in pairs])
+            row["spearman_r"], row["spearman_p"] = c.spearman_r, c.spearman_p
+            row["status"] = "ok" if c.spearman_r is not None else "constant epochs: correlation undefined"
+        rows.append(row)
+    tasks = pa.Table.from_pylist(rows, schema=TASK_SCHEMA)
+    kept = [r for r in rows if r["status"] == "ok"]
+    if not kept:
+        most = max((r["n_examples"] for r in rows), default=0)
+        raise Skip(f"no task has more than {p.order_min_examples} examples both forgotten and learned (most: {most})")
+    msg = (f"{len(kept)} of {len(rows)} task(s) with more than {p.order_min_examples} examples; "
+           f"threshold {p.order_threshold}, {p.order_split} split")
+    return AnalysisResult({"tasks": tasks, "examples": both}, msg)

@@ -1,0 +1,139 @@
+"""Reducers: per-batch partial aggregates and their combination (see engine.py).
+
+Every combine is exact and order-free, so any cut of the rows into batches, on any engine,
+gives the same bits: counts and correct-counts are integer sums; confidences are summed in
+fixed point (int64 multiples of 2**-40: exact for every float32 confidence above 2**-17,
+and within 2**-41 below); first epochs are minima; collected rows are sorted at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+FIXED_POINT_BITS = 40
+FIXED_POINT_SCALE = float(2**FIXED_POINT_BITS)
+
+_KEY_TYPES = {
+    "sweep": pa.string(),
+    "trial_id": pa.string(),
+    "phase": pa.string(),
+    "epoch": pa.int32(),
+    "eval_task": pa.string(),
+    "split": pa.string(),
+    "example_idx": pa.int32(),
+}
+
+
+def _key_schema(keys: tuple[str, ...]) -> list[tuple[str, pa.DataType]]:
+    return [(k, _KEY_TYPES[k]) for k in keys]
+
+
+def to_fixed_point(x: pa.ChunkedArray | pa.Array) -> pa.Array:
+    scaled = pc.multiply(pc.cast(x, pa.float64()), FIXED_POINT_SCALE)
+    return pc.cast(pc.round(scaled), pa.int64())
+
+
+def from_fixed_point(total: int) -> float:
+    return total / FIXED_POINT_SCALE
+
+
+@dataclass(frozen=True)
+class AccuracySums:
+    """Per group: rows, correct rows, and the fixed-point sum of confidence."""
+
+    keys: tuple[str, ...] = ("sweep", "trial_id", "phase", "epoch", "eval_task", "split")
+
+    def schema(self) -> pa.Schema:
+        return pa.schema([*_key_schema(self.keys), ("n", pa.int64()), ("n_correct", pa.int64()), ("conf_fx", pa.int64())])
+
+    def partial(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:
+            return self.schema().empty_table()
+        t = pa.table(
+            {
+                **{k: batch[k] for k in self.keys},
+                "correct": pc.cast(batch["correct"], pa.int64()),
+                "conf_fx": to_fixed_point(batch["confidence"]),
+            }
+        )
+        g = t.group_by(list(self.keys), use_threads=False).aggregate([("correct", "count"), ("correct", "sum"), ("conf_fx", "sum")])
+        return self._shape(g.rename_columns([*self.keys, "n", "n_correct", "conf_fx"]))
+
+    def _shape(self, t: pa.Table) -> pa.Table:
+        return t.select([f.name for f in self.schema()]).cast(self.schema())
+
+    def combine(self, parts: list[pa.Table]) -> pa.Table:
+        parts = [p for p in parts if p.num_rows]
+        if not parts:
+            return self.schema().empty_table()
+        t = pa.concat_tables([self._shape(p) for p in parts])
+        g = t.group_by(list(self.keys), use_threads=False).aggregate([("n", "sum"), ("n_correct", "sum"), ("conf_fx", "sum")])
+        g = self._shape(g.rename_columns([*self.keys, "n", "n_correct", "conf_fx"]))
+        return g.sort_by([(k, "ascending") for k in self.keys])
+
+
+@dataclass(frozen=True)
+class FirstCrossing:
+    """Per (trial, example): the first epoch of `forget_phase` with confidence <= threshold,
+    and the first epoch of `learn_phase` with confidence >= threshold. The threshold is
+    compared in float32, the stored type, so a stored 0.6 counts as reaching 0.6."""
+
+    threshold: float = 0.6
+    forget_phase: str = "forget"
+    learn_phase: str = "relearn"
+    keys: tuple[str, ...] = ("sweep", "trial_id", "example_idx")
+
+    def schema(self) -> pa.Schema:
+        return pa.schema([*_key_schema(self.keys), ("kind", pa.string()), ("epoch", pa.int32())])
+
+    def partial(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:
+            return self.schema().empty_table()
+        thr = pa.scalar(self.threshold, pa.float32())
+        conf = pc.cast(batch["confidence"], pa.float32())
+        out = []
+        for kind, phase, hit in (
+            ("forget", self.forget_phase, pc.less_equal(conf, thr)),
+            ("learn", self.learn_phase, pc.greater_equal(conf, thr)),
+        ):
+            rows = batch.filter(pc.and_(pc.equal(batch["phase"], phase), hit))
+            if rows.num_rows == 0:
+                continue
+            g = rows.select([*self.keys, "epoch"]).group_by(list(self.keys), use_threads=False).aggregate([("epoch", "min")])
+            g = g.rename_columns([*self.keys, "epoch"])
+            g = g.append_column("kind", pa.array([kind] * g.num_rows, pa.string()))
+            out.append(g.select([f.name for f in self.schema()]).cast(self.schema()))
+        return pa.concat_tables(out) if out else self.schema().empty_table()
+
+    def combine(self, parts: list[pa.Table]) -> pa.Table:
+        parts = [p.cast(self.schema()) for p in parts if p.num_rows]
+        if not parts:
+            return self.schema().empty_table()
+        t = pa.concat_tables(parts)
+        keys = [*self.keys, "kind"]
+        g = t.group_by(keys, use_threads=False).aggregate([("epoch", "min")]).rename_columns([*keys, "epoch"])
+        return g.select([f.name for f in self.schema()]).cast(self.schema()).sort_by([(k, "ascending") for k in keys])
+
+
+@dataclass(frozen=True)
+class CollectRows:
+    """The rows themselves (already narrowed by the scan), sorted by `order`: for data that is
+    consumed whole by the driver (per-example confidences, hidden states for probes)."""
+
+    order: tuple[str, ...]
+
+    def partial(self, batch: pa.Table) -> pa.Table:
+        return batch
+
+    def combine(self, parts: list[pa.Table]) -> pa.Table:
+        parts = [p for p in parts if p.num_rows]
+        if not parts:
+            return pa.table({})
+        first = parts[0].schema
+        t = pa.concat_tables([p.cast(first) for p in parts])
+        types = {f.name: f.type for f in first}
+        t = t.cast(pa.schema([(n, _KEY_TYPES.get(n, types[n])) for n in t.column_names]))
+        return t.sort_by([(k, "ascending") for k in self.order])

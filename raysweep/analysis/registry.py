@@ -1,0 +1,56 @@
+"""The analysis registry: name -> entry point, filled by the `@register` decorator when the
+modules listed in `raysweep.analysis.ANALYSIS_MODULES` are imported."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from raysweep.analysis.context import AnalysisContext
+
+
+class Skip(Exception):
+    """Raised by an analysis whose inputs the sweep lacks; the message is the one-line reason."""
+
+
+@dataclass
+class AnalysisResult:
+    # The first table is the main one: the one the CLI prints and the report shows first.
+    tables: dict[str, pa.Table]
+    message: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    title: str
+    figure: str
+    run: Callable[["AnalysisContext"], AnalysisResult]
+
+
+_REGISTRY: dict[str, Analysis] = {}
+
+
+def register(name: str, *, title: str, figure: str) -> Callable[[Callable[["AnalysisContext"], AnalysisResult]], Callable[["AnalysisContext"], AnalysisResult]]:
+    if not name.isidentifier():
+        raise ValueError(f"analysis name {name!r} must be an identifier (it names a folder next to others)")
+
+    def deco(fn: Callable[["AnalysisContext"], AnalysisResult]) -> Callable[["AnalysisContext"], AnalysisResult]:
+        if name in _REGISTRY and _REGISTRY[name].run is not fn:
+            raise ValueError(f"analysis {name!r} registered twice")
+        _REGISTRY[name] = Analysis(name=name, title=title, figure=figure, run=fn)
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Analysis:
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)

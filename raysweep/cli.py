@@ -1,0 +1,282 @@
+"""`raysweep`: the command line. Thin: parse, call a stage, print, map errors to exit codes.
+
+Exit codes: 0 success, 1 a trial or command failed, 2 bad input (one line naming it).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from raysweep.errors import BadInput, StoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parallel sweeps of forgetting experiments on language models.")
+tasks_app = typer.Typer(no_args_is_help=True, help="The task registry.")
+app.add_typer(tasks_app, name="tasks")
+console = Console()
+err = Console(stderr=True)
+
+STORE_OPT = typer.Option("storage", "--store", help="Store root directory.")
+
+
+def _fail(code: int, message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Map the project's error types onto exit codes with one clear line."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (BadInput, StoreError) as exc:
+            _fail(2, str(exc))
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            _fail(1, "interrupted; run the same command again to resume")
+
+    return wrapper
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.2f}"
+
+
+def _progress_table(views: dict) -> Table:
+    counts = {s: sum(v.status == s for v in views.values()) for s in ("done", "running", "failed", "pending")}
+    t = Table(title=f"trials: {counts['done']} done · {counts['running']} running · {counts['failed']} failed · {counts['pending']} pending", title_justify="left")
+    for col in ("trial", "status", "phase", "epoch", "forget train acc", "forget test acc", "all tasks test acc"):
+        t.add_column(col)
+    style = {"done": "green", "running": "cyan", "failed": "red", "pending": "dim"}
+    for v in views.values():
+        t.add_row(v.trial_id, f"[{style[v.status]}]{v.status}[/]", v.phase, str(v.epoch) if v.phase else "", _fmt(v.forget_train_acc), _fmt(v.forget_test_acc), _fmt(v.eval_test_acc))
+    return t
+
+
+def _summary_table(rows, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "forget task", "method", "n", "seed", "status", "pretrained", "finetuned", "forgotten (test)", "forgotten (train)", "forget ratio"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.model, r.forget_task, r.method, str(r.size), str(r.seed), r.status, _fmt(r.pretrained_test_acc), _fmt(r.finetuned_test_acc), _fmt(r.forgotten_test_acc), _fmt(r.forgotten_train_acc), _fmt(r.forget_ratio))
+    return t
+
+
+@app.command()
+@_guard
+def run(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="YAML sweep spec."),
+    store_root: Path = STORE_OPT,
+    address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local one)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the trial plan; run nothing."),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Start the Ray dashboard (local clusters)."),
+) -> None:
+    """Run a sweep: every trial of SPEC that the store does not already hold."""
+    from raysweep.spec import load_spec
+    from raysweep.store import Store
+
+    spec = load_spec(spec_path)
+    if dry_run:
+        plans = spec.trials()
+        t = Table(title=f"{spec.name}: {len(plans)} trials", title_justify="left")
+        for col in ("trial_id", "model", "forget task", "method", "n", "seed", "eval tasks", "cpu", "gpu"):
+            t.add_column(col)
+        for p in plans:
+            t.add_row(p.trial_id, p.model.name, p.forget_task, p.method, str(p.size), str(p.seed), str(len(p.eval_tasks)), f"{p.resources.cpu:g}", f"{p.resources.gpu:g}")
+        console.print(t)
+        return
+    from rich.live import Live
+
+    from raysweep.store import Store
+    from raysweep.summary import summarize
+    from raysweep.sweep import run_sweep
+
+    store = Store(store_root)
+    live: Live | None = None
+
+    def ready(url, total, pending):
+        nonlocal live
+        console.print(f"sweep [bold]{spec.name}[/]: {total} trials, {pending} to run · store {store.root}")
+        if url:
+            console.print(f"Ray dashboard: {url}")
+        if pending == 0:
+            console.print("nothing to do: every trial of this sweep is already complete in the store")
+
+    def sink(views):
+        nonlocal live
+        if live is None:
+            live = Live(_progress_table(views), console=console, refresh_per_second=4, transient=False)
+            live.start()
+        live.update(_progress_table(views))
+
+    try:
+        outcome = run_sweep(spec, spec_path.read_text(), store, address=address, dashboard=dashboard, sink=sink, on_ready=ready)
+    finally:
+        if live is not None:
+            live.stop()
+    console.print(_summary_table(summarize(store, spec.name), f"{spec.name}: accuracy on each forget task's test split"))
+    console.print(f"{outcome.done} trials ran, {outcome.already_done} were already complete, {len(outcome.failed)} failed · {outcome.seconds:.0f} s")
+    for tid, reason in outcome.failed.items():
+        err.print(f"[red]failed[/] {tid}: {reason}", highlight=False)
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+@_guard
+def status(store_root: Path = STORE_OPT, sweep: Optional[str] = typer.Option(None, help="Only this sweep.")) -> None:
+    """What the store holds: each trial's status, progress and headline accuracies."""
+    from raysweep.store import Store
+    from raysweep.summary import summarize
+
+    store = Store(store_root)
+    if not store.exists():
+        raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
+    store.check_version()
+    bad = store.verify()
+    for path, reason in bad:
+        err.print(f"[red]corrupt[/] {path}: {reason}", highlight=False)
+    sweeps = [sweep] if sweep else store.sweeps()
+    for name in sweeps:
+        rows = summarize(store, name)
+        console.print(_summary_table(rows, f"sweep {name}: {sum(r.status == 'done' for r in rows)}/{len(rows)} trials done"))
+        for r in rows:
+            if r.status == "failed":
+                err.print(f"[red]failed[/] {r.trial_id}: {r.error}", highlight=False)
+    if bad:
+        _fail(1, f"{len(bad)} corrupt file(s) in the store; `raysweep repair` quarantines them")
+
+
+@app.command()
+@_guard
+def analyze(
+    store_root: Path = STORE_OPT,
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these analyses (repeatable)."),
+    engine: str = typer.Option("auto", "--engine", help="ray | local | auto"),
+    sweep: Optional[str] = typer.Option(None, help="Only this sweep."),
+) -> None:
+    """Run the analyses over the store; results land as Parquet under the store's analysis/."""
+    from raysweep.analysis import registered_analyses, render_outcome, run_analyses
+    from raysweep.store import Store
+
+    if engine not in ("ray", "local", "auto"):
+        raise BadInput(f"--engine: {engine!r} is not one of ray, local, auto")
+    for name in only or []:
+        if name not in registered_analyses():
+            raise BadInput(f"--only: unknown analysis {name!r} (known: {', '.join(registered_analyses())})")
+    store = Store(store_root)
+    if not store.exists():
+        raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
+    bad = store.verify()
+    if bad:
+        for path, reason in bad:
+            err.print(f"[red]corrupt[/] {path}: {reason}", highlight=False)
+        raise StoreError(f"store: {len(bad)} corrupt file(s); refusing to analyse (`raysweep repair` quarantines them)")
+    failed = False
+    for outcome in run_analyses(store, only=only, engine=engine, sweep=sweep):
+        if outcome.status == "ok":
+            console.print(render_outcome(outcome))
+        else:
+            failed |= outcome.status == "failed"
+            console.print(f"[yellow]{outcome.name}[/]: {outcome.status}: {outcome.message}", highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+@_guard
+def report(store_root: Path = STORE_OPT, out: Path = typer.Option(..., "--out", help="Directory for the HTML report."), sweep: Optional[str] = typer.Option(None)) -> None:
+    """Write one self-contained HTML page with every figure and table."""
+    from raysweep.report import write_report
+    from raysweep.store import Store
+
+    store = Store(store_root)
+    if not store.exists():
+        raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
+    path = write_report(store, out, sweep=sweep)
+    console.print(f"report written to {path}")
+
+
+@app.command()
+@_guard
+def repair(store_root: Path = STORE_OPT) -> None:
+    """Move unreadable Parquet files to the store's quarantine/; their epochs rerun on resume."""
+    from raysweep.store import Store
+
+    store = Store(store_root)
+    if not store.exists():
+        raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
+    bad = store.verify()
+    moved = store.quarantine([p for p, _ in bad])
+    for src, dest in zip(bad, moved):
+        console.print(f"quarantined {src[0]} -> {dest} ({src[1]})", highlight=False)
+    console.print(f"{len(moved)} file(s) quarantined")
+
+
+@tasks_app.command("list")
+@_guard
+def tasks_list() -> None:
+    """Every registered task."""
+    from raysweep.tasks import registered_tasks
+
+    t = Table()
+    for col in ("task", "kind", "description"):
+        t.add_column(col)
+    for name, task in sorted(registered_tasks().items(), key=lambda kv: (kv[1].kind, kv[0])):
+        t.add_row(name, task.kind, task.description)
+    console.print(t)
+
+
+@tasks_app.command("show")
+@_guard
+def tasks_show(
+    name: str,
+    n: int = typer.Option(3, "-n", help="Examples to show."),
+    source: Optional[str] = typer.Option(None, "--source", help="Local folder of the task's splits."),
+    split: str = typer.Option("train", "--split"),
+) -> None:
+    """A few rendered, binarised examples of a task."""
+    from raysweep.tasks import prepare_task
+
+    if split not in ("train", "validation", "test"):
+        raise BadInput(f"--split: {split!r} is not one of train, validation, test")
+    task = prepare_task(name, seed=1234, cap=max(n, 1), max_chars=2048, source=source)
+    for ex in task.split(split)[:n]:
+        console.rule(f"{name} · {split} · #{ex.idx}")
+        console.print(ex.prompt, markup=False, highlight=False)
+        for i, c in enumerate(ex.continuations):
+            console.print(f"  {'✓' if i == ex.gold else '✗'} {c!r}", markup=False, highlight=False)
+    r = task.report
+    console.print(f"source: {r.source}; split fallback: {r.split_fallback}", highlight=False)
+
+
+@tasks_app.command("prepare")
+@_guard
+def tasks_prepare(
+    names: list[str] = typer.Argument(..., help="Tasks to prepare."),
+    out: Path = typer.Option(..., "--out", help="Directory to write <task>/<split>.parquet into."),
+    cap: int = typer.Option(1000, "--cap"),
+    seed: int = typer.Option(1234, "--seed"),
+    max_chars: int = typer.Option(2048, "--max-chars"),
+) -> None:
+    """Materialise prepared splits as Parquet, for clusters without hub access."""
+    from raysweep.tasks.prepare import prepare_to_folder
+
+    written = prepare_to_folder(names, out, seed=seed, cap=cap, max_chars=max_chars)
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

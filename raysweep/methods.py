@@ -1,0 +1,129 @@
+"""Forgetting methods, each a small registered unit (in the spirit of open-unlearning).
+
+A method decides two things for the `forget` phase: which response each training example is
+trained towards in a given epoch, and the loss formed from the model's response
+log-probabilities. Adding a method is one class with @register_method.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from typing import ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from raysweep.errors import BadInput
+from raysweep.tasks.base import Example
+from raysweep.train import TrainBatch, response_logprobs
+
+
+def nll_loss(model, batch: TrainBatch) -> torch.Tensor:
+    """Mean negative log-likelihood per response token across the batch."""
+    lp, n = response_logprobs(model, batch)
+    return -lp.sum() / n.sum().clamp(min=1)
+
+
+class ForgetMethod(ABC):
+    name: ClassVar[str]
+    # The forget ratio's denominator: random-label methods aim at chance (1/2); flipped labels
+    # aim at the mirror image of the fine-tuned accuracy.
+    ratio_formula: ClassVar[str] = "random"
+
+    def __init__(self, beta: float = 0.1):
+        self.beta = beta
+
+    @abstractmethod
+    def targets(self, examples: Sequence[Example], epoch: int, rng: random.Random) -> list[int]:
+        """Index of the response (0/1) each example is trained on this epoch."""
+
+    def prepare(self, model, batches_of_gold: Sequence[TrainBatch]) -> None:
+        """Hook run once at the start of the phase, before any update (NPO's reference)."""
+
+    def loss(self, model, batch: TrainBatch) -> torch.Tensor:
+        return nll_loss(model, batch)
+
+
+_METHODS: dict[str, type[ForgetMethod]] = {}
+
+
+def register_method(cls: type[ForgetMethod]) -> type[ForgetMethod]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **kwargs) -> ForgetMethod:
+    try:
+        return _METHODS[name](**kwargs)
+    except KeyError:
+        raise BadInput(f"methods: unknown forgetting method {name!r} (known: {sorted(_METHODS)})") from None
+
+
+def registered_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+@register_method
+class RandomLabels(ForgetMethod):
+    """Each example's label redrawn uniformly at random every epoch (the paper's method)."""
+
+    name = "random"
+
+    def targets(self, examples, epoch, rng):
+        return [rng.randrange(2) for _ in examples]
+
+
+@register_method
+class FlippedLabels(ForgetMethod):
+    """Always train towards the distractor."""
+
+    name = "flipped"
+    ratio_formula = "flipped"
+
+    def targets(self, examples, epoch, rng):
+        return [ex.distractor for ex in examples]
+
+
+@register_method
+class GradientAscent(ForgetMethod):
+    """Maximise the loss of the true response."""
+
+    name = "gradient_ascent"
+
+    def targets(self, examples, epoch, rng):
+        return [ex.gold for ex in examples]
+
+    def loss(self, model, batch):
+        return -nll_loss(model, batch)
+
+
+@register_method
+class NPO(ForgetMethod):
+    """Negative preference optimisation (Zhang et al. 2024): push the true response's
+    likelihood below the fine-tuned reference's, with a loss that saturates instead of
+    diverging like gradient ascent: (2/beta) * E[-log sigmoid(-beta * (log p - log p_ref))]."""
+
+    name = "npo"
+
+    def __init__(self, beta: float = 0.1):
+        super().__init__(beta)
+        self._ref: dict[int, float] = {}
+
+    def targets(self, examples, epoch, rng):
+        return [ex.gold for ex in examples]
+
+    @torch.no_grad()
+    def prepare(self, model, batches_of_gold):
+        # The reference is the model at the start of forgetting; caching its log-probs once
+        # avoids holding a second copy of the model.
+        model.eval()
+        for b in batches_of_gold:
+            lp, _ = response_logprobs(model, b)
+            for i, v in zip(b.example_idx.tolist(), lp.tolist()):
+                self._ref[i] = v
+
+    def loss(self, model, batch):
+        lp, _ = response_logprobs(model, batch)
+        ref = torch.tensor([self._ref[i] for i in batch.example_idx.tolist()], device=lp.device)
+        return (2.0 / self.beta) * (-F.logsigmoid(-self.beta * (lp - ref))).mean()

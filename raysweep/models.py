@@ -1,0 +1,204 @@
+"""Models: built-in tiny GPT-2 / GPT-J / Llama for CPU runs, or any hub name / local directory.
+
+A built-in model is a real transformers model built from a config, with a byte-level BPE
+tokenizer trained locally on the built-in tasks' text, then given a short LM pretraining on
+a mixture of those tasks (with some answers flipped) so that it starts with partial skill,
+as a real pretrained model does. The result is cached under the store's models/ directory,
+keyed by everything that determines it, and every trial loads the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPTJConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from raysweep.errors import BadInput
+from raysweep.spec import ModelSpec
+
+# Bump when the tokenizer recipe, tiny configs or pretraining recipe change: it keys the cache.
+BUILTIN_RECIPE = 3
+EOS = "<|endoftext|>"
+BOS = "<s>"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def builtin_key(spec: ModelSpec) -> str:
+    ident = {"recipe": BUILTIN_RECIPE, "arch": spec.arch, "tiny": spec.tiny.model_dump(), "pretrain": spec.pretrain.model_dump()}
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{spec.name}-{spec.arch}-{digest}"
+
+
+def _builtin_corpus(seed: int) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Plain sentences and (prompt, right answer, wrong answer) triples of the built-in tasks."""
+    from raysweep.tasks import get_task
+    from raysweep.tasks.base import binarise
+    from raysweep.tasks.builtin import BUILTIN_TASKS
+
+    texts: list[str] = []
+    triples: list[tuple[str, str, str]] = []
+    for name in BUILTIN_TASKS:
+        task = get_task(name)
+        texts.extend(task.pretraining_text(random.Random(seed)))
+        for split, records in task.generate(seed).items():
+            for i, rec in enumerate(records):
+                prompt, choices, gold = task.render(rec)
+                pair, g = binarise(name, split, i, choices, gold, seed)
+                triples.append((prompt, pair[g], pair[1 - g]))
+    return texts, triples
+
+
+def train_tokenizer(vocab_size: int, add_bos: bool, seed: int = 0) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    texts, triples = _builtin_corpus(seed)
+    corpus = texts + [f"{p} {a}" for p, a, _ in triples] + [f"{p} {b}" for p, _, b in triples]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    if add_bos:
+        # Llama-style tokenizers prepend BOS by default; scoring must see the same.
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=BOS, pad_token=EOS, unk_token=None, model_max_length=100_000
+    )
+
+
+def build_tiny(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    t = spec.tiny
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if spec.arch == "gpt2":
+        cfg = GPT2Config(n_layer=t.layers, n_embd=t.hidden, n_head=t.heads, n_positions=t.max_positions, **ids)
+    elif spec.arch == "gptj":
+        cfg = GPTJConfig(n_layer=t.layers, n_embd=t.hidden, n_head=t.heads, n_positions=t.max_positions, rotary_dim=t.hidden // t.heads // 2 * 2, **ids)
+    elif spec.arch == "llama":
+        cfg = LlamaConfig(
+            num_hidden_layers=t.layers,
+            hidden_size=t.hidden,
+            intermediate_size=t.hidden * 8 // 3 // 8 * 8 or 8,
+            num_attention_heads=t.heads,
+            num_key_value_heads=t.heads,
+            max_position_embeddings=t.max_positions,
+            tie_word_embeddings=True,
+            **ids,
+        )
+    else:  # pragma: no cover - the spec's Literal guards this
+        raise BadInput(f"model {spec.name}: unknown arch {spec.arch!r}")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def pretrain_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, seed: int = 0) -> float:
+    """Short causal-LM pretraining on a noisy mixture of the built-in tasks. Returns final loss."""
+    cfg = spec.pretrain
+    rng = random.Random(f"pretrain:{seed}")
+    texts, triples = _builtin_corpus(seed + 7919)  # a different draw than any sweep's data seed
+    rng.shuffle(triples)
+    # (text, number of leading characters that carry no loss): the task answers carry the
+    # signal, so the templated prompts are not where a few hundred steps should go.
+    docs: list[tuple[str, int]] = []
+    for prompt, right, wrong in triples[: cfg.examples_per_task * 6]:
+        answer = wrong if rng.random() < cfg.label_noise else right
+        docs.append((f"{prompt} {answer}{EOS}", len(prompt)))
+    docs += [(t + EOS, 0) for t in texts]
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    model.train()
+    loss_val = float("nan")
+    for step in range(cfg.steps):
+        batch = [docs[rng.randrange(len(docs))] for _ in range(cfg.batch_size)]
+        enc = tokenizer([d for d, _ in batch], return_tensors="pt", padding=True, return_offsets_mapping=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        # Mask tokens that end inside the unweighted prefix.
+        labels = labels.masked_fill(enc["offset_mapping"][..., 1] <= torch.tensor([n for _, n in batch]).unsqueeze(1), -100)
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_val = float(out.loss.detach())
+    model.eval()
+    return loss_val
+
+
+def ensure_builtin(spec: ModelSpec, models_dir: Path) -> Path:
+    """Build, pretrain and cache a built-in model once; later calls return the cached path."""
+    target = Path(models_dir) / builtin_key(spec)
+    if (target / "READY").exists():
+        return target
+    tokenizer = train_tokenizer(spec.tiny.vocab, add_bos=spec.arch == "llama")
+    model = build_tiny(spec, tokenizer)
+    loss = pretrain_tiny(model, tokenizer, spec)
+    # Build in a private folder then rename, so concurrent builders never see half a model.
+    tmp = target.parent / f"_{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "READY").write_text(json.dumps({"pretrain_loss": loss}))
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race: use its copy
+    return target
+
+
+def resolve_path(spec: ModelSpec, models_dir: Path) -> str:
+    return str(ensure_builtin(spec, models_dir)) if spec.builtin else str(spec.path)
+
+
+def load_model(spec: ModelSpec, models_dir: Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model + tokenizer. Built-in ones come from the cache (built on first use);
+    others by hub name or local path with AutoModelForCausalLM / AutoTokenizer. Remote code
+    stays off unless the spec turns it on explicitly."""
+    path = resolve_path(spec, models_dir)
+    dtype = DTYPES[spec.dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(
+            f"model {spec.name}: cannot load {path!r} ({first}); give a local directory, or a hub name with network access "
+            "(set HF_HUB_OFFLINE=1 to use only the local cache)"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec.name)

@@ -1,0 +1,179 @@
+"""Scoring: log-likelihood of each choice given the prompt, with lm-eval's rules.
+
+One forward pass per (example, choice) sequence answers everything the store needs: the
+summed and per-token log-likelihood of the continuation, and the hidden state of the last
+prompt token at the fifth-to-last layer. The request encoding follows lm-evaluation-harness
+exactly (see TASKS.md): trailing context whitespace moves to the continuation, the pair is
+encoded jointly, BOS as the tokenizer adds it, left truncation that never cuts the
+continuation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from raysweep.tasks.base import Example
+
+HIDDEN_LAYER = -5  # the paper's "fifth to last layer"
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    context: list[int]
+    continuation: list[int]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> EncodedPair:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if context == "":
+        # lm-eval conditions an empty context on the end-of-text (or BOS) token.
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return EncodedPair([prefix], tokenizer(continuation)["input_ids"])
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    return EncodedPair(ctx, whole[len(ctx) :])
+
+
+def model_max_length(model, tokenizer=None) -> int:
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(model.config, attr, None)
+        if v:
+            return int(v)
+    if tokenizer is not None and getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < 1e9:
+        return int(tokenizer.model_max_length)
+    return 2048
+
+
+@dataclass(frozen=True)
+class _Seq:
+    """One (context, continuation) request as a token window: the model reads all but the
+    last token, and the last n_cont tokens are the continuation's targets."""
+
+    input_ids: list[int]  # at most max_length + 1 tokens, cut from the left
+    n_cont: int
+    last_prompt_pos: int  # position of the last context token (-1 if truncated away)
+
+
+@dataclass
+class ScoreResult:
+    ll_sum: np.ndarray  # (n_examples, 2) float64
+    n_tokens: np.ndarray  # (n_examples, 2) int
+    hidden: np.ndarray | None  # (n_examples, d) float32
+
+    @property
+    def ll_mean(self) -> np.ndarray:
+        return self.ll_sum / np.maximum(self.n_tokens, 1)
+
+    def confidence(self, gold: np.ndarray) -> np.ndarray:
+        """p_c / (p_c + p_d) with p = exp(average-token log-likelihood)."""
+        m = self.ll_mean
+        rows = np.arange(len(gold))
+        diff = m[rows, gold] - m[rows, 1 - gold]
+        return 1.0 / (1.0 + np.exp(-diff))
+
+    def prediction(self) -> np.ndarray:
+        m = self.ll_mean
+        return (m[:, 1] > m[:, 0]).astype(np.int8)
+
+
+def _base_and_head(model):
+    base = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if base is None or head is None:  # pragma: no cover - every causal LM in transformers has both
+        raise TypeError(f"{type(model).__name__}: cannot split into base model and LM head")
+    return base, head
+
+
+def _sequences(tokenizer, requests: Sequence[tuple[str, str]], max_length: int) -> list[_Seq]:
+    seqs = []
+    for ctx, cont in requests:
+        pair = encode_pair(tokenizer, ctx, cont)
+        full = (pair.context + pair.continuation)[-(max_length + 1) :]
+        dropped = len(pair.context) + len(pair.continuation) - len(full)
+        seqs.append(_Seq(input_ids=full, n_cont=len(pair.continuation), last_prompt_pos=len(pair.context) - 1 - dropped))
+    return seqs
+
+
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 32) -> list[float]:
+    """Summed log-likelihood of each (context, continuation), exactly as lm-eval computes it."""
+    res = _score_windows(model, tokenizer, requests, batch_size, want_hidden=[False] * len(requests))
+    return [float(x) for x in res[0]]
+
+
+def _score_windows(model, tokenizer, requests, batch_size, want_hidden):
+    max_length = model_max_length(model, tokenizer)
+    windows = _sequences(tokenizer, requests, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return _run_windows(model, windows, batch_size, pad, want_hidden)
+
+
+@torch.inference_mode()
+def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, want_hidden: Sequence[bool]):
+    """Summed continuation log-likelihood of each window (and hidden states where asked).
+
+    Sorted by length so a batch carries little padding; right padding with an attention
+    mask leaves every real position unchanged under causal attention. The LM head runs only
+    at continuation positions: full-vocabulary logits at every prompt position would cost
+    more memory than the forward pass itself.
+    """
+    base, head = _base_and_head(model)
+    device = next(model.parameters()).device
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
+    sums = np.zeros(len(windows), dtype=np.float64)
+    hidden: dict[int, np.ndarray] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = len(windows[idx[0]].input_ids) - 1
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        rows, cols, targets, owner = [], [], [], []
+        for r, i in enumerate(idx):
+            w = windows[i].input_ids
+            n = len(w) - 1
+            ids[r, :n] = torch.tensor(w[:-1])
+            mask[r, :n] = 1
+            for k in range(n - windows[i].n_cont, n):
+                rows.append(r)
+                cols.append(k)
+                targets.append(w[k + 1])
+                owner.append(i)
+        ids, mask = ids.to(device), mask.to(device)
+        need_hidden = any(want_hidden[i] for i in idx)
+        out = base(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden, use_cache=False)
+        states = out.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        logp = torch.log_softmax(head(states).float(), dim=-1)
+        picked = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
+        np.add.at(sums, np.array(owner), picked)
+        if need_hidden:
+            layer = out.hidden_states[HIDDEN_LAYER]
+            for r, i in enumerate(idx):
+                if want_hidden[i]:
+                    hidden[i] = layer[r, max(windows[i].last_prompt_pos, 0)].float().cpu().numpy()
+    return sums, hidden
+
+
+def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 32, capture_hidden: bool = True) -> ScoreResult:
+    """Both choices of every example, batched; hidden state from the first choice's pass
+    (the prompt's tokens are identical in both, so either would do)."""
+    requests: list[tuple[str, str]] = []
+    want: list[bool] = []
+    for ex in examples:
+        c0, c1 = ex.continuations
+        requests += [(ex.prompt, c0), (ex.prompt, c1)]
+        want += [capture_hidden, False]
+    max_length = model_max_length(model, tokenizer)
+    windows = _sequences(tokenizer, requests, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    sums, hidden = _run_windows(model, windows, batch_size, pad, want)
+    n_tokens = np.array([w.n_cont for w in windows], dtype=np.int64).reshape(-1, 2)
+    hid = None
+    if capture_hidden and examples:
+        hid = np.stack([hidden[2 * i] for i in range(len(examples))]).astype(np.float32)
+    return ScoreResult(ll_sum=sums.reshape(-1, 2), n_tokens=n_tokens, hidden=hid)

@@ -1,0 +1,353 @@
+"""Sweep specs: YAML -> validated typed objects -> a plan of trials.
+
+Nothing runs before a spec validates. Every default below is the paper's (PAPER.md section 3)
+unless the comment says otherwise; a spec overrides any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from raysweep.errors import BadInput
+
+SPLITS = ("train", "validation", "test")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are almost always typos of real ones; refusing them beats silently ignoring.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PretrainConfig(_Strict):
+    """Short language-model pretraining of a built-in tiny model on a mixture of the
+    built-in tasks, so that it starts with partial skill as a real pretrained model does."""
+
+    steps: PositiveInt = 600
+    lr: PositiveFloat = 3e-3
+    batch_size: PositiveInt = 32
+    examples_per_task: PositiveInt = 400
+    # Fraction of pretraining examples whose answer is replaced by the distractor: keeps the
+    # pretrained model's skill partial, so fine-tuning has something to add.
+    label_noise: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
+
+
+class TinySize(_Strict):
+    layers: Annotated[int, Field(ge=5)] = 6  # >= 5 so the fifth-to-last layer is a real block
+    hidden: PositiveInt = 64
+    heads: PositiveInt = 4
+    vocab: Annotated[int, Field(ge=300)] = 1024
+    max_positions: Annotated[int, Field(ge=64)] = 256
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinySize":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class ModelSpec(_Strict):
+    """A model axis value: a built-in tiny architecture, or a hub name / local directory."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    arch: Literal["gpt2", "gptj", "llama"] | None = None
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    tiny: TinySize = TinySize()
+    pretrain: PretrainConfig = PretrainConfig()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.arch is None) == (self.path is None):
+            raise ValueError("give exactly one of 'arch' (built-in tiny model) or 'path' (hub name or local directory)")
+        return self
+
+    @property
+    def builtin(self) -> bool:
+        return self.arch is not None
+
+
+class PhaseConfig(_Strict):
+    lr: PositiveFloat
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    batch_size: PositiveInt = 3
+    max_epochs: PositiveInt = 100
+    grad_clip: PositiveFloat | None = 1.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+
+
+class FinetuneConfig(PhaseConfig):
+    lr: PositiveFloat = 3e-3
+    # Stop once train accuracy reaches this; the best-validation checkpoint is kept either way.
+    stop_train_acc: Annotated[float, Field(gt=0, le=1)] = 0.99
+    # Epochs without a new best validation accuracy before stopping; None runs to max_epochs.
+    patience: PositiveInt | None = None
+
+
+class ForgetConfig(PhaseConfig):
+    lr: PositiveFloat = 1e-4
+    # Stop once the forget task's test accuracy drops below this.
+    stop_test_acc: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # Inverse temperature of NPO's preference term (only used by method `npo`).
+    npo_beta: PositiveFloat = 0.1
+
+
+class RelearnConfig(PhaseConfig):
+    enabled: bool = False
+    lr: PositiveFloat = 3e-5
+    stop_train_acc: Annotated[float, Field(gt=0, le=1)] = 0.99
+
+
+class Phases(_Strict):
+    finetune: FinetuneConfig = FinetuneConfig()
+    forget: ForgetConfig = ForgetConfig()
+    relearn: RelearnConfig = RelearnConfig()
+
+
+class Resources(_Strict):
+    cpu: Annotated[float, Field(gt=0)] = 1
+    gpu: Annotated[float, Field(ge=0)] = 0
+
+
+class TrainEngine(_Strict):
+    engine: Literal["torch", "deepspeed"] = "torch"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # Resume points: "epoch" keeps the latest epoch's weights (and optimizer state, if asked)
+    # so an interrupted trial restarts from its last completed epoch; "phase" only at phase
+    # boundaries (for models whose per-epoch copies are too large to write every epoch).
+    checkpoint: Literal["epoch", "phase", "none"] = "epoch"
+    checkpoint_optimizer: bool = True
+
+
+class ScoringConfig(_Strict):
+    batch_size: PositiveInt = 32
+    splits: list[Literal["train", "validation", "test"]] = list(SPLITS)
+    # Hidden states are wide (4096 floats for a 7B model): keep them at phase ends by default,
+    # which is what the variance predictor and the probes read.
+    hidden_states: Literal["phase_end", "every_epoch", "none"] = "phase_end"
+
+    @field_validator("splits")
+    @classmethod
+    def _nonempty_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one split")
+        if len(set(v)) != len(v):
+            raise ValueError("splits repeat")
+        return v
+
+
+class DataConfig(_Strict):
+    # Each split is capped at this many examples by seeded subsampling (paper: 1000).
+    cap: PositiveInt = 1000
+    max_chars: PositiveInt = 2048
+    # Seed of data preparation (distractor draw, subsampling): shared by all trials so that
+    # every trial sees the same examples and rows line up across trials.
+    seed: int = 1234
+    # task name -> local folder of prepared Parquet/JSONL splits (see `raysweep tasks prepare`).
+    sources: dict[str, str] = {}
+
+
+class SweepSpec(_Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+    description: str = ""
+    models: list[ModelSpec] = Field(min_length=1)
+    tasks: list[str] = Field(min_length=1)
+    forget_tasks: list[str] | None = None
+    eval_tasks: list[str] | None = None
+    methods: list[Literal["random", "flipped", "gradient_ascent", "npo"]] = ["random"]
+    sizes: list[PositiveInt] = [1000]
+    seeds: list[int] = [0]
+    phases: Phases = Phases()
+    train: TrainEngine = TrainEngine()
+    scoring: ScoringConfig = ScoringConfig()
+    data: DataConfig = DataConfig()
+    resources: Resources = Resources()
+    max_concurrent_trials: PositiveInt | None = None
+    max_failures: Annotated[int, Field(ge=0)] = 1
+
+    @field_validator("models", "tasks", "methods", "sizes", "seeds", "forget_tasks", "eval_tasks")
+    @classmethod
+    def _axis_nonempty_unique(cls, v, info):
+        if v is None:
+            return v
+        if len(v) == 0:
+            raise ValueError("axis is empty")
+        keys = [m.name if isinstance(m, ModelSpec) else m for m in v]
+        dup = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        if dup:
+            raise ValueError(f"duplicate value(s) {dup}: each would repeat the same trials")
+        return v
+
+    @model_validator(mode="after")
+    def _tasks_known(self) -> "SweepSpec":
+        from raysweep.tasks import registered_tasks
+
+        known = registered_tasks()
+        for field in ("tasks", "forget_tasks", "eval_tasks"):
+            for name in getattr(self, field) or []:
+                if name not in known:
+                    raise ValueError(f"{field}: unknown task {name!r} (see `raysweep tasks list`)")
+        for field in ("forget_tasks", "eval_tasks"):
+            extra = [t for t in getattr(self, field) or [] if t not in self.tasks]
+            if extra:
+                raise ValueError(f"{field}: {extra} not listed under 'tasks'")
+        for name in self.data.sources:
+            if name not in self.tasks:
+                raise ValueError(f"data.sources: {name!r} is not one of the spec's tasks")
+        if self.train.engine == "deepspeed" and self.resources.gpu < 1:
+            raise ValueError("train.engine: deepspeed needs resources.gpu >= 1")
+        return self
+
+    @property
+    def forget_task_list(self) -> list[str]:
+        return list(self.forget_tasks or self.tasks)
+
+    @property
+    def eval_task_list(self) -> list[str]:
+        return list(self.eval_tasks or self.tasks)
+
+    def trials(self) -> list["TrialPlan"]:
+        return expand(self)
+
+
+class TrialPlan(_Strict):
+    """One point of the sweep's grid: everything a trial needs, nothing it has to look up."""
+
+    trial_id: str
+    sweep: str
+    model: ModelSpec
+    forget_task: str
+    method: str
+    size: int
+    seed: int
+    eval_tasks: list[str]
+    phases: Phases
+    train: TrainEngine
+    scoring: ScoringConfig
+    data: DataConfig
+    resources: Resources
+
+    def identity(self) -> dict:
+        """The parameters that determine this trial's results, canonically ordered."""
+        d = self.model_dump(mode="json", exclude={"trial_id", "sweep", "resources"})
+        return d
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "trial_id": self.trial_id,
+            "model": self.model.name,
+            "forget_task": self.forget_task,
+            "method": self.method,
+            "size": self.size,
+            "seed": self.seed,
+        }
+
+
+def _trial_id(plan_fields: dict) -> str:
+    canon = json.dumps(plan_fields, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha1(canon.encode()).hexdigest()[:10]
+    readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{plan_fields['forget_task']}-{plan_fields['method']}-n{plan_fields['size']}-s{plan_fields['seed']}")
+    return f"{readable}-{digest}"
+
+
+def expand(spec: SweepSpec) -> list[TrialPlan]:
+    """The grid models x forget tasks x methods x sizes x seeds, in a stable order."""
+    plans: list[TrialPlan] = []
+    for model in spec.models:
+        for task in spec.forget_task_list:
+            for method in spec.methods:
+                for size in spec.sizes:
+                    for seed in spec.seeds:
+                        fields = dict(
+                            sweep=spec.name,
+                            model=model,
+                            forget_task=task,
+                            method=method,
+                            size=size,
+                            seed=seed,
+                            eval_tasks=spec.eval_task_list,
+                            phases=spec.phases,
+                            train=spec.train,
+                            scoring=spec.scoring,
+                            data=spec.data,
+                            resources=spec.resources,
+                        )
+                        probe = TrialPlan(trial_id="x", **fields)
+                        plans.append(probe.model_copy(update={"trial_id": _trial_id(probe.identity())}))
+    ids = [p.trial_id for p in plans]
+    if len(set(ids)) != len(ids):  # pragma: no cover - guarded by the axis validators
+        raise BadInput("spec: expands to duplicate trials")
+    return plans
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "spec"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+class _SafeNoDupLoader(yaml.SafeLoader):
+    """Safe loader (no object construction, so a spec can never execute code) that also
+    refuses duplicate keys, which plain YAML silently resolves to the last value."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_SafeNoDupLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_spec(text: str, origin: str = "spec") -> SweepSpec:
+    try:
+        raw = yaml.load(text, Loader=_SafeNoDupLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BadInput(f"{origin}:{where} invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise BadInput(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise BadInput(f"{origin}: {_format_validation_error(exc)}") from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"spec: no such file {str(p)!r}")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"spec: cannot read {str(p)!r}: {exc}") from None
+    return parse_spec(text, origin=p.name)

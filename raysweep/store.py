@@ -1,0 +1,356 @@
+"""The Parquet store: the product of a sweep.
+
+Layout under the store root (every `.parquet` file is complete: files land by atomic rename,
+and an epoch counts as committed once its marker in `commits/` exists, which is written last):
+
+    store.json                                   schema version
+    sweeps/<sweep>/spec.yaml                     the spec as run
+    trials/<sweep>/<trial_id>.parquet            one row per trial: parameters + status
+    scores/<sweep>/<trial_id>/<phase>/e<NNNN>.parquet   one row per (eval task, split, example)
+    hidden/<sweep>/<trial_id>/<phase>/e<NNNN>.parquet   last-prompt-token hidden states
+    epochs/<sweep>/<trial_id>/<phase>/e<NNNN>.parquet   per-epoch summary (loss, forget-task accuracy)
+    commits/<sweep>/<trial_id>/<phase>/e<NNNN>.json     the commit marker of that epoch
+    examples/<sweep>/<task>.parquet              the prepared examples (prompt, choices, gold)
+    prep/<sweep>/<task>.parquet                  per-task preparation report
+    models/<key>/                                cached built-in pretrained tiny models
+    analysis/<name>.parquet                      analysis results
+    ray/                                         Ray Tune's experiment storage
+
+Every identifying column lives inside the files (no hive `key=value` directories), so
+pandas, pyarrow, duckdb and `ray.data.read_parquet` all read the same columns with the
+same types.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from raysweep.errors import BadInput, StoreError
+
+SCHEMA_VERSION = 1
+PHASES = ("pretrained", "finetune", "forget", "relearn")
+
+SCORES_SCHEMA = pa.schema(
+    [
+        ("sweep", pa.string()),
+        ("trial_id", pa.string()),
+        ("phase", pa.string()),
+        ("epoch", pa.int32()),
+        ("eval_task", pa.string()),
+        ("split", pa.string()),
+        ("example_idx", pa.int32()),
+        ("gold", pa.int8()),
+        ("ll_sum_correct", pa.float32()),
+        ("ll_sum_distractor", pa.float32()),
+        ("ll_mean_correct", pa.float32()),
+        ("ll_mean_distractor", pa.float32()),
+        ("n_tokens_correct", pa.int16()),
+        ("n_tokens_distractor", pa.int16()),
+        ("confidence", pa.float32()),
+        ("prediction", pa.int8()),
+        ("correct", pa.bool_()),
+    ]
+)
+
+TRIALS_SCHEMA = pa.schema(
+    [
+        ("sweep", pa.string()),
+        ("trial_id", pa.string()),
+        ("model", pa.string()),
+        ("model_source", pa.string()),
+        ("forget_task", pa.string()),
+        ("method", pa.string()),
+        ("size", pa.int32()),
+        ("seed", pa.int32()),
+        ("status", pa.string()),  # pending | running | done | failed
+        ("error", pa.string()),
+        ("attempts", pa.int32()),
+        ("best_finetune_epoch", pa.int32()),
+        ("last_forget_epoch", pa.int32()),
+        ("last_relearn_epoch", pa.int32()),
+        ("updated_at", pa.float64()),
+        ("plan_json", pa.string()),
+    ]
+)
+
+EPOCHS_SCHEMA = pa.schema(
+    [
+        ("sweep", pa.string()),
+        ("trial_id", pa.string()),
+        ("phase", pa.string()),
+        ("epoch", pa.int32()),
+        ("train_loss", pa.float32()),
+        ("forget_train_acc", pa.float32()),
+        ("forget_validation_acc", pa.float32()),
+        ("forget_test_acc", pa.float32()),
+        ("seconds", pa.float32()),
+    ]
+)
+
+EXAMPLES_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("split", pa.string()),
+        ("example_idx", pa.int32()),
+        ("uid", pa.string()),
+        ("prompt", pa.string()),
+        ("choice_0", pa.string()),
+        ("choice_1", pa.string()),
+        ("gold", pa.int8()),
+    ]
+)
+
+
+def hidden_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("sweep", pa.string()),
+            ("trial_id", pa.string()),
+            ("phase", pa.string()),
+            ("epoch", pa.int32()),
+            ("eval_task", pa.string()),
+            ("split", pa.string()),
+            ("example_idx", pa.int32()),
+            ("hidden", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    """Readers see the old file or the new one, never a half-written one: the temporary
+    name starts with '_' and does not end in .parquet, so no reader's glob picks it up."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@dataclass(frozen=True)
+class EpochKey:
+    sweep: str
+    trial_id: str
+    phase: str
+    epoch: int
+
+    @property
+    def rel(self) -> Path:
+        return Path(self.sweep) / self.trial_id / self.phase / f"e{self.epoch:04d}"
+
+
+@dataclass
+class EpochRecord:
+    """Everything one epoch of one trial writes: committed together, marker last."""
+
+    key: EpochKey
+    scores: pa.Table
+    epoch_summary: pa.Table
+    hidden: pa.Table | None = None
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).absolute()
+
+    # ---- creation and validation -------------------------------------------------------
+
+    @staticmethod
+    def check_writable(root: str | Path) -> None:
+        """Refuse a path that cannot hold a store, before anything is written anywhere."""
+        p = Path(root).absolute()
+        if p.exists() and not p.is_dir():
+            raise BadInput(f"store: {str(p)!r} exists and is not a directory")
+        probe = p
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise BadInput(f"store: {str(p)!r} is not writable")
+        meta = p / "store.json"
+        if meta.is_file():
+            Store(p).check_version()
+
+    def check_version(self) -> None:
+        meta = self.root / "store.json"
+        if not meta.is_file():
+            return
+        try:
+            version = int(json.loads(meta.read_text())["schema_version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"store: {meta} is unreadable ({exc})") from None
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store: {self.root} was written by a newer raysweep (schema v{version}); this one reads up to v{SCHEMA_VERSION}"
+            )
+
+    def ensure(self) -> None:
+        self.check_version()
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = self.root / "store.json"
+        if not meta.exists():
+            atomic_write_bytes(meta, json.dumps({"schema_version": SCHEMA_VERSION}).encode())
+
+    def exists(self) -> bool:
+        return (self.root / "store.json").is_file()
+
+    # ---- paths -------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.root / "ray"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
+
+    # ---- writes ------------------------------------------------------------------------
+
+    def write_spec(self, sweep: str, text: str) -> None:
+        atomic_write_bytes(self.path("sweeps", sweep, "spec.yaml"), text.encode())
+
+    def write_trial_row(self, row: dict) -> None:
+        row = {**{f.name: None for f in TRIALS_SCHEMA}, **row, "updated_at": time.time()}
+        table = pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)
+        atomic_write_table(self.path("trials", row["sweep"], f"{row['trial_id']}.parquet"), table)
+
+    def write_examples(self, sweep: str, task: str, table: pa.Table) -> None:
+        atomic_write_table(self.path("examples", sweep, f"{task}.parquet"), table.cast(EXAMPLES_SCHEMA))
+
+    def write_prep_report(self, sweep: str, task: str, rows: list[dict]) -> None:
+        atomic_write_table(self.path("prep", sweep, f"{task}.parquet"), pa.Table.from_pylist(rows))
+
+    def commit_epoch(self, rec: EpochRecord) -> None:
+        """Data files first, marker last: an epoch without a marker is redone on resume,
+        and rewriting its files by rename replaces them, so no row exists twice."""
+        rel = rec.key.rel
+        atomic_write_table(self.path("scores", f"{rel}.parquet"), rec.scores.cast(SCORES_SCHEMA))
+        atomic_write_table(self.path("epochs", f"{rel}.parquet"), rec.epoch_summary.cast(EPOCHS_SCHEMA))
+        files = [f"scores/{rel}.parquet", f"epochs/{rel}.parquet"]
+        if rec.hidden is not None:
+            atomic_write_table(self.path("hidden", f"{rel}.parquet"), rec.hidden)
+            files.append(f"hidden/{rel}.parquet")
+        marker = {"trial_id": rec.key.trial_id, "phase": rec.key.phase, "epoch": rec.key.epoch, "rows": rec.scores.num_rows, "files": files}
+        atomic_write_bytes(self.path("commits", f"{rel}.json"), json.dumps(marker).encode())
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def committed_epochs(self, sweep: str, trial_id: str) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        base = self.path("commits", sweep, trial_id)
+        if not base.is_dir():
+            return out
+        for phase_dir in base.iterdir():
+            eps = sorted(int(p.stem[1:]) for p in phase_dir.glob("e*.json"))
+            if eps:
+                out[phase_dir.name] = eps
+        return out
+
+    def _files(self, kind: str, sweep: str | None = None) -> list[Path]:
+        base = self.path(kind) if sweep is None else self.path(kind, sweep)
+        if not base.is_dir():
+            return []
+        return sorted(p for p in base.rglob("*.parquet") if not p.name.startswith(("_", ".")))
+
+    def dataset(self, kind: str, sweep: str | None = None) -> ds.Dataset | None:
+        files = self._files(kind, sweep)
+        if not files:
+            return None
+        try:
+            return ds.dataset([str(f) for f in files], format="parquet")
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"store: cannot open {kind} files ({exc}); run `raysweep repair` to quarantine bad files") from None
+
+    def read(self, kind: str, *, sweep: str | None = None, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
+        dset = self.dataset(kind, sweep)
+        schema = {"scores": SCORES_SCHEMA, "trials": TRIALS_SCHEMA, "epochs": EPOCHS_SCHEMA, "examples": EXAMPLES_SCHEMA}.get(kind)
+        if dset is None:
+            if schema is None:
+                return pa.table({})
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        try:
+            return dset.to_table(columns=columns, filter=filter)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"store: cannot read {kind} ({exc}); run `raysweep repair` to quarantine bad files") from None
+
+    def trials(self, sweep: str | None = None) -> pa.Table:
+        return self.read("trials", sweep=sweep)
+
+    def sweeps(self) -> list[str]:
+        base = self.path("trials")
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+    def milestones(self, sweep: str | None = None) -> pa.Table:
+        """(trial_id, milestone, phase, epoch) of the points the paper compares:
+        pretrained, finetuned (best validation epoch), forgotten (last forget epoch),
+        relearned (last relearn epoch)."""
+        t = self.trials(sweep).to_pylist()
+        rows = []
+        for r in t:
+            if r["status"] != "done":
+                continue
+            rows.append({"trial_id": r["trial_id"], "milestone": "pretrained", "phase": "pretrained", "epoch": 0})
+            if r["best_finetune_epoch"] is not None:
+                rows.append({"trial_id": r["trial_id"], "milestone": "finetuned", "phase": "finetune", "epoch": r["best_finetune_epoch"]})
+            if r["last_forget_epoch"] is not None:
+                rows.append({"trial_id": r["trial_id"], "milestone": "forgotten", "phase": "forget", "epoch": r["last_forget_epoch"]})
+            if r["last_relearn_epoch"] is not None:
+                rows.append({"trial_id": r["trial_id"], "milestone": "relearned", "phase": "relearn", "epoch": r["last_relearn_epoch"]})
+        schema = pa.schema([("trial_id", pa.string()), ("milestone", pa.string()), ("phase", pa.string()), ("epoch", pa.int32())])
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def verify(self) -> list[tuple[Path, str]]:
+        """Every Parquet file that cannot be read back completely, with the reason."""
+        bad = []
+        for kind in ("trials", "scores", "hidden", "epochs", "examples", "prep"):
+            for f in self._files(kind):
+                try:
+                    pq.read_table(f)
+                except Exception as exc:  # noqa: BLE001 - any failure to read makes the file bad
+                    bad.append((f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        return bad
+
+    def quarantine(self, files: Iterable[Path]) -> list[Path]:
+        moved = []
+        for f in files:
+            rel = Path(f).absolute().relative_to(self.root)
+            dest = self.root / "quarantine" / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+            # The epoch's marker goes too, so a resumed run recomputes that epoch.
+            if rel.parts[0] in ("scores", "hidden", "epochs"):
+                marker = self.root / "commits" / Path(*rel.parts[1:]).with_suffix(".json")
+                if marker.exists():
+                    marker.unlink()
+            moved.append(dest)
+        return moved

@@ -1,0 +1,73 @@
+"""Per-trial summaries read back from the store: what `run` prints at the end and `status` shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raysweep.store import Store
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    trial_id: str
+    model: str
+    forget_task: str
+    method: str
+    size: int
+    seed: int
+    status: str
+    error: str | None
+    epochs_committed: int
+    last_phase: str | None
+    pretrained_test_acc: float | None
+    finetuned_test_acc: float | None
+    forgotten_test_acc: float | None
+    forgotten_train_acc: float | None
+
+    @property
+    def forget_ratio(self) -> float | None:
+        ft, fg = self.finetuned_test_acc, self.forgotten_test_acc
+        if ft is None or fg is None or abs(ft - 0.5) < 1e-9:
+            return None
+        return (ft - fg) / (ft - 0.5)
+
+
+def summarize(store: Store, sweep: str | None = None) -> list[TrialSummary]:
+    trials = store.trials(sweep).to_pylist()
+    epochs = store.read("epochs", sweep=sweep).to_pylist()
+    by_key = {(e["trial_id"], e["phase"], e["epoch"]): e for e in epochs}
+    counts: dict[str, int] = {}
+    last_phase: dict[str, tuple[int, str]] = {}
+    order = {"pretrained": 0, "finetune": 1, "forget": 2, "relearn": 3}
+    for e in epochs:
+        counts[e["trial_id"]] = counts.get(e["trial_id"], 0) + 1
+        rank = (order.get(e["phase"], 9), e["epoch"])
+        if rank > last_phase.get(e["trial_id"], ((-1, -1), ""))[0]:
+            last_phase[e["trial_id"]] = (rank, e["phase"])
+
+    def get(tid, phase, epoch, col):
+        row = by_key.get((tid, phase, epoch)) if epoch is not None else None
+        return None if row is None else row[col]
+
+    out = []
+    for t in sorted(trials, key=lambda r: (r["model"], r["forget_task"], r["method"], r["size"], r["seed"])):
+        tid = t["trial_id"]
+        out.append(
+            TrialSummary(
+                trial_id=tid,
+                model=t["model"],
+                forget_task=t["forget_task"],
+                method=t["method"],
+                size=t["size"],
+                seed=t["seed"],
+                status=t["status"],
+                error=t["error"],
+                epochs_committed=counts.get(tid, 0),
+                last_phase=last_phase.get(tid, (None, None))[1],
+                pretrained_test_acc=get(tid, "pretrained", 0, "forget_test_acc"),
+                finetuned_test_acc=get(tid, "finetune", t["best_finetune_epoch"], "forget_test_acc"),
+                forgotten_test_acc=get(tid, "forget", t["last_forget_epoch"], "forget_test_acc"),
+                forgotten_train_acc=get(tid, "forget", t["last_forget_epoch"], "forget_train_acc"),
+            )
+        )
+    return out

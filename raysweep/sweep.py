@@ -1,0 +1,263 @@
+"""The scheduler stage: run a spec's trials concurrently with Ray Tune.
+
+The driver validates everything that can be validated before writing anything (spec, store
+path, task data, cluster resources), records the plan in the store, builds the shared
+built-in models once, then hands the pending trials to Tune. Trials resume from the store
+on their own, so a Tune retry (FailureConfig) or a re-run of the whole sweep continues where
+the last one stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+from ray import tune
+
+from raysweep.errors import BadInput
+from raysweep.spec import SweepSpec, TrialPlan
+from raysweep.store import EXAMPLES_SCHEMA, Store
+from raysweep.tasks import PreparedTask
+
+
+@dataclass
+class TrialView:
+    """Live state of one trial, as the progress view shows it."""
+
+    trial_id: str
+    forget_task: str
+    method: str
+    status: str = "pending"
+    phase: str = ""
+    epoch: int = 0
+    forget_train_acc: float | None = None
+    forget_test_acc: float | None = None
+    eval_test_acc: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class SweepOutcome:
+    sweep: str
+    total: int
+    already_done: int
+    done: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    dashboard_url: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+ProgressSink = Callable[[dict[str, TrialView]], None]
+
+
+def models_dir_for(store: Store) -> Path:
+    """Built-in models are cached per store, or in $RAYSWEEP_MODEL_CACHE when set (so tests
+    and repeated demos share one pretraining)."""
+    env = os.environ.get("RAYSWEEP_MODEL_CACHE")
+    return Path(env).absolute() if env else store.models_dir
+
+
+def prepare_sweep_data(spec: SweepSpec) -> dict[str, PreparedTask]:
+    """Load and prepare every task once in the driver: bad data fails here, before writes."""
+    from raysweep.tasks import prepare_task
+
+    return {
+        name: prepare_task(name, seed=spec.data.seed, cap=spec.data.cap, max_chars=spec.data.max_chars, source=spec.data.sources.get(name))
+        for name in spec.tasks
+    }
+
+
+def _examples_table(task: PreparedTask) -> pa.Table:
+    rows = [
+        {"task": task.name, "split": split, "example_idx": ex.idx, "uid": ex.uid, "prompt": ex.prompt, "choice_0": ex.choices[0], "choice_1": ex.choices[1], "gold": ex.gold}
+        for split, exs in task.splits.items()
+        for ex in exs
+    ]
+    return pa.Table.from_pylist(rows, schema=EXAMPLES_SCHEMA)
+
+
+def _check_sizes(spec: SweepSpec, data: dict[str, PreparedTask]) -> None:
+    for task in spec.forget_task_list:
+        n = len(data[task].split("train"))
+        too_big = [s for s in spec.sizes if s > n]
+        if too_big:
+            raise BadInput(f"sizes: {too_big} exceed the {n} training examples task {task!r} has after preparation")
+
+
+def _init_ray(address: str | None, dashboard: bool) -> str | None:
+    import ray
+
+    if ray.is_initialized():
+        return None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ctx = ray.init(address=address, log_to_driver=False)
+    else:
+        import torch
+
+        ctx = ray.init(
+            num_cpus=os.cpu_count(),
+            num_gpus=torch.cuda.device_count(),
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",  # never exposed beyond this machine unless asked
+            log_to_driver=False,
+        )
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def _check_resources(spec: SweepSpec) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    best_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+    best_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+    r = spec.resources
+    if r.gpu > best_gpu:
+        raise BadInput(f"resources.gpu: each trial asks for {r.gpu:g} GPU(s) on one node, the largest node has {best_gpu:g}")
+    if r.cpu > best_cpu:
+        raise BadInput(f"resources.cpu: each trial asks for {r.cpu:g} CPU(s) on one node, the largest node has {best_cpu:g}")
+
+
+def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir: str) -> None:
+    """Runs inside a Ray worker: one trial, resuming from the store if it ran before."""
+    import torch
+
+    from raysweep.trial import TrialRunner
+
+    plan = TrialPlan.model_validate_json(plans[config["trial_id"]])
+    torch.set_num_threads(max(1, int(plan.resources.cpu)))
+    store = Store(store_root)
+    prev = store.read("trials", sweep=plan.sweep, filter=None).to_pylist()
+    attempts = next((r["attempts"] or 0 for r in prev if r["trial_id"] == plan.trial_id), 0)
+    runner = TrialRunner(plan, store, Path(models_dir), reporter=lambda rep: tune.report(asdict(rep)))
+    runner.run(attempt=attempts + 1)
+
+
+class _ProgressCallback(tune.Callback):
+    """Feeds Tune's events (which run in the driver) to the progress sink."""
+
+    def __init__(self, views: dict[str, TrialView], sink: ProgressSink | None):
+        self.views = views
+        self.sink = sink
+
+    def __getstate__(self):
+        # Tune pickles callbacks with its experiment state; the sink (a live view) stays behind.
+        return {"views": {}, "sink": None}
+
+    def _tid(self, trial) -> str:
+        return trial.config.get("trial_id", str(trial))
+
+    def _push(self):
+        if self.sink:
+            self.sink(self.views)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.views[self._tid(trial)].status = "running"
+        self._push()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        v = self.views[self._tid(trial)]
+        v.status, v.phase, v.epoch = "running", result.get("phase", ""), result.get("epoch", 0)
+        v.forget_train_acc = result.get("forget_train_acc")
+        v.forget_test_acc = result.get("forget_test_acc")
+        v.eval_test_acc = result.get("eval_test_acc")
+        self._push()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.views[self._tid(trial)].status = "done"
+        self._push()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.views[self._tid(trial)].status = "failed"
+        self._push()
+
+
+def run_sweep(
+    spec: SweepSpec,
+    spec_text: str,
+    store: Store,
+    *,
+    address: str | None = None,
+    dashboard: bool = True,
+    sink: ProgressSink | None = None,
+    on_ready: Callable[[str | None, int, int], None] | None = None,
+) -> SweepOutcome:
+    t0 = time.time()
+    Store.check_writable(store.root)
+    plans = spec.trials()
+    data = prepare_sweep_data(spec)
+    _check_sizes(spec, data)
+    dashboard_url = _init_ray(address, dashboard)
+    _check_resources(spec)
+
+    # Validation is over: from here on the store is written.
+    store.ensure()
+    store.write_spec(spec.name, spec_text)
+    for name, task in data.items():
+        store.write_examples(spec.name, name, _examples_table(task))
+        store.write_prep_report(spec.name, name, task.report.rows())
+    existing = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
+    from raysweep.trial import trial_row
+
+    for plan in plans:
+        if plan.trial_id not in existing:
+            store.write_trial_row({**trial_row(plan), "status": "pending", "attempts": 0})
+    pending = [p for p in plans if existing.get(p.trial_id, {}).get("status") != "done"]
+    outcome = SweepOutcome(sweep=spec.name, total=len(plans), already_done=len(plans) - len(pending), dashboard_url=dashboard_url)
+    if on_ready:
+        on_ready(dashboard_url, len(plans), len(pending))
+    if not pending:
+        outcome.seconds = time.time() - t0
+        return outcome
+
+    models_dir = models_dir_for(store)
+    from raysweep.models import ensure_builtin
+
+    for model in spec.models:
+        if model.builtin:
+            ensure_builtin(model, models_dir)
+
+    views = {p.trial_id: TrialView(p.trial_id, p.forget_task, p.method) for p in pending}
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, plans={p.trial_id: p.model_dump_json() for p in pending}, store_root=str(store.root), models_dir=str(models_dir)),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial_id": tune.grid_search([p.trial_id for p in pending])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent_trials,
+            trial_dirname_creator=lambda t: t.config["trial_id"],
+            trial_name_creator=lambda t: t.config["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{int(time.time())}",
+            storage_path=str(store.ray_dir),
+            verbose=0,
+            callbacks=[_ProgressCallback(views, sink)],
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        ),
+    )
+    tuner.fit()
+
+    final = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
+    for p in pending:
+        row = final.get(p.trial_id, {})
+        if row.get("status") == "done":
+            outcome.done += 1
+        else:
+            reason = row.get("error") or "trial did not finish (see the Ray dashboard's logs)"
+            outcome.failed[p.trial_id] = reason
+            if row.get("status") != "failed":
+                store.write_trial_row({**row, "status": "failed", "error": reason})
+    outcome.seconds = time.time() - t0
+    return outcome

@@ -1,0 +1,236 @@
+"""The task abstraction: a task is a data source + a prompt + choices + a gold index.
+
+A task is declared once (a `Task` subclass registered by name, in the spirit of lm-eval's
+task registry). `prepare_task` turns its raw records into the binary-choice splits every
+trial of a sweep shares, counting what each preparation step kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from raysweep.errors import BadInput
+
+SPLITS = ("train", "validation", "test")
+
+RawSplits = dict[str, list[dict]]
+
+# A record already rendered and binarised (what `raysweep tasks prepare` writes): any task
+# reads it back unchanged, so a prepared folder works as a source for every task.
+PREPARED_FIELDS = ("prompt", "choice_0", "choice_1", "gold")
+
+
+def is_prepared(record: dict) -> bool:
+    return all(f in record for f in PREPARED_FIELDS)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One binarised example, as every stage after preparation sees it."""
+
+    idx: int  # position in its prepared split; the store's `example_idx`
+    uid: str  # content hash: stable across runs, independent of order
+    prompt: str
+    choices: tuple[str, str]
+    gold: int  # 0 or 1
+    delimiter: str = " "
+
+    @property
+    def continuations(self) -> tuple[str, str]:
+        return (self.delimiter + self.choices[0], self.delimiter + self.choices[1])
+
+    @property
+    def distractor(self) -> int:
+        return 1 - self.gold
+
+
+@dataclass
+class StepCounts:
+    """How many examples of one split survived each preparation step (the per-task report)."""
+
+    raw: int = 0
+    rendered: int = 0
+    binarised: int = 0
+    after_length_filter: int = 0
+    after_decontamination: int = 0
+    after_split_fallback: int = 0
+    final: int = 0
+
+
+@dataclass
+class PrepReport:
+    task: str
+    source: str
+    split_fallback: bool = False
+    counts: dict[str, StepCounts] = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        return [
+            {"task": self.task, "source": self.source, "split": split, "split_fallback": self.split_fallback, **vars(c)}
+            for split, c in self.counts.items()
+        ]
+
+
+@dataclass
+class PreparedTask:
+    name: str
+    splits: dict[str, list[Example]]
+    report: PrepReport
+
+    def split(self, name: str) -> list[Example]:
+        return self.splits[name]
+
+
+class Task(ABC):
+    """Subclass, set `name`, implement `render` and `load_records`, decorate with @register."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    kind: ClassVar[str] = "hub"  # "builtin" tasks generate their own data; no source needed
+    delimiter: ClassVar[str] = " "
+
+    @abstractmethod
+    def render(self, record: dict) -> tuple[str, list[str], int]:
+        """lm-eval's 0-shot context, the full choice list (before binarisation), gold index."""
+
+    @abstractmethod
+    def load_records(self, source: str | None, seed: int) -> tuple[RawSplits, str]:
+        """Raw records per split ('train', 'validation', and 'test' when it is labelled),
+        and a description of the source they came from."""
+
+    def question_key(self, record: dict, prompt: str) -> str:
+        """What decontamination compares between evaluation and train examples."""
+        return prompt
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"task {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def registered_tasks() -> dict[str, Task]:
+    return dict(_REGISTRY)
+
+
+def get_task(name: str) -> Task:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BadInput(f"task: unknown task {name!r} (see `raysweep tasks list`)") from None
+
+
+def _seeded_rng(*parts: object) -> random.Random:
+    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(h[:8], "little"))
+
+
+def _uid(task: str, prompt: str, choices: tuple[str, str]) -> str:
+    return hashlib.sha1(f"{task}\x1f{prompt}\x1f{choices[0]}\x1f{choices[1]}".encode()).hexdigest()[:16]
+
+
+def binarise(task: str, split: str, i: int, choices: list[str], gold: int, seed: int) -> tuple[tuple[str, str], int]:
+    """Keep gold and one distractor drawn by a seeded draw, in their original relative order."""
+    if not 0 <= gold < len(choices):
+        raise BadInput(f"task {task}: gold index {gold} outside {len(choices)} choices in {split} record {i}")
+    if len(choices) == 2:
+        return (choices[0], choices[1]), gold
+    others = [j for j in range(len(choices)) if j != gold]
+    d = _seeded_rng(seed, task, split, i, "distractor").choice(others)
+    lo, hi = sorted((gold, d))
+    return (choices[lo], choices[hi]), 0 if gold == lo else 1
+
+
+@dataclass
+class _Rendered:
+    prompt: str
+    choices: tuple[str, str]
+    gold: int
+    key: str
+
+
+def _carve_validation(train: list, n_eval: int, seed: int, name: str) -> tuple[list, list]:
+    order = list(range(len(train)))
+    _seeded_rng(seed, name, "fallback").shuffle(order)
+    val_idx = set(order[: min(n_eval, len(train) // 5)])
+    return [r for i, r in enumerate(train) if i not in val_idx], [train[i] for i in sorted(val_idx)]
+
+
+def prepare_task(name: str, *, seed: int, cap: int, max_chars: int, source: str | None = None) -> PreparedTask:
+    """render -> binarise -> length filter -> decontaminate -> split fallback -> cap."""
+    task = get_task(name)
+    raw, source_desc = task.load_records(source, seed)
+    if "train" not in raw or not raw["train"]:
+        raise BadInput(f"task {name}: source {source_desc} has no labelled train split")
+    if "validation" not in raw and "test" not in raw:
+        raise BadInput(f"task {name}: source {source_desc} has neither a validation nor a test split")
+    report = PrepReport(task=name, source=source_desc)
+    prepared_source = all(is_prepared(r) for records in raw.values() for r in records)
+    counts = {s: StepCounts(raw=len(raw.get(s, []))) for s in SPLITS if s in raw}
+
+    rendered: dict[str, list[_Rendered]] = {}
+    for split, records in raw.items():
+        if split not in counts:
+            continue
+        out: list[_Rendered] = []
+        for i, rec in enumerate(records):
+            if is_prepared(rec):
+                # Decontaminated when it was prepared; the full pair as key drops nothing more.
+                pair = (str(rec["choice_0"]), str(rec["choice_1"]))
+                prompt = str(rec["prompt"])
+                out.append(_Rendered(prompt, pair, int(rec["gold"]), "\x1f".join((prompt, *pair))))
+                continue
+            prompt, choices, gold = task.render(rec)
+            pair, g = binarise(name, split, i, list(choices), int(gold), seed)
+            out.append(_Rendered(prompt, pair, g, task.question_key(rec, prompt)))
+        counts[split].rendered = counts[split].binarised = len(out)
+        # lm-eval's context + target delimiter + choice is what the model reads.
+        out = [r for r in out if max(len(r.prompt) + len(task.delimiter) + len(c) for c in r.choices) <= max_chars]
+        counts[split].after_length_filter = len(out)
+        rendered[split] = out
+
+    train_keys = {r.key for r in rendered["train"]}
+    for split in ("validation", "test"):
+        if split in rendered:
+            rendered[split] = [r for r in rendered[split] if r.key not in train_keys]
+    for split, c in counts.items():
+        c.after_decontamination = len(rendered[split])
+
+    if "test" not in rendered:
+        # No labelled test: validation becomes test, and a seeded slice of train validates.
+        rendered["test"] = rendered.pop("validation")
+        counts["test"] = counts.pop("validation")
+    if "validation" not in rendered:
+        report.split_fallback = True
+        rendered["train"], rendered["validation"] = _carve_validation(rendered["train"], len(rendered["test"]), seed, name)
+        counts["validation"] = StepCounts()
+    for split in SPLITS:
+        counts[split].after_split_fallback = len(rendered[split])
+
+    splits: dict[str, list[Example]] = {}
+    for split in SPLITS:
+        items = rendered[split]
+        order = list(range(len(items)))
+        # Seeded permutation, then a prefix: a smaller cap (or trial size) is a subset of a larger.
+        # A prepared source is stored in that permuted order already; keeping it makes a prepared
+        # folder give the same examples, in the same order, as preparing from the raw data.
+        if not prepared_source:
+            _seeded_rng(seed, name, split, "cap").shuffle(order)
+        chosen = [items[i] for i in order[:cap]]
+        splits[split] = [
+            Example(idx=j, uid=_uid(name, r.prompt, r.choices), prompt=r.prompt, choices=r.choices, gold=r.gold, delimiter=task.delimiter)
+            for j, r in enumerate(chosen)
+        ]
+        counts[split].final = len(chosen)
+        if not chosen:
+            raise BadInput(f"task {name}: split {split!r} is empty after preparation (source {source_desc})")
+    report.counts = {s: counts[s] for s in SPLITS}
+    return PreparedTask(name=name, splits=splits, report=report)

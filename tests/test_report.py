@@ -1,0 +1,100 @@
+"""The HTML report: built from a hand-made store, self-contained, and every figure decodes
+in a real (headless Chromium) browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+from analysis_helpers import SWEEP, build_minimal_store, build_rich_store
+
+from raysweep.analysis import outputs_dir, registered_analyses
+from raysweep.report import write_report
+
+# 4 single-task panels (one per condition), 1 cross-task heatmap (the other conditions have
+# a single cell), 3 comparisons, 2 predictor plots, 1 order plot, 4 probe panels.
+EXPECTED_IMAGES = 15
+CHECK_SCRIPT = (
+    "<script>window.addEventListener('load', () => { const im = [...document.images];"
+    " document.body.setAttribute('data-figures', im.filter(i => i.complete && i.naturalWidth > 0).length + '/' + im.length); });"
+    "</script>"
+)
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+
+
+@pytest.fixture(scope="module")
+def rich_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    store = build_rich_store(root / "store")
+    return store, write_report(store, root / "out")
+
+
+def test_report_runs_missing_analyses_and_is_self_contained(rich_report):
+    store, path = rich_report
+    assert path.name == "report.html" and path.is_file()
+    for name in registered_analyses():
+        assert (outputs_dir(store, None, name) / "outcome.json").is_file()
+    page = path.read_text()
+    srcs = re.findall(r'<img[^>]* src="([^"]+)"', page)
+    assert len(srcs) == EXPECTED_IMAGES
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "http://" not in page and "https://" not in page
+    assert "class=figure-error>" not in page
+    for name in registered_analyses():
+        section = page.split(f"<section id={name}>", 1)[1].split("</section>", 1)[0]
+        assert "<img" in section and "<table>" in section, name
+
+
+def test_report_reuses_fresh_outputs_and_refreshes_stale_ones(rich_report, tmp_path):
+    store, _ = rich_report
+    meta = outputs_dir(store, None, "single_task") / "outcome.json"
+    before = json.loads(meta.read_text())["written_at"]
+    write_report(store, tmp_path)
+    assert json.loads(meta.read_text())["written_at"] == before
+    # Rewriting a trial row (as a resumed sweep does) makes the outputs stale.
+    trial = next((store.root / "trials" / SWEEP).glob("t0-random-n100-s0.parquet"))
+    time.sleep(0.01)
+    os.utime(trial)
+    write_report(store, tmp_path)
+    assert json.loads(meta.read_text())["written_at"] > before
+
+
+def test_report_lists_skipped_analyses(tmp_path):
+    store = build_minimal_store(tmp_path / "min")
+    page = write_report(store, tmp_path / "out", sweep=SWEEP).read_text()
+    assert (tmp_path / "out" / f"report-{SWEEP}.html").is_file()
+    skipped = re.findall(r"<li class=skipped><b>([^<]+)</b>", page)
+    assert skipped == ["Cross-task forgetting", "Dataset size", "Flipped vs random labels", "Other models",
+                       "Learning vs forgetting order", "Linear probes"]
+    assert "one model only (m1): cross_model compares two or more models" in page
+    assert "<section id=single_task>" in page
+
+
+def test_every_figure_renders_in_headless_chromium(rich_report, tmp_path):
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("chromium not found (apt-get install -y chromium)")
+    _, path = rich_report
+    checked = tmp_path / "checked.html"
+    checked.write_text(path.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    cmd = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", checked.as_uri(),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-figures="(\d+)/(\d+)"', proc.stdout)
+    assert found, f"no marker in the dumped DOM (rc={proc.returncode}): {proc.stderr[-2000:]}"
+    assert (int(found.group(1)), int(found.group(2))) == (EXPECTED_IMAGES, EXPECTED_IMAGES)
