@@ -18,8 +18,9 @@ from raysweep.errors import BadInput, StoreError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parallel sweeps of forgetting experiments on language models.")
 tasks_app = typer.Typer(no_args_is_help=True, help="The task registry.")
 app.add_typer(tasks_app, name="tasks")
-console = Console()
-err = Console(stderr=True)
+# Piped output (CI logs, files) is read later, not on an 80-column terminal: don't wrap tables.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 STORE_OPT = typer.Option("storage", "--store", help="Store root directory.")
 

@@ -27,17 +27,33 @@ class EncodedPair:
     continuation: list[int]
 
 
+def _prefix_token(tokenizer) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # A string that already starts with the BOS text gets no second BOS (lm-eval's tok_encode).
+    bos_text = tokenizer.decode(_prefix_token(tokenizer))
+    if bos_text and text.startswith(bos_text):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> EncodedPair:
+    if context == "":
+        # lm-eval conditions an empty context on the BOS (else EOS) token, unless the
+        # continuation already starts with it.
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = _prefix_token(tokenizer)
+        if cont and cont[0] == prefix:
+            return EncodedPair(cont[:1], cont[1:])
+        return EncodedPair([prefix], cont)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    if context == "":
-        # lm-eval conditions an empty context on the end-of-text (or BOS) token.
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return EncodedPair([prefix], tokenizer(continuation)["input_ids"])
-    whole = tokenizer(context + continuation)["input_ids"]
-    ctx = tokenizer(context)["input_ids"]
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
     return EncodedPair(ctx, whole[len(ctx) :])
 
 
@@ -95,6 +111,8 @@ def _sequences(tokenizer, requests: Sequence[tuple[str, str]], max_length: int) 
     seqs = []
     for ctx, cont in requests:
         pair = encode_pair(tokenizer, ctx, cont)
+        if len(pair.continuation) > max_length:
+            raise ValueError(f"continuation of {len(pair.continuation)} tokens does not fit the model's {max_length}-token window")
         full = (pair.context + pair.continuation)[-(max_length + 1) :]
         dropped = len(pair.context) + len(pair.continuation) - len(full)
         seqs.append(_Seq(input_ids=full, n_cont=len(pair.continuation), last_prompt_pos=len(pair.context) - 1 - dropped))

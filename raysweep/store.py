@@ -126,6 +126,18 @@ def hidden_schema(dim: int) -> pa.Schema:
     )
 
 
+def _can_create_in(directory: Path) -> bool:
+    """os.access says yes to root everywhere, even on /proc or a read-only mount: only
+    creating something proves a directory is writable. The probe is removed at once."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".raysweep-probe-", dir=directory))
+    except OSError:
+        return False
+    return True
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -188,7 +200,7 @@ class Store:
         probe = p
         while not probe.exists():
             probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or not _can_create_in(probe):
             raise BadInput(f"store: {str(p)!r} is not writable")
         meta = p / "store.json"
         if meta.is_file():

@@ -71,6 +71,20 @@ class EvalSlice:
     examples: list[Example]
 
 
+def finetune_should_stop(train_acc: float, epoch: int, epochs_since_best: int, cfg) -> bool:
+    """Paper: up to max_epochs, or once train accuracy reaches the target; optional patience."""
+    return train_acc >= cfg.stop_train_acc or epoch >= cfg.max_epochs or (cfg.patience is not None and epochs_since_best >= cfg.patience)
+
+
+def forget_should_stop(test_acc: float, epoch: int, cfg) -> bool:
+    """Paper: up to max_epochs, or until the forget task's test accuracy drops below 50%."""
+    return test_acc < cfg.stop_test_acc or epoch >= cfg.max_epochs
+
+
+def relearn_should_stop(train_acc: float, epoch: int, cfg) -> bool:
+    return train_acc >= cfg.stop_train_acc or epoch >= cfg.max_epochs
+
+
 def _seed_for(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
 
@@ -322,8 +336,7 @@ class TrialRunner:
                 best_res = res
             else:
                 since_best += 1
-            done = acc[(ft, "train")] >= cfg.stop_train_acc or (cfg.patience is not None and since_best >= cfg.patience) or epoch == cfg.max_epochs
-            if done:
+            if finetune_should_stop(acc[(ft, "train")], epoch, since_best, cfg):
                 break
             self._save_resume(progress, opt, best_state if since_best == 0 else None)
         # Forgetting starts from the best-validation checkpoint, not the last epoch.
@@ -350,7 +363,7 @@ class TrialRunner:
             loss = train_epoch(model, opt, self._epoch_batches("forget", epoch, targets, cfg), self.method.loss, cfg.grad_clip)
             res = self._score()
             acc = self._accuracies(res)
-            last = acc[(ft, "test")] < cfg.stop_test_acc or epoch == cfg.max_epochs
+            last = forget_should_stop(acc[(ft, "test")], epoch, cfg)
             self._commit("forget", epoch, res, loss, time.time() - t0, phase_end=last)
             progress.epoch = epoch
             progress.last_forget_epoch = epoch
@@ -375,7 +388,7 @@ class TrialRunner:
             loss = train_epoch(model, opt, self._epoch_batches("relearn", epoch, gold, cfg), nll_loss, cfg.grad_clip)
             res = self._score()
             acc = self._accuracies(res)
-            last = acc[(ft, "train")] >= cfg.stop_train_acc or epoch == cfg.max_epochs
+            last = relearn_should_stop(acc[(ft, "train")], epoch, cfg)
             self._commit("relearn", epoch, res, loss, time.time() - t0, phase_end=last)
             progress.epoch = epoch
             progress.last_relearn_epoch = epoch

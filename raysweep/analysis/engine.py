@@ -6,7 +6,8 @@ which rows) and a `Reducer` (a per-batch `partial` that shrinks rows to a small 
 so they return the same table; reducers keep their arithmetic exact (integer sums, minima,
 sorted row sets) so that how rows are cut into batches cannot change a single bit.
 
-- `LocalEngine`: pyarrow datasets in this process, one thread per trial's files.
+- `LocalEngine`: in this process; DuckDB's Parquet reader streams Arrow batches into the
+  partials (DuckDB only reads; the arithmetic is the reducers', shared with Ray).
 - `RayEngine`: one Ray Data job per scan: read_parquet -> select_columns -> filter(expr)
   -> map_batches(partial), partials fetched by reference and combined in the driver. No
   groupby: a Ray Data groupby shuffles through 200 partitions, seconds on any input.
@@ -16,14 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence, TypeVar
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from raysweep.errors import BadInput
 
@@ -31,6 +30,8 @@ ENGINES = ("auto", "local", "ray")
 # Above this much score data a single process is the bottleneck; below it Ray's fixed
 # start-up and per-job overhead (seconds) costs more than it saves.
 RAY_THRESHOLD_BYTES = 2 * 1024**3
+
+CHUNK_ROWS = 1 << 18
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,21 +72,22 @@ def _task_lookup(scan: Scan) -> dict[tuple[str, str], str]:
 
 
 def keep_trial_task_rows(batch: pa.Table, lookup: dict[tuple[str, str], str]) -> pa.Table:
-    """Rows whose eval_task is their trial's entry in `lookup`; batches hold few trials, so a
-    mask per distinct trial is cheaper than building a composite key per row."""
+    """Rows whose eval_task is their trial's entry in `lookup`, vectorised: each row's
+    expected task is looked up by position of its trial in the lookup's key list."""
     if batch.num_rows == 0:
         return batch
-    pairs = pa.table({"sweep": batch["sweep"], "trial_id": batch["trial_id"]}).group_by(["sweep", "trial_id"]).aggregate([])
-    mask = None
-    for s, t in zip(pairs["sweep"].to_pylist(), pairs["trial_id"].to_pylist()):
-        task = lookup.get((s, t))
-        if task is None:
-            continue
-        m = pc.and_(pc.and_(pc.equal(batch["sweep"], s), pc.equal(batch["trial_id"], t)), pc.equal(batch["eval_task"], task))
-        mask = m if mask is None else pc.or_(mask, m)
-    if mask is None:
-        return batch.slice(0, 0)
-    return batch.filter(mask)
+    keys = list(lookup)
+    tids = [t for _, t in keys]
+    if len(set(tids)) == len(tids):
+        # Trial ids are unique within this scan (the usual case): the id alone is the key.
+        row_key = batch["trial_id"]
+        value_set = pa.array(tids, pa.string())
+    else:
+        row_key = pc.binary_join_element_wise(batch["sweep"], batch["trial_id"], "\x00")
+        value_set = pa.array([f"{s}\x00{t}" for s, t in keys], pa.string())
+    pos = pc.index_in(row_key, value_set=value_set)
+    expected = pc.take(pa.array([lookup[k] for k in keys], pa.string()), pos)
+    return batch.filter(pc.fill_null(pc.equal(batch["eval_task"], expected), False))
 
 
 def _partial_with_filter(batch: pa.Table, reducer: Reducer, lookup: dict[tuple[str, str], str] | None, columns: list[str]) -> pa.Table:
@@ -104,54 +106,41 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def _arrow_filter(equals: Iterable[tuple[str, str]], extra: ds.Expression | None = None) -> ds.Expression | None:
-    expr = extra
-    for c, v in equals:
-        e = ds.field(c) == v
-        expr = e if expr is None else expr & e
-    return expr
+def _sql_str(v: str) -> str:
+    return "'" + v.replace("'", "''") + "'"
 
 
 class LocalEngine:
-    """In-process pyarrow. Files are grouped by trial so that a trial's own forget task can be
-    pushed into the scan as a plain predicate; groups run on a thread pool (pyarrow releases
-    the GIL while reading and aggregating)."""
+    """In-process: DuckDB reads the files (its Parquet reader prunes columns, pushes the
+    predicates into the scan and decodes on all cores, about twice as fast as a pyarrow
+    dataset scan here) and streams Arrow batches into the reducer's partial, so memory
+    stays at a few batches; combine runs as in the Ray engine."""
 
     name = "local"
 
-    def __init__(self, threads: int | None = None):
-        self.threads = threads or max(1, os.cpu_count() or 1)
-
     def reduce(self, scan: Scan, reducer: Reducer) -> pa.Table:
-        groups: dict[tuple[str, str], list[str]] = {}
-        for f in scan.files:
-            groups.setdefault((f.sweep, f.trial_id), []).append(str(f.path))
-        lookup = _task_lookup(scan) if scan.trial_task is not None else None
-        read_cols = scan.read_columns()
-        out_cols = list(scan.columns)
+        import duckdb
 
-        def run_group(key: tuple[str, str], paths: list[str]) -> list[pa.Table]:
-            extra = None
-            if lookup is not None:
-                task = lookup.get(key)
-                if task is None:
-                    return []
-                extra = ds.field("eval_task") == task
-            dset = ds.dataset(paths, format="parquet")
+        if not scan.files:
+            return reducer.combine([])
+        paths = sorted({str(f.path) for f in scan.files})
+        con = duckdb.connect()
+        try:
+            where = " AND ".join(f"s.{c} = {_sql_str(v)}" for c, v in scan.equals) or "TRUE"
+            join = ""
+            if scan.trial_task is not None:
+                keep = pa.table({k: [row[i] for row in scan.trial_task] for i, k in enumerate(("sweep", "trial_id", "eval_task"))})
+                con.register("keep", keep)
+                join = "SEMI JOIN keep k ON s.sweep = k.sweep AND s.trial_id = k.trial_id AND s.eval_task = k.eval_task"
+            cols = ", ".join(f"s.{c}" for c in scan.columns)
+            files = "[" + ", ".join(_sql_str(p) for p in paths) + "]"
+            sql = f"SELECT {cols} FROM read_parquet({files}) s {join} WHERE {where}"
             parts = []
-            for batch in dset.to_batches(columns=read_cols, filter=_arrow_filter(scan.equals, extra), batch_size=1 << 20):
+            for batch in con.sql(sql).to_arrow_reader(CHUNK_ROWS):
                 if batch.num_rows:
-                    parts.append(reducer.partial(pa.Table.from_batches([batch]).select(out_cols)))
-            return parts
-
-        parts: list[pa.Table] = []
-        if self.threads == 1 or len(groups) <= 1:
-            for key, paths in groups.items():
-                parts.extend(run_group(key, paths))
-        else:
-            with ThreadPoolExecutor(max_workers=self.threads) as pool:
-                for group_parts in pool.map(lambda kv: run_group(*kv), groups.items()):
-                    parts.extend(group_parts)
+                    parts.append(reducer.partial(pa.Table.from_batches([batch])))
+        finally:
+            con.close()
         return reducer.combine(parts)
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:

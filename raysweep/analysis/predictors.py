@@ -27,8 +27,18 @@ _COND = [("model", pa.string()), ("method", pa.string()), ("size", pa.int32())]
 
 
 def hidden_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(rows, dim) float64 from the hidden column: a fixed-size list as written, or a plain
+    list where a reader (DuckDB) drops the fixed size; then every row must have one width."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    dim = arr.type.list_size
+    if len(arr) == 0:
+        return np.zeros((0, 0))
+    if pa.types.is_fixed_size_list(arr.type):
+        dim = arr.type.list_size
+    else:
+        lengths = pc.list_value_length(arr)
+        dim = int(pc.min(lengths).as_py())
+        if dim != int(pc.max(lengths).as_py()):
+            raise ValueError("hidden states of different widths in one scan")
     return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float64).reshape(-1, dim)
 
 

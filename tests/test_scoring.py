@@ -1,0 +1,69 @@
+"""Batched scoring against a straightforward per-example reference computation."""
+
+import numpy as np
+import pytest
+import torch
+
+from raysweep.scoring import HIDDEN_LAYER, encode_pair, score_examples
+from raysweep.spec import ModelSpec
+from raysweep.tasks import Example, prepare_task
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gptj"])
+def lm(request):
+    from raysweep.models import build_tiny, train_tokenizer
+
+    spec = ModelSpec(name="x", arch=request.param, tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400, "max_positions": 64})
+    tok = train_tokenizer(400, add_bos=request.param == "llama")
+    torch.manual_seed(1)
+    model = build_tiny(spec, tok).eval()
+    # Random weights with some scale so that mistakes in positions would change results.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model, tok
+
+
+def reference(model, tok, ex: Example):
+    """One unbatched forward per choice, full logits, plain indexing."""
+    lls, ns, hidden = [], [], None
+    for cont in ex.continuations:
+        pair = encode_pair(tok, ex.prompt, cont)
+        ids = (pair.context + pair.continuation)[-(model.config.max_position_embeddings if hasattr(model.config, "max_position_embeddings") else model.config.n_positions) - 1 :]
+        with torch.no_grad():
+            out = model(torch.tensor([ids[:-1]]), output_hidden_states=True)
+        logp = torch.log_softmax(out.logits[0].double(), -1)
+        n = len(pair.continuation)
+        lls.append(sum(float(logp[k - 1, ids[k]]) for k in range(len(ids) - n, len(ids))))
+        ns.append(n)
+        if hidden is None:
+            pos = len(ids) - n - 1  # last prompt token: just before the continuation
+            hidden = out.hidden_states[HIDDEN_LAYER][0, pos].numpy()
+    return np.array(lls), np.array(ns), hidden
+
+
+def test_batched_equals_reference(lm):
+    model, tok = lm
+    exs = prepare_task("sentiment", seed=3, cap=6, max_chars=2048).split("test") + prepare_task("capital", seed=3, cap=6, max_chars=2048).split("test")
+    # A prompt longer than the window exercises left truncation.
+    exs.append(Example(idx=99, uid="long", prompt="Review: " + "the food was great and " * 30 + "\nAnswer:", choices=("no", "yes"), gold=1))
+    res = score_examples(model, tok, exs, batch_size=4)
+    for i, ex in enumerate(exs):
+        ll, n, h = reference(model, tok, ex)
+        np.testing.assert_allclose(res.ll_sum[i], ll, atol=1e-4)
+        np.testing.assert_array_equal(res.n_tokens[i], n)
+        np.testing.assert_allclose(res.hidden[i], h, atol=1e-4)
+    gold = np.array([e.gold for e in exs])
+    mean = res.ll_sum / res.n_tokens
+    pc, pd = np.exp(mean[np.arange(len(exs)), gold]), np.exp(mean[np.arange(len(exs)), 1 - gold])
+    np.testing.assert_allclose(res.confidence(gold), pc / (pc + pd), rtol=1e-6)
+    np.testing.assert_array_equal(res.prediction(), (mean[:, 1] > mean[:, 0]).astype(int))
+
+
+def test_batch_size_does_not_change_results(lm):
+    model, tok = lm
+    exs = prepare_task("compare", seed=3, cap=10, max_chars=2048).split("validation")
+    a = score_examples(model, tok, exs, batch_size=1)
+    b = score_examples(model, tok, exs, batch_size=7)
+    np.testing.assert_allclose(a.ll_sum, b.ll_sum, atol=1e-5)
+    np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-5)

@@ -1,0 +1,78 @@
+"""Sweeps through a real Ray Tune run: in-process and through the `raysweep` command."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow.compute as pc
+import pytest
+
+from raysweep.spec import parse_spec
+from raysweep.store import Store
+from raysweep.sweep import run_sweep
+from tests.conftest import tiny_spec_text
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_trials_run_concurrently_under_tune_and_rerun_is_a_no_op(tmp_path, ray_cluster):
+    text = tiny_spec_text(name="pair", forget_tasks=("sentiment", "word_order"))
+    spec = parse_spec(text)
+    store = Store(tmp_path / "store")
+    snapshots = []
+    outcome = run_sweep(spec, text, store, sink=lambda views: snapshots.append({k: (v.status, v.phase) for k, v in views.items()}))
+    assert outcome.exit_code == 0 and outcome.done == 2 and not outcome.failed
+    # Both trials were seen running at the same time (1 CPU each on a 2-CPU cluster).
+    assert any(sum(s == "running" for s, _ in snap.values()) == 2 for snap in snapshots)
+    trials = store.trials("pair").to_pylist()
+    assert {t["status"] for t in trials} == {"done"} and len(trials) == 2
+    scores = store.read("scores", sweep="pair")
+    for t in trials:
+        mine = scores.filter(pc.field("trial_id") == t["trial_id"])
+        assert set(mine.column("eval_task").to_pylist()) == {"sentiment", "word_order"}
+        assert set(mine.column("phase").to_pylist()) == {"pretrained", "finetune", "forget"}
+    # Tune kept its experiment state under the store.
+    assert any((store.root / "ray").iterdir())
+
+    again = run_sweep(spec, text, store)
+    assert again.already_done == 2 and again.done == 0
+    assert store.read("scores", sweep="pair").num_rows == scores.num_rows
+
+
+def _cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "raysweep.cli", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_cli_run_status_analyze(tmp_path):
+    spec = tmp_path / "cli.yaml"
+    spec.write_text(tiny_spec_text(name="cli"))
+    store = tmp_path / "store"
+
+    dry = _cli("run", str(spec), "--store", str(store), "--dry-run")
+    assert dry.returncode == 0 and "sentiment-random-n24-s0-" in dry.stdout and not store.exists()
+
+    run = _cli("run", str(spec), "--store", str(store))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Ray dashboard: http://127.0.0.1:" in run.stdout
+    assert "1 trials ran" in run.stdout
+
+    status = _cli("status", "--store", str(store))
+    assert status.returncode == 0 and "sentiment" in status.stdout and "1/1 trials done" in status.stdout
+
+    analyze = _cli("analyze", "--store", str(store), "--engine", "local")
+    assert analyze.returncode == 0, analyze.stderr[-2000:]
+    assert (store / "analysis").is_dir() and any((store / "analysis").rglob("*.parquet"))
+
+    rerun = _cli("run", str(spec), "--store", str(store), "--no-dashboard")
+    assert rerun.returncode == 0 and "nothing to do" in rerun.stdout
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(tiny_spec_text(name="bad").replace("lr: 2.0e-3", "lr: -1", 1))
+    store = tmp_path / "store"
+    r = _cli("run", str(spec), "--store", str(store))
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "phases.finetune.lr" in lines[0]
+    assert not store.exists()
