@@ -177,21 +177,112 @@ def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, w
     return sums, hidden
 
 
-def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 32, capture_hidden: bool = True) -> ScoreResult:
-    """Both choices of every example, batched; hidden state from the first choice's pass
-    (the prompt's tokens are identical in both, so either would do)."""
-    requests: list[tuple[str, str]] = []
-    want: list[bool] = []
-    for ex in examples:
-        c0, c1 = ex.continuations
-        requests += [(ex.prompt, c0), (ex.prompt, c1)]
-        want += [capture_hidden, False]
+@torch.inference_mode()
+def _run_shared(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, capture_hidden: bool):
+    """Prefix sharing: each prompt is encoded once, and its keys/values serve both choices.
+
+    Pass 1 runs the prompts (sorted by length, right-padded); the last prompt position's
+    logits score each choice's first token and give the hidden state. Pass 2 runs both
+    choices' remaining tokens against the cached prompt, with the padded cache slots masked
+    out and positions continuing from each prompt's true length. For the long prompts and
+    one- or two-token answers of these tasks this roughly halves the work of scoring the
+    two (prompt, choice) sequences separately.
+    """
+    base, head = _base_and_head(model)
+    device = next(model.parameters()).device
+    n = len(prompts)
+    order = sorted(range(n), key=lambda i: -len(prompts[i]))
+    sums = np.zeros((n, 2), dtype=np.float64)
+    hidden = np.zeros((n, model.config.hidden_size), dtype=np.float32) if capture_hidden else None
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        b = len(idx)
+        plen = torch.tensor([len(prompts[i]) for i in idx])
+        width = int(plen.max())
+        ids = torch.full((b, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : plen[r]] = torch.tensor(prompts[i])
+            mask[r, : plen[r]] = 1
+        ids, mask, plen_d = ids.to(device), mask.to(device), plen.to(device)
+        out = base(input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=capture_hidden)
+        rows = torch.arange(b, device=device)
+        last = out.last_hidden_state[rows, plen_d - 1]
+        first_logp = torch.log_softmax(head(last).float(), dim=-1)
+        first_tok = torch.tensor([[conts[i][c][0] for c in (0, 1)] for i in idx], device=device)
+        sums[idx] += first_logp.gather(1, first_tok).double().cpu().numpy()
+        if capture_hidden:
+            hidden[idx] = out.hidden_states[HIDDEN_LAYER][rows, plen_d - 1].float().cpu().numpy()
+
+        # Pass 2: both choices of each prompt, interleaved (row 2r = choice 0, 2r+1 = choice 1).
+        rest = [conts[i][c][:-1] for i in idx for c in (0, 1)]
+        targets = [conts[i][c][1:] for i in idx for c in (0, 1)]
+        kwidth = max(len(x) for x in rest)
+        if kwidth == 0:
+            continue  # every choice is a single token: pass 1 scored everything
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(2)
+        cids = torch.full((2 * b, kwidth), pad_id, dtype=torch.long)
+        cmask = torch.zeros((2 * b, kwidth), dtype=torch.long)
+        for r, x in enumerate(rest):
+            if x:
+                cids[r, : len(x)] = torch.tensor(x)
+                cmask[r, : len(x)] = 1
+        cids, cmask = cids.to(device), cmask.to(device)
+        full_mask = torch.cat([mask.repeat_interleave(2, dim=0), cmask], dim=1)
+        positions = plen_d.repeat_interleave(2).unsqueeze(1) + torch.arange(kwidth, device=device).unsqueeze(0)
+        out2 = base(input_ids=cids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=False)
+        sel_r, sel_c, sel_t, owner = [], [], [], []
+        for r, t in enumerate(targets):
+            for k, tok in enumerate(t):
+                sel_r.append(r)
+                sel_c.append(k)
+                sel_t.append(tok)
+                owner.append(r)
+        if not sel_r:
+            continue
+        states = out2.last_hidden_state[torch.tensor(sel_r, device=device), torch.tensor(sel_c, device=device)]
+        logp = torch.log_softmax(head(states).float(), dim=-1)
+        picked = logp.gather(1, torch.tensor(sel_t, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
+        flat = np.zeros(2 * b, dtype=np.float64)
+        np.add.at(flat, np.array(owner), picked)
+        sums[idx] += flat.reshape(b, 2)
+    return sums, hidden
+
+
+def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 32, capture_hidden: bool = True, share_prefix: bool = True) -> ScoreResult:
+    """Both choices of every example, batched, with lm-eval's encoding. With `share_prefix`
+    the prompt is encoded once per example; examples whose window must be truncated (where
+    the two choices see different prompt tokens) are scored as separate sequences."""
     max_length = model_max_length(model, tokenizer)
-    windows = _sequences(tokenizer, requests, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    sums, hidden = _run_windows(model, windows, batch_size, pad, want)
-    n_tokens = np.array([w.n_cont for w in windows], dtype=np.int64).reshape(-1, 2)
-    hid = None
-    if capture_hidden and examples:
-        hid = np.stack([hidden[2 * i] for i in range(len(examples))]).astype(np.float32)
-    return ScoreResult(ll_sum=sums.reshape(-1, 2), n_tokens=n_tokens, hidden=hid)
+    n = len(examples)
+    ll_sum = np.zeros((n, 2), dtype=np.float64)
+    n_tokens = np.zeros((n, 2), dtype=np.int64)
+    hidden = np.zeros((n, model.config.hidden_size), dtype=np.float32) if capture_hidden and n else None
+    shared, separate = [], []
+    pairs = []
+    for i, ex in enumerate(examples):
+        p0, p1 = (encode_pair(tokenizer, ex.prompt, c) for c in ex.continuations)
+        pairs.append((p0, p1))
+        n_tokens[i] = (len(p0.continuation), len(p1.continuation))
+        fits = max(len(p0.context) + len(p0.continuation), len(p1.context) + len(p1.continuation)) <= max_length + 1
+        ok = share_prefix and fits and p0.context == p1.context and len(p0.continuation) > 0 and len(p1.continuation) > 0
+        (shared if ok else separate).append(i)
+    if shared:
+        sums, hid = _run_shared(model, [pairs[i][0].context for i in shared], [(pairs[i][0].continuation, pairs[i][1].continuation) for i in shared], batch_size, pad, capture_hidden)
+        ll_sum[shared] = sums
+        if capture_hidden:
+            hidden[shared] = hid
+    if separate:
+        requests, want = [], []
+        for i in separate:
+            c0, c1 = examples[i].continuations
+            requests += [(examples[i].prompt, c0), (examples[i].prompt, c1)]
+            want += [capture_hidden, False]
+        windows = _sequences(tokenizer, requests, max_length)
+        sums, hid = _run_windows(model, windows, batch_size, pad, want)
+        ll_sum[separate] = sums.reshape(-1, 2)
+        if capture_hidden:
+            hidden[separate] = np.stack([hid[2 * k] for k in range(len(separate))])
+    return ScoreResult(ll_sum=ll_sum, n_tokens=n_tokens, hidden=hidden)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from raysweep.scoring import encode_pair, model_max_length
-from raysweep.spec import PhaseConfig
+from raysweep.spec import PhaseConfig, TrainEngine
 from raysweep.tasks.base import Example
 
 
@@ -67,27 +67,131 @@ def response_logprobs(model, batch: TrainBatch) -> tuple[torch.Tensor, torch.Ten
     return (logp * keep).sum(dim=1), keep.sum(dim=1)
 
 
-def make_optimizer(model, cfg: PhaseConfig) -> torch.optim.Optimizer:
+def _torch_optimizer(model, cfg: PhaseConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class Stepper:
+    """Plain PyTorch: backward, clip, step. The optimizer-like face (state_dict /
+    load_state_dict) is what resume points save."""
+
+    def __init__(self, model, optimizer: torch.optim.Optimizer, grad_clip: float | None):
+        self.model = model
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+
+    @property
+    def forward_model(self):
+        return self.model
+
+    def step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_single_process_group() -> None:
+    """DeepSpeed wants a process group even for one process. Each trial picks its own free
+    rendezvous port: concurrent trials on one node would otherwise all collide on 29500."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+
+
+def deepspeed_config(cfg: PhaseConfig, engine: TrainEngine) -> dict:
+    conf: dict = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": engine.zero_stage},
+        # SGD is not one of DeepSpeed's own optimizers: it runs as a client (torch) optimizer.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.grad_clip is not None:
+        conf["gradient_clipping"] = cfg.grad_clip
+    if engine.precision == "fp16":
+        conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    elif engine.precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    return conf
+
+
+class DeepSpeedStepper(Stepper):
+    """DeepSpeed: fp16 with dynamic loss scaling (or bf16 / fp32), ZeRO stage from the spec,
+    top-level gradient clipping, the phase's torch optimizer as DeepSpeed's client optimizer.
+    One engine per phase: each phase starts a fresh optimizer, as in the paper."""
+
+    def __init__(self, model, cfg: PhaseConfig, engine: TrainEngine):
+        import deepspeed
+
+        ensure_single_process_group()
+        optimizer = _torch_optimizer(model, cfg)
+        self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, engine))
+        super().__init__(model, ds_optimizer, None)
+
+    @property
+    def forward_model(self):
+        return self.engine
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # clips, unscales, skips the step on fp16 overflow
+
+    @property
+    def loss_scale(self) -> float | None:
+        return getattr(self.engine.optimizer, "cur_scale", None)
+
+
+def make_optimizer(model, cfg: PhaseConfig, engine: TrainEngine | None = None) -> Stepper:
+    if engine is not None and engine.engine == "deepspeed":
+        return DeepSpeedStepper(model, cfg, engine)
+    return Stepper(model, _torch_optimizer(model, cfg), cfg.grad_clip)
+
+
 LossFn = Callable[[torch.nn.Module, TrainBatch], torch.Tensor]
 
 
-def train_epoch(model, optimizer: torch.optim.Optimizer, batches: Sequence[TrainBatch], loss_fn: LossFn, grad_clip: float | None) -> float:
-    """One pass over the batches; returns the mean batch loss."""
+def train_epoch(model, stepper: Stepper | torch.optim.Optimizer, batches: Sequence[TrainBatch], loss_fn: LossFn, grad_clip: float | None = None) -> float:
+    """One pass over the batches; returns the mean batch loss. `grad_clip` only applies to a
+    bare torch optimizer (a Stepper carries its own)."""
+    if not isinstance(stepper, Stepper):
+        stepper = Stepper(model, stepper, grad_clip)
     model.train()
     total = 0.0
     for batch in batches:
-        loss = loss_fn(model, batch)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(stepper.forward_model, batch)
+        stepper.step(loss)
         total += float(loss.detach())
     model.eval()
     return total / max(len(batches), 1)

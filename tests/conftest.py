@@ -14,6 +14,8 @@ os.environ.setdefault("RAYSWEEP_MODEL_CACHE", str(REPO / ".cache" / "test-models
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# DeepSpeed JIT-builds a CPU communication op on first use (about a minute): build it once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 # A spec small enough that a whole trial takes seconds on one core: a small model with a
 # short pretraining, two tasks, few examples and few epochs.

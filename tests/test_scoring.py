@@ -67,3 +67,18 @@ def test_batch_size_does_not_change_results(lm):
     b = score_examples(model, tok, exs, batch_size=7)
     np.testing.assert_allclose(a.ll_sum, b.ll_sum, atol=1e-5)
     np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-5)
+
+
+def test_prefix_sharing_equals_separate_sequences(lm):
+    model, tok = lm
+    exs = []
+    for t in ("capital", "sentiment", "same_word", "compare"):
+        exs += prepare_task(t, seed=5, cap=8, max_chars=2048).split("test")
+    # Multi-token choices of different lengths, and one that must be truncated (falls back).
+    exs.append(Example(idx=90, uid="a", prompt="Question: which?\nAnswer:", choices=("a much longer answer here", "no"), gold=0))
+    exs.append(Example(idx=91, uid="b", prompt="Review: " + "great and " * 40 + "\nAnswer:", choices=("no", "yes"), gold=1))
+    shared = score_examples(model, tok, exs, batch_size=5, share_prefix=True)
+    separate = score_examples(model, tok, exs, batch_size=5, share_prefix=False)
+    np.testing.assert_allclose(shared.ll_sum, separate.ll_sum, atol=1e-4)
+    np.testing.assert_array_equal(shared.n_tokens, separate.n_tokens)
+    np.testing.assert_allclose(shared.hidden, separate.hidden, atol=1e-4)
