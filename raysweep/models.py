@@ -137,6 +137,9 @@ def pretrain_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sp
         answer = wrong if rng.random() < cfg.label_noise else right
         docs.append((f"{prompt} {answer}{EOS}", len(prompt)))
     docs += [(t + EOS, 0) for t in texts]
+    # A GPT-2-sized "tiny" model (the GPU check) would take minutes on a CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     model.train()
@@ -147,12 +150,13 @@ def pretrain_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sp
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         # Mask tokens that end inside the unweighted prefix.
         labels = labels.masked_fill(enc["offset_mapping"][..., 1] <= torch.tensor([n for _, n in batch]).unsqueeze(1), -100)
-        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
+        out = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), labels=labels.to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_val = float(out.loss.detach())
+    model.to("cpu")
     model.eval()
     return loss_val
 

@@ -1,0 +1,607 @@
+#!/usr/bin/env python
+"""Reliability figures: inject real faults into real sweeps and check that nothing is lost.
+
+    .venv/bin/python scripts/reliability.py                       # everything, writes RELIABILITY.md
+    .venv/bin/python scripts/reliability.py --only driver-kill    # one scenario (repeatable)
+
+Every scenario drives the `raysweep` command line in subprocesses, exactly as a user would,
+on one small spec (a micro GPT-2, two forget tasks, fine-tune -> forget -> relearn). Each
+store that a scenario leaves behind is compared with the store of an uninterrupted run of the
+same spec (the reference): every (trial, phase, epoch, eval task, split, example) row must be
+there exactly once (none lost, none duplicated, none extra) with the same confidences, and
+the per-epoch summaries, hidden states and trial milestones must match.
+
+Scenarios:
+  worker-kill     SIGKILL of the Ray worker running a trial, at several points of the
+                  trial's life (RAYSWEEP_FAULT, see raysweep/faults.py); Tune retries it.
+  driver-kill     SIGKILL of the `raysweep run` process mid-sweep, several times; then
+                  `raysweep run` again until the sweep completes.
+  trial-error     exceptions inside trials (a simulated CUDA OOM on every attempt of one
+                  trial, a one-off error in the other): exit code 1, the failure and its
+                  reason in the trials table and `raysweep status`; a rerun completes it.
+  corrupt-file    truncated / garbage Parquet files in a finished store: `status` and
+                  `analyze` name them and refuse; `repair` quarantines; a rerun restores.
+  rerun-finished  `raysweep run` on a finished store: nothing to do, nothing written.
+  bad-input       every malformed spec of tests/bad_specs/ plus bad stores and data folders:
+                  exit code 2, one line naming the field, nothing written.
+
+Results: JSON (--json) and a markdown table (--markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SWEEP = "rel"
+BAD_SPECS = ROOT / "tests" / "bad_specs"
+KEY = ["sweep", "trial_id", "phase", "epoch", "eval_task", "split", "example_idx"]
+KINDS = ("scores", "epochs", "hidden")
+
+SPEC = """\
+name: {name}
+description: reliability scenarios (scripts/reliability.py)
+models:
+  - name: micro-gpt2
+    arch: gpt2
+    tiny: {{layers: 5, hidden: 32, heads: 2, vocab: 512}}
+    pretrain: {{steps: 40, batch_size: 16}}
+tasks: [sentiment, word_order]
+forget_tasks: [sentiment, word_order]
+methods: [random]
+sizes: [24]
+seeds: [0]
+data: {{cap: 24}}
+phases:
+  finetune: {{optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: {ft}}}
+  # stop_test_acc 0.01: forgetting runs its whole budget, so every phase has several epochs
+  forget: {{optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: {fg}, stop_test_acc: 0.01}}
+  relearn: {{enabled: {relearn}, optimizer: adamw, lr: 1.0e-3, batch_size: 8, max_epochs: 2}}
+scoring: {{batch_size: 64}}
+resources: {{cpu: 1, gpu: 0}}
+max_failures: {max_failures}
+"""
+
+
+def spec_text(name: str = SWEEP, ft: int = 3, fg: int = 3, relearn: bool = True, max_failures: int = 3) -> str:
+    return SPEC.format(name=name, ft=ft, fg=fg, relearn=str(relearn).lower(), max_failures=max_failures)
+
+
+# ---- running the command line ---------------------------------------------------------------
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+    env.setdefault("RAYSWEEP_MODEL_CACHE", str(ROOT / ".cache" / "test-models"))
+    env.pop("RAYSWEEP_FAULT", None)
+    return {**env, **(extra or {})}
+
+
+def kill_session(sid: int) -> int:
+    """SIGKILL every process of session `sid`: a driver started with start_new_session and
+    the local Ray cluster it started (gcs, raylet, agents, workers all stay in its session).
+    Only our own drivers' sessions are ever passed here."""
+    killed = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        if int(fields[3]) == sid and pid != os.getpid():  # fields[3]: session id
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def session_alive(sid: int) -> list[int]:
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if int(fields[3]) == sid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def raysweep(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`raysweep ARGS` in its own session; whatever it leaves running is killed after."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raysweep.cli", *args], cwd=ROOT, env=_env(env), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_session(proc.pid)
+        if proc.poll() is None:
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def commit_count(store: Path) -> int:
+    base = store / "commits"
+    return sum(1 for _ in base.rglob("e*.json")) if base.is_dir() else 0
+
+
+def run_and_kill_driver(spec: Path, store: Path, after_commits: int, timeout: float = 900) -> dict:
+    """Start `raysweep run`, SIGKILL the driver process (only it: its cluster is left to
+    fend for itself, as after a real crash) once the store holds `after_commits` commit
+    markers more than at the start; then clean up what the dead driver left running."""
+    start = commit_count(store)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store), "--no-dashboard"],
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    t0 = time.time()
+    killed = False
+    try:
+        while time.time() - t0 < timeout:
+            if proc.poll() is not None:
+                break
+            if commit_count(store) >= start + after_commits:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed = True
+                break
+            time.sleep(0.1)
+        at_kill = commit_count(store)
+        # Give the orphaned cluster a moment: its workers notice the driver is gone.
+        time.sleep(1.0)
+        leftovers = session_alive(proc.pid)
+    finally:
+        kill_session(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return {"killed": killed, "commits_before": start, "commits_at_kill": at_kill, "returncode": proc.returncode, "orphans_after_1s": len(leftovers)}
+
+
+# ---- reading and comparing stores -----------------------------------------------------------
+
+
+def data_files(store: Path, kind: str) -> list[Path]:
+    """Every data file a glob reader (duckdb, pandas) would pick up, committed or not:
+    the strictest view for exactly-once."""
+    base = store / kind
+    return sorted(p for p in base.rglob("*.parquet") if not p.name.startswith(("_", "."))) if base.is_dir() else []
+
+
+def _read(files: list[Path]) -> pa.Table | None:
+    if not files:
+        return None
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+
+
+def store_facts(store: Path) -> dict:
+    def marker_of(f: Path) -> Path:
+        return store / "commits" / Path(*f.relative_to(store).parts[1:]).with_suffix(".json")
+
+    uncommitted = [str(f) for kind in KINDS for f in data_files(store, kind) if not marker_of(f).is_file()]
+    temp = [str(p) for p in store.rglob("_*.tmp-*") if "ray" not in p.relative_to(store).parts[:1]]
+    return {"uncommitted_files": uncommitted, "temp_files": temp}
+
+
+EPOCH_VALUES = ("train_loss", "forget_train_acc", "forget_validation_acc", "forget_test_acc")
+
+
+def _num(col: str) -> str:
+    # The pretrained epoch has no training loss (NaN), and NaN compares as the largest value.
+    return f"(case when {col} is null or isnan({col}) then -1 else {col} end)"
+
+
+def compare_stores(store: Path, reference: Path, atol: float = 1e-6) -> dict:
+    """Exactly-once and equality of `store` against `reference`: counts of lost, duplicated
+    and extra score rows, largest confidence / log-likelihood / hidden-state differences,
+    and whether per-epoch summaries and trial milestones agree."""
+    con = duckdb.connect()
+    s, r = _read(data_files(store, "scores")), _read(data_files(reference, "scores"))
+    con.register("s", s if s is not None else pa.table({k: [] for k in KEY}))
+    con.register("r", r)
+    keys = ", ".join(KEY)
+    one = lambda q: con.execute(q).fetchall()[0][0]  # noqa: E731
+    out: dict = {
+        "rows": one("select count(*) from s"),
+        "reference_rows": one("select count(*) from r"),
+        "duplicated": one(f"select coalesce(sum(c - 1), 0) from (select count(*) c from s group by {keys} having c > 1)"),
+        "lost": one(f"select count(*) from (select {keys} from r except select {keys} from s)"),
+        "extra": one(f"select count(*) from (select {keys} from s except select {keys} from r)"),
+    }
+    diffs = con.execute(
+        f"""select max(abs(s.confidence - r.confidence)), max(abs(s.ll_sum_correct - r.ll_sum_correct)),
+                   max(abs(s.ll_sum_distractor - r.ll_sum_distractor)), count(*) filter (where s.correct != r.correct)
+            from s join r using ({keys})"""
+    ).fetchall()[0]
+    out["max_confidence_diff"] = float(diffs[0] or 0.0)
+    out["max_loglik_diff"] = float(max(diffs[1] or 0.0, diffs[2] or 0.0))
+    out["prediction_mismatches"] = int(diffs[3] or 0)
+
+    hs, hr = _read(data_files(store, "hidden")), _read(data_files(reference, "hidden"))
+    if hr is None:
+        out["hidden_equal"], out["max_hidden_diff"] = hs is None, 0.0
+    elif hs is None or hs.num_rows != hr.num_rows:
+        out["hidden_equal"], out["max_hidden_diff"] = False, float("inf")
+    else:
+        order = [(k, "ascending") for k in KEY]
+        hs, hr = hs.sort_by(order), hr.sort_by(order)
+        same_keys = all(hs.column(k).equals(hr.column(k)) for k in KEY)
+        a = np.asarray(hs.column("hidden").combine_chunks().flatten(), dtype=np.float64)
+        b = np.asarray(hr.column("hidden").combine_chunks().flatten(), dtype=np.float64)
+        out["max_hidden_diff"] = float(np.max(np.abs(a - b))) if same_keys and a.shape == b.shape else float("inf")
+        out["hidden_equal"] = same_keys and out["max_hidden_diff"] <= atol
+
+    es, er = _read(data_files(store, "epochs")), _read(data_files(reference, "epochs"))
+    con.register("es", es)
+    con.register("er", er)
+    ekeys = "sweep, trial_id, phase, epoch"
+    out["epochs_equal"] = bool(
+        one(f"select count(*) from es") == one("select count(*) from er")
+        and one(f"select count(*) from (select {ekeys} from er except select {ekeys} from es)") == 0
+        and (one(
+            f"""select max(greatest({", ".join(f"abs({_num(f'es.{c}')} - {_num(f'er.{c}')})" for c in EPOCH_VALUES)}))
+                from es join er using ({ekeys})"""
+        ) or 0.0) <= max(atol, 1e-5)
+    )
+
+    def milestones(root: Path) -> dict:
+        t = _read(data_files(root, "trials"))
+        cols = ("status", "best_finetune_epoch", "last_forget_epoch", "last_relearn_epoch")
+        return {row["trial_id"]: tuple(row[c] for c in cols) for row in (t.to_pylist() if t is not None else [])}
+
+    ms, mr = milestones(store), milestones(reference)
+    out["trials_done"] = sum(v[0] == "done" for v in ms.values())
+    out["trials_equal"] = ms == mr
+    facts = store_facts(store)
+    out["uncommitted_files"] = len(facts["uncommitted_files"])
+    out["temp_files"] = len(facts["temp_files"])
+    out["ok"] = (
+        out["lost"] == 0 and out["duplicated"] == 0 and out["extra"] == 0 and out["rows"] == out["reference_rows"]
+        and out["max_confidence_diff"] <= atol and out["max_loglik_diff"] <= max(atol, 1e-4) and out["prediction_mismatches"] == 0
+        and out["hidden_equal"] and out["epochs_equal"] and out["trials_equal"] and out["uncommitted_files"] == 0 and out["temp_files"] == 0
+    )
+    return out
+
+
+def fault_log(store: Path) -> list[dict]:
+    """The faults the trials really fired (each is logged just before it fires)."""
+    out: list[dict] = []
+    base = store / "checkpoints"
+    for log in sorted(base.rglob("faults.log")) if base.is_dir() else []:
+        out += [json.loads(line) | {"trial_id": log.parent.name} for line in log.read_text().splitlines() if line.strip()]
+    return out
+
+
+def snapshot(store: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()}
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def expected_rejections() -> dict[str, dict[str, str]]:
+    """tests/bad_specs/expected.tsv: file, stage (spec | data | cluster), the field the
+    message must name, and a fragment of the problem it must state."""
+    with open(BAD_SPECS / "expected.tsv", newline="") as fh:
+        rows = [r for r in csv.DictReader((line for line in fh if not line.startswith("#")), delimiter="\t")]
+    return {r["file"]: r for r in rows}
+
+
+def one_error_line(stderr: str) -> str | None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return lines[0] if len(lines) == 1 and lines[0].startswith("error: ") else None
+
+
+def make_bad_inputs(work: Path) -> list[dict]:
+    """Inputs that need a file system to be wrong in: (name, spec file, store, field, problem)."""
+    work.mkdir(parents=True, exist_ok=True)
+    good = work / "good.yaml"
+    good.write_text(spec_text(name="badcase"))
+    cases = []
+    a_file = work / "store-is-a-file"
+    a_file.write_text("not a directory\n")
+    cases.append({"name": "store_is_a_file", "spec": good, "store": a_file, "field": "store:", "problem": "not a directory"})
+    cases.append({"name": "store_not_writable", "spec": good, "store": Path("/proc/raysweep-store"), "field": "store:", "problem": "not writable"})
+    cases.append({"name": "store_below_a_file", "spec": good, "store": a_file / "store", "field": "store:", "problem": "not writable"})
+    newer = work / "newer-store"
+    newer.mkdir(exist_ok=True)
+    (newer / "store.json").write_text(json.dumps({"schema_version": 999}))
+    cases.append({"name": "store_newer_schema", "spec": good, "store": newer, "field": "store:", "problem": "newer raysweep"})
+    rows = [{"prompt": f"Review {i}: was it good?", "choice_0": "negative", "choice_1": "positive", "gold": i % 2} for i in range(30)]
+    missing = work / "data-missing-split"
+    missing.mkdir(exist_ok=True)
+    for split in ("train", "validation"):
+        pq.write_table(pa.Table.from_pylist(rows), missing / f"{split}.parquet")
+    nonbinary = work / "data-nonbinary"
+    nonbinary.mkdir(exist_ok=True)
+    for split in ("train", "validation", "test"):
+        pq.write_table(pa.Table.from_pylist([dict(r, gold=2 if split == "train" and i == 5 else r["gold"]) for i, r in enumerate(rows)]), nonbinary / f"{split}.parquet")
+    for name, folder, problem in (("data_missing_split", missing, "no test split"), ("data_nonbinary_labels", nonbinary, "gold 2")):
+        spec = work / f"{name}.yaml"
+        spec.write_text(spec_text(name="badcase").replace("data: {cap: 24}", f"data: {{cap: 24, sources: {{sentiment: {folder}}}}}"))
+        cases.append({"name": name, "spec": spec, "store": work / f"store-{name}", "field": "data.sources.sentiment", "problem": problem})
+    return cases
+
+
+def bad_input_scenario(work: Path) -> dict:
+    table = expected_rejections()
+    cases = [
+        {"name": f, "spec": BAD_SPECS / f, "store": work / f"store-{Path(f).stem}", "field": row["field"], "problem": row["problem"]}
+        for f, row in sorted(table.items())
+    ]
+    cases += make_bad_inputs(work / "inputs")
+    sentinel = Path("/tmp/raysweep-pwned-by-spec")
+    sentinel.unlink(missing_ok=True)
+    results = []
+    for c in cases:
+        store: Path = c["store"]
+        before = snapshot(store) if store.is_dir() else ("file" if store.exists() else None)
+        r = raysweep("run", str(c["spec"]), "--store", str(store), "--no-dashboard", timeout=300)
+        line = one_error_line(r.stderr)
+        after = snapshot(store) if store.is_dir() else ("file" if store.exists() else None)
+        ok = r.returncode == 2 and line is not None and c["field"] in line and c["problem"] in line and before == after and not r.stdout.strip()
+        results.append({"case": c["name"], "returncode": r.returncode, "message": line or r.stderr.strip()[-300:], "nothing_written": before == after, "ok": ok})
+    return {
+        "scenario": "bad-input",
+        "specs": len(results),
+        "rejected_correctly": sum(r["ok"] for r in results),
+        "code_executed": sentinel.exists(),
+        "failures": [r for r in results if not r["ok"]],
+        "cases": results,
+        "ok": all(r["ok"] for r in results) and not sentinel.exists(),
+    }
+
+
+# ---- the scenarios --------------------------------------------------------------------------
+
+
+def _finish(name: str, store: Path, reference: Path, faults: int, t0: float, extra: dict | None = None) -> dict:
+    cmp = compare_stores(store, reference)
+    res = {"scenario": name, "faults_injected": faults, "seconds": round(time.time() - t0, 1), **cmp, **(extra or {})}
+    res["ok"] = cmp["ok"] and all(v for k, v in (extra or {}).items() if k.startswith("check_"))
+    return res
+
+
+def worker_kill(work: Path, spec: Path, reference: Path) -> dict:
+    t0 = time.time()
+    store = work / "worker-kill"
+    # A kill at every kind of point: before the first resume point, between an epoch's commit
+    # and its resume point (the epoch is recomputed and its files replaced), right after a
+    # resume point, at a phase's last epoch and in relearning; attempts 1..3 of one trial.
+    faults = ";".join(
+        [
+            "action=kill,phase=pretrained,epoch=0,point=commit,trial=sentiment,attempt=1",
+            "action=kill,phase=finetune,epoch=2,point=commit,trial=sentiment,attempt=2",
+            "action=kill,phase=forget,epoch=3,point=resume,trial=sentiment,attempt=3",
+            "action=kill,phase=finetune,epoch=3,point=resume,trial=word,attempt=1",
+            "action=kill,phase=forget,epoch=2,point=commit,trial=word,attempt=2",
+            "action=kill,phase=relearn,epoch=1,point=commit,trial=word,attempt=3",
+        ]
+    )
+    r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard", env={"RAYSWEEP_FAULT": faults})
+    fired = fault_log(store)
+    return _finish("worker-kill", store, reference, len(fired), t0, {
+        "returncode": r.returncode, "check_exit_0": r.returncode == 0,
+        "check_all_kills_fired": len(fired) == 6 and all(f["action"] == "kill" for f in fired),
+        "killed_pids": sorted({f["pid"] for f in fired}),
+    })
+
+
+def driver_kill(work: Path, spec: Path, reference: Path, total_commits: int) -> dict:
+    t0 = time.time()
+    store = work / "driver-kill"
+    kills = []
+    for step in (2, 4, 5):  # commit markers to wait for after each (re)start
+        if commit_count(store) + step >= total_commits:
+            break
+        kills.append(run_and_kill_driver(spec, store, step))
+    r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
+    again = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
+    return _finish("driver-kill", store, reference, sum(k["killed"] for k in kills), t0, {
+        "kills": kills, "returncode": r.returncode, "check_exit_0": r.returncode == 0,
+        "check_all_killed_mid_sweep": all(k["killed"] for k in kills),
+        "check_then_nothing_to_do": again.returncode == 0 and "nothing to do" in again.stdout,
+    })
+
+
+def trial_error(work: Path, spec: Path, reference: Path) -> dict:
+    t0 = time.time()
+    store = work / "trial-error"
+    faults = "action=oom,phase=forget,epoch=2,point=commit,trial=word,attempt=*;action=raise,phase=finetune,epoch=1,point=resume,trial=sentiment,attempt=1"
+    first = raysweep("run", str(spec), "--store", str(store), "--no-dashboard", env={"RAYSWEEP_FAULT": faults})
+    rows = {r["trial_id"]: r for r in _read(data_files(store, "trials")).to_pylist()}
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    status = raysweep("status", "--store", str(store))
+    fired = fault_log(store)
+    second = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
+    return _finish("trial-error", store, reference, len(fired), t0, {
+        "first_returncode": first.returncode,
+        "check_exit_1": first.returncode == 1,
+        "check_one_failed_with_reason": len(failed) == 1 and "OutOfMemoryError" in (failed[0]["error"] or ""),
+        "check_other_done": sum(r["status"] == "done" for r in rows.values()) == 1,
+        "check_status_shows_reason": "OutOfMemoryError" in status.stderr,
+        "check_rerun_exit_0": second.returncode == 0,
+        "failed_reason": failed[0]["error"] if failed else None,
+    })
+
+
+def corrupt_file(work: Path, reference: Path) -> dict:
+    t0 = time.time()
+    store = work / "corrupt-file"
+    shutil.copytree(reference, store, ignore=shutil.ignore_patterns("ray"))
+    scores = data_files(store, "scores")
+    epochs = data_files(store, "epochs")
+    hidden = data_files(store, "hidden")
+    targets = [scores[len(scores) // 2], epochs[1], hidden[-1]]
+    data = targets[0].read_bytes()
+    targets[0].write_bytes(data[: len(data) // 2])  # truncated, as by a crash without atomic writes
+    targets[1].write_bytes(b"PAR1" + os.urandom(200))  # garbage
+    data = targets[2].read_bytes()
+    targets[2].write_bytes(data[:-20])  # footer cut
+    status = raysweep("status", "--store", str(store))
+    analyze = raysweep("analyze", "--store", str(store), "--engine", "local")
+    named = lambda r: all(str(t) in r.stderr for t in targets)  # noqa: E731
+    repair = raysweep("repair", "--store", str(store))
+    status_after = raysweep("status", "--store", str(store))
+    rerun = raysweep("run", str(work / "spec.yaml"), "--store", str(store), "--no-dashboard")
+    return _finish("corrupt-file", store, reference, len(targets), t0, {
+        "check_status_refuses_and_names": status.returncode == 2 and named(status) and "done" not in status.stdout,
+        "check_analyze_refuses_and_names": analyze.returncode == 2 and named(analyze),
+        "check_repair_quarantines": repair.returncode == 0 and f"{len(targets)} file(s) quarantined" in repair.stdout,
+        "check_status_clean_after_repair": status_after.returncode == 0,
+        "check_rerun_exit_0": rerun.returncode == 0,
+        "quarantined": sorted(str(p.relative_to(store)) for p in (store / "quarantine").rglob("*.parquet")),
+    })
+
+
+def rerun_finished(reference: Path, spec: Path) -> dict:
+    t0 = time.time()
+    before = snapshot(reference)
+    r = raysweep("run", str(spec), "--store", str(reference), "--no-dashboard")
+    return {
+        "scenario": "rerun-finished", "faults_injected": 0, "seconds": round(time.time() - t0, 1),
+        "returncode": r.returncode, "says_nothing_to_do": "nothing to do" in r.stdout,
+        "store_unchanged": snapshot(reference) == before,
+        "ok": r.returncode == 0 and "nothing to do" in r.stdout and snapshot(reference) == before,
+    }
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        "| scenario | faults injected | trials completed | score rows checked | lost | duplicated | extra | max \\|Δ confidence\\| | result |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in res["scenarios"]:
+        if s["scenario"] in ("bad-input", "rerun-finished"):
+            continue
+        lines.append(
+            f"| {s['scenario']} | {s['faults_injected']} | {s['trials_done']} | {s['rows']} | {s['lost']} | {s['duplicated']} | {s['extra']} | "
+            f"{s['max_confidence_diff']:.1e} | {'pass' if s['ok'] else 'FAIL'} |"
+        )
+    t = res["totals"]
+    lines += [
+        f"| **total** | **{t['faults_injected']}** | **{t['trials_completed']}** | **{t['rows_checked']}** | **{t['rows_lost']}** | "
+        f"**{t['rows_duplicated']}** | **{t['rows_extra']}** | | **{'pass' if t['all_ok'] else 'FAIL'}** |",
+        "",
+    ]
+    for s in res["scenarios"]:
+        if s["scenario"] == "bad-input":
+            lines.append(
+                f"Bad input: **{s['rejected_correctly']} of {s['specs']}** malformed specs, stores and data folders rejected with exit code 2, "
+                f"one line naming the field, and nothing written to the store; code executed by a spec: {'YES' if s['code_executed'] else 'no'}."
+            )
+        if s["scenario"] == "rerun-finished":
+            lines.append(
+                f"Rerun of a finished sweep: exit {s['returncode']}, says nothing to do: {s['says_nothing_to_do']}, store unchanged: {s['store_unchanged']}."
+            )
+    return "\n".join(lines) + "\n"
+
+
+SCENARIOS = ("worker-kill", "driver-kill", "trial-error", "corrupt-file", "rerun-finished", "bad-input")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, help="Working directory for the stores (default: a temporary one, removed afterwards).")
+    ap.add_argument("--only", action="append", choices=SCENARIOS, help="Run only these scenarios (repeatable).")
+    ap.add_argument("--json", type=Path, default=ROOT / "reliability.json")
+    ap.add_argument("--markdown", type=Path, help="Also write the markdown table here.")
+    args = ap.parse_args(argv)
+    only = set(args.only or SCENARIOS)
+    work = args.work or Path(tempfile.mkdtemp(prefix="raysweep-reliability-"))
+    work.mkdir(parents=True, exist_ok=True)
+    spec = work / "spec.yaml"
+    spec.write_text(spec_text())
+    t0 = time.time()
+    scenarios = []
+    try:
+        reference = work / "reference"
+        if not (reference / "store.json").exists():
+            r = raysweep("run", str(spec), "--store", str(reference), "--no-dashboard")
+            if r.returncode != 0:
+                print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
+                raise SystemExit("reference run failed")
+        total = commit_count(reference)
+        print(f"reference: {total} committed epochs", flush=True)
+        for name in SCENARIOS:
+            if name not in only:
+                continue
+            print(f"scenario {name} ...", flush=True)
+            if name == "worker-kill":
+                res = worker_kill(work, spec, reference)
+            elif name == "driver-kill":
+                res = driver_kill(work, spec, reference, total)
+            elif name == "trial-error":
+                res = trial_error(work, spec, reference)
+            elif name == "corrupt-file":
+                res = corrupt_file(work, reference)
+            elif name == "rerun-finished":
+                res = rerun_finished(reference, spec)
+            else:
+                res = bad_input_scenario(work / "bad-input")
+            print(f"  {'ok' if res['ok'] else 'FAILED'} ({res.get('seconds', '')} s)", flush=True)
+            scenarios.append(res)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    store_runs = [s for s in scenarios if "rows" in s]
+    totals = {
+        "faults_injected": sum(s.get("faults_injected", 0) for s in store_runs),
+        "trials_completed": sum(s["trials_done"] for s in store_runs),
+        "rows_checked": sum(s["rows"] for s in store_runs),
+        "rows_lost": sum(s["lost"] for s in store_runs),
+        "rows_duplicated": sum(s["duplicated"] for s in store_runs),
+        "rows_extra": sum(s["extra"] for s in store_runs),
+        "specs_rejected": next((f"{s['rejected_correctly']}/{s['specs']}" for s in scenarios if s["scenario"] == "bad-input"), None),
+        "all_ok": all(s["ok"] for s in scenarios),
+        "seconds": round(time.time() - t0, 1),
+    }
+    res = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "spec": spec_text(), "totals": totals, "scenarios": scenarios}
+    args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    table = markdown(res)
+    if args.markdown:
+        args.markdown.write_text(table)
+    print(table)
+    return 0 if totals["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
