@@ -80,6 +80,9 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local one)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the trial plan; run nothing."),
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Start the Ray dashboard (local clusters)."),
+    dashboard_host: str = typer.Option(
+        "127.0.0.1", "--dashboard-host", help="Interface the dashboard listens on (local clusters); 0.0.0.0 exposes it to the network."
+    ),
 ) -> None:
     """Run a sweep: every trial of SPEC that the store does not already hold."""
     from raysweep.spec import load_spec
@@ -120,7 +123,7 @@ def run(
         live.update(_progress_table(views))
 
     try:
-        outcome = run_sweep(spec, spec_path.read_text(), store, address=address, dashboard=dashboard, sink=sink, on_ready=ready)
+        outcome = run_sweep(spec, spec_path.read_text(), store, address=address, dashboard=dashboard, sink=sink, on_ready=ready, dashboard_host=dashboard_host)
     finally:
         if live is not None:
             live.stop()
@@ -143,8 +146,11 @@ def status(store_root: Path = STORE_OPT, sweep: Optional[str] = typer.Option(Non
         raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
     store.check_version()
     bad = store.verify()
-    for path, reason in bad:
-        err.print(f"[red]corrupt[/] {path}: {reason}", highlight=False)
+    if bad:
+        # No figures computed next to (or from) files that cannot be read back.
+        for path, reason in bad:
+            err.print(f"[red]corrupt[/] {path}: {reason}", highlight=False)
+        raise StoreError(f"store: {len(bad)} corrupt file(s); refusing to summarise (`raysweep repair` quarantines them)")
     sweeps = [sweep] if sweep else store.sweeps()
     for name in sweeps:
         rows = summarize(store, name)
@@ -152,8 +158,6 @@ def status(store_root: Path = STORE_OPT, sweep: Optional[str] = typer.Option(Non
         for r in rows:
             if r.status == "failed":
                 err.print(f"[red]failed[/] {r.trial_id}: {r.error}", highlight=False)
-    if bad:
-        _fail(1, f"{len(bad)} corrupt file(s) in the store; `raysweep repair` quarantines them")
 
 
 @app.command()
@@ -193,6 +197,42 @@ def analyze(
 
 @app.command()
 @_guard
+def predict(
+    store_root: Path = STORE_OPT,
+    k: Optional[int] = typer.Option(None, "--k", help="Cells revealed of each held-out run (default 10)."),
+    seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="Seeds of the reveal draws, repeatable or comma-separated (default 0,1,2)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="A cell above this counts as forgotten, for F1 (default 0.1)."),
+    measure: Optional[str] = typer.Option(None, "--measure", help="confidence (drop in confidence) | loss (rise in loss)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Evaluation split of the matrix (default test)."),
+    sweep: Optional[str] = typer.Option(None, help="Only this sweep."),
+    engine: str = typer.Option("auto", "--engine", help="ray | local | auto"),
+) -> None:
+    """Predict which examples a forget run hits from k revealed ones, leave-one-run-out over
+    the association matrix; results land under the store's analysis/predict/."""
+    from raysweep.analysis import outcome_table
+    from raysweep.predict import PredictParams, run_prediction
+    from raysweep.store import Store
+
+    store = Store(store_root)
+    if not store.exists():
+        raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
+    given: dict[str, object] = {"k": k, "threshold": threshold, "measure": measure, "split": split}
+    if seeds:
+        parts = [s.strip() for arg in seeds for s in arg.split(",") if s.strip()]
+        try:
+            given["seeds"] = tuple(int(s) for s in parts)
+        except ValueError:
+            raise BadInput(f"--seeds: {', '.join(parts)!r} are not all integers") from None
+    params = PredictParams(**{name: v for name, v in given.items() if v is not None})  # type: ignore[arg-type]
+    outcome = run_prediction(store, params, sweep=sweep, engine=engine)
+    if outcome.status != "ok":
+        _fail(1, f"predict: {outcome.status}: {outcome.message}")
+    console.print(outcome_table(outcome))
+    console.print(f"results written to {outcome.paths[0].parent}", highlight=False)
+
+
+@app.command()
+@_guard
 def report(store_root: Path = STORE_OPT, out: Path = typer.Option(..., "--out", help="Directory for the HTML report."), sweep: Optional[str] = typer.Option(None)) -> None:
     """Write one self-contained HTML page with every figure and table."""
     from raysweep.report import write_report
@@ -218,7 +258,7 @@ def repair(store_root: Path = STORE_OPT) -> None:
     moved = store.quarantine([p for p, _ in bad])
     for src, dest in zip(bad, moved):
         console.print(f"quarantined {src[0]} -> {dest} ({src[1]})", highlight=False)
-    console.print(f"{len(moved)} file(s) quarantined")
+    console.print(f"{len(moved)} file(s) quarantined" + ("; trials that lost epochs rerun them with the next `raysweep run`" if moved else ""))
 
 
 @tasks_app.command("list")

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from raysweep.analysis import AnalysisOutcome, load_outcomes, registered_analyses, run_analyses, store_fingerprint
 from raysweep.analysis.render import format_value
+from raysweep.figures_beyond import BEYOND_FIGURES
 from raysweep.store import Store, atomic_write_bytes
 
 MAX_TABLE_ROWS = 100
@@ -266,6 +267,7 @@ FIGURES: dict[str, Callable[[AnalysisOutcome], list[tuple[str, Figure]]]] = {
     "predictors": fig_predictors,
     "order": fig_order,
     "probes": fig_probes,
+    **BEYOND_FIGURES,
 }
 
 

@@ -193,6 +193,8 @@ class SweepSpec(_Strict):
             raise ValueError("axis is empty")
         keys = [m.name if isinstance(m, ModelSpec) else m for m in v]
         dup = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        if dup and info.field_name == "models":
+            raise ValueError(f"model name(s) {dup} used more than once: the name identifies a model in the store")
         if dup:
             raise ValueError(f"duplicate value(s) {dup}: each would repeat the same trials")
         return v
@@ -205,7 +207,11 @@ class SweepSpec(_Strict):
         for field in ("tasks", "forget_tasks", "eval_tasks"):
             for name in getattr(self, field) or []:
                 if name not in known:
-                    raise ValueError(f"{field}: unknown task {name!r} (see `raysweep tasks list`)")
+                    import difflib
+
+                    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise ValueError(f"{field}: unknown task {name!r} ({hint}see `raysweep tasks list`)")
         for field in ("forget_tasks", "eval_tasks"):
             extra = [t for t in getattr(self, field) or [] if t not in self.tasks]
             if extra:
@@ -215,6 +221,9 @@ class SweepSpec(_Strict):
                 raise ValueError(f"data.sources: {name!r} is not one of the spec's tasks")
         if self.train.engine == "deepspeed" and self.resources.gpu < 1:
             raise ValueError("train.engine: deepspeed needs resources.gpu >= 1")
+        if self.resources.gpu > 1:
+            # A trial drives one device; asking Ray for more would hold GPUs that sit idle.
+            raise ValueError(f"resources.gpu: one GPU per trial at most (got {self.resources.gpu:g}); multi-GPU trials are not supported yet")
         return self
 
     @property
@@ -299,13 +308,64 @@ def expand(spec: SweepSpec) -> list[TrialPlan]:
     return plans
 
 
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The spec class that holds the key at `loc` (list indices skipped), for suggestions."""
+    import typing
+
+    model: type[BaseModel] = SweepSpec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field_info = model.model_fields.get(str(part))
+        if field_info is None:
+            return None
+        candidates = [field_info.annotation]
+        found = None
+        while candidates:
+            t = candidates.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                found = t
+                break
+            candidates.extend(typing.get_args(t))
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _unknown_key_hint(loc: tuple) -> str:
+    import difflib
+
+    model = _model_at(loc)
+    if model is None or not loc:
+        return ""
+    allowed = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (allowed here: {', '.join(allowed)})"
+
+
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "spec"
+    loc_parts = tuple(first["loc"])
+    loc = ".".join(str(p) for p in loc_parts)
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{loc}: {msg}"
+    kind = first["type"]
+    value = first.get("input")
+    if kind == "extra_forbidden":
+        msg = "unknown key" + _unknown_key_hint(loc_parts)
+    elif kind == "missing":
+        msg = "required, but missing"
+    elif kind == "too_short" and isinstance(value, list) and not value:
+        msg = "axis is empty"
+    elif kind == "string_pattern_mismatch":
+        msg = f"{value!r} is not a valid name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+    elif isinstance(value, (str, int, float, bool)) and not kind.startswith("value_error"):
+        # Say what was given, not only what was expected: "Input should be greater than 0 (got -1)".
+        msg = f"{msg} (got {value!r})"
+    # A model-level check names its field inside the message; a field check gets its path.
+    return f"{loc}: {msg}" if loc else msg
 
 
 class _SafeNoDupLoader(yaml.SafeLoader):
@@ -333,9 +393,14 @@ def parse_spec(text: str, origin: str = "spec") -> SweepSpec:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        tag = re.search(r"constructor for the tag '(tag:yaml\.org,2002:)?([^']+)'", problem)
+        if tag:
+            problem = f"tag !!{tag.group(2)} is not allowed: a spec is plain data and never constructs objects"
         raise BadInput(f"{origin}:{where} invalid YAML: {problem}") from None
+    if raw is None:
+        raise BadInput(f"{origin}: the spec is empty; it needs at least name, models and tasks")
     if not isinstance(raw, dict):
-        raise BadInput(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise BadInput(f"{origin}: expected a mapping (name:, models:, tasks:, ...) at the top level, got a {type(raw).__name__}")
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:

@@ -12,6 +12,7 @@ and an epoch counts as committed once its marker in `commits/` exists, which is 
     commits/<sweep>/<trial_id>/<phase>/e<NNNN>.json     the commit marker of that epoch
     examples/<sweep>/<task>.parquet              the prepared examples (prompt, choices, gold)
     prep/<sweep>/<task>.parquet                  per-task preparation report
+    checkpoints/<sweep>/<trial_id>/latest.pt     the trial's resume point (see trial.py)
     models/<key>/                                cached built-in pretrained tiny models
     analysis/<name>.parquet                      analysis results
     ray/                                         Ray Tune's experiment storage
@@ -39,6 +40,8 @@ from raysweep.errors import BadInput, StoreError
 
 SCHEMA_VERSION = 1
 PHASES = ("pretrained", "finetune", "forget", "relearn")
+# Files written per (trial, phase, epoch) and covered by that epoch's commit marker.
+EPOCH_KINDS = ("scores", "epochs", "hidden")
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -288,11 +291,69 @@ class Store:
                 out[phase_dir.name] = eps
         return out
 
-    def _files(self, kind: str, sweep: str | None = None) -> list[Path]:
+    def _files(self, kind: str, sweep: str | None = None, committed_only: bool = True) -> list[Path]:
         base = self.path(kind) if sweep is None else self.path(kind, sweep)
         if not base.is_dir():
             return []
-        return sorted(p for p in base.rglob("*.parquet") if not p.name.startswith(("_", ".")))
+        files = sorted(p for p in base.rglob("*.parquet") if not p.name.startswith(("_", ".")))
+        if committed_only and kind in EPOCH_KINDS:
+            # The marker is the commit: an epoch's files written before a crash, without their
+            # marker, are invisible until the resumed trial rewrites and commits them.
+            files = [f for f in files if (m := self._marker_for(f)) is None or m.exists()]
+        return files
+
+    def _marker_for(self, data_file: Path) -> Path | None:
+        rel = data_file.relative_to(self.root)
+        if len(rel.parts) != 5 or rel.parts[0] not in EPOCH_KINDS:
+            return None
+        return self.root / "commits" / Path(*rel.parts[1:]).with_suffix(".json")
+
+    def is_committed(self, key: EpochKey) -> bool:
+        return self.path("commits", f"{key.rel}.json").is_file()
+
+    def uncommit(self, key: EpochKey, kinds: tuple[str, ...] = EPOCH_KINDS) -> None:
+        """Remove an epoch (marker first, so a crash half-way leaves it uncommitted, never
+        committed with files missing). With a subset of kinds, only those files go and the
+        marker is rewritten without them."""
+        marker = self.path("commits", f"{key.rel}.json")
+        if set(kinds) >= set(EPOCH_KINDS):
+            marker.unlink(missing_ok=True)
+        elif marker.is_file():
+            meta = json.loads(marker.read_text())
+            meta["files"] = [f for f in meta.get("files", []) if f.split("/", 1)[0] not in kinds]
+            atomic_write_bytes(marker, json.dumps(meta).encode())
+        for kind in kinds:
+            self.path(kind, f"{key.rel}.parquet").unlink(missing_ok=True)
+
+    def add_to_commit(self, key: EpochKey, kind: str, table: pa.Table) -> None:
+        """Add a file to an epoch that is already committed (the best fine-tuning epoch's
+        hidden states, known only when the phase ends): file first, then the marker's list."""
+        atomic_write_table(self.path(kind, f"{key.rel}.parquet"), table)
+        marker = self.path("commits", f"{key.rel}.json")
+        if marker.is_file():
+            meta = json.loads(marker.read_text())
+            name = f"{kind}/{key.rel}.parquet"
+            if name not in meta.get("files", []):
+                meta["files"] = [*meta.get("files", []), name]
+                atomic_write_bytes(marker, json.dumps(meta).encode())
+
+    def epoch_files(self, kind: str, sweep: str, trial_id: str, phase: str) -> dict[int, Path]:
+        """Every data file of one trial's phase, committed or not, by epoch."""
+        base = self.path(kind, sweep, trial_id, phase)
+        if not base.is_dir():
+            return {}
+        return {int(f.stem[1:]): f for f in base.glob("e*.parquet")}
+
+    def remove_temp_files(self, sweep: str, trial_id: str) -> int:
+        """Temporary files of writes that a killed process never renamed into place."""
+        n = 0
+        for kind in (*EPOCH_KINDS, "commits", "checkpoints"):
+            base = self.path(kind, sweep, trial_id)
+            if base.is_dir():
+                for f in base.rglob("_*.tmp-*"):
+                    f.unlink(missing_ok=True)
+                    n += 1
+        return n
 
     def dataset(self, kind: str, sweep: str | None = None) -> ds.Dataset | None:
         files = self._files(kind, sweep)
@@ -345,7 +406,7 @@ class Store:
         """Every Parquet file that cannot be read back completely, with the reason."""
         bad = []
         for kind in ("trials", "scores", "hidden", "epochs", "examples", "prep"):
-            for f in self._files(kind):
+            for f in self._files(kind, committed_only=False):
                 try:
                     pq.read_table(f)
                 except Exception as exc:  # noqa: BLE001 - any failure to read makes the file bad
@@ -354,15 +415,37 @@ class Store:
 
     def quarantine(self, files: Iterable[Path]) -> list[Path]:
         moved = []
+        hit: set[tuple[str, str]] = set()
         for f in files:
             rel = Path(f).absolute().relative_to(self.root)
             dest = self.root / "quarantine" / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(f, dest)
-            # The epoch's marker goes too, so a resumed run recomputes that epoch.
-            if rel.parts[0] in ("scores", "hidden", "epochs"):
+            # The epoch's marker goes first, so no reader ever sees it committed without its file.
+            if rel.parts[0] in EPOCH_KINDS:
                 marker = self.root / "commits" / Path(*rel.parts[1:]).with_suffix(".json")
-                if marker.exists():
-                    marker.unlink()
+                marker.unlink(missing_ok=True)
+                if len(rel.parts) == 5:
+                    hit.add((rel.parts[1], rel.parts[2]))
+            os.replace(f, dest)
             moved.append(dest)
+        for sweep, trial_id in sorted(hit):
+            self._reopen_trial(sweep, trial_id, "repair quarantined some of its epochs; run the sweep again to recompute them")
         return moved
+
+    def _reopen_trial(self, sweep: str, trial_id: str, reason: str) -> None:
+        """Make the next `raysweep run` recompute a trial that lost committed epochs.
+
+        A resume point only knows how to go forward, and the lost epoch lies behind it: the
+        resume point moves to quarantine too, so the trial reruns from its start and, being
+        deterministic, rewrites every epoch (the intact ones with the same rows)."""
+        ckpt = self.path("checkpoints", sweep, trial_id)
+        if ckpt.is_dir():
+            dest = self.root / "quarantine" / "checkpoints" / sweep / f"{trial_id}-{int(time.time())}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(ckpt, dest)
+        row_file = self.path("trials", sweep, f"{trial_id}.parquet")
+        try:
+            row = pq.read_table(row_file).to_pylist()[0]
+        except Exception:  # noqa: BLE001 - no readable row: the next run writes a pending one
+            return
+        self.write_trial_row({**row, "status": "pending", "error": reason})

@@ -26,10 +26,16 @@ class TrialSummary:
 
     @property
     def forget_ratio(self) -> float | None:
+        """Random-label methods aim at chance (1/2); flipped labels at 1 - acc_finetuned."""
+        from raysweep.methods import get_method
+
         ft, fg = self.finetuned_test_acc, self.forgotten_test_acc
-        if ft is None or fg is None or abs(ft - 0.5) < 1e-9:
+        if ft is None or fg is None:
             return None
-        return (ft - fg) / (ft - 0.5)
+        target = 1 - ft if get_method(self.method).ratio_formula == "flipped" else 0.5
+        if abs(ft - target) < 1e-9:
+            return None
+        return (ft - fg) / (ft - target)
 
 
 def summarize(store: Store, sweep: str | None = None) -> list[TrialSummary]:

@@ -18,6 +18,10 @@ from typing import Callable
 import pyarrow as pa
 from ray import tune
 
+# Tune's own console reporter would interleave with raysweep's progress view: the legacy
+# reporter at verbose=0 stays silent.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
 from raysweep.errors import BadInput
 from raysweep.spec import SweepSpec, TrialPlan
 from raysweep.store import EXAMPLES_SCHEMA, Store
@@ -69,10 +73,17 @@ def prepare_sweep_data(spec: SweepSpec) -> dict[str, PreparedTask]:
     """Load and prepare every task once in the driver: bad data fails here, before writes."""
     from raysweep.tasks import prepare_task
 
-    return {
-        name: prepare_task(name, seed=spec.data.seed, cap=spec.data.cap, max_chars=spec.data.max_chars, source=spec.data.sources.get(name))
-        for name in spec.tasks
-    }
+    out = {}
+    for name in spec.tasks:
+        source = spec.data.sources.get(name)
+        try:
+            out[name] = prepare_task(name, seed=spec.data.seed, cap=spec.data.cap, max_chars=spec.data.max_chars, source=source)
+        except BadInput as exc:
+            if source is None:
+                raise
+            # Name the spec field the user edits, not only the task.
+            raise type(exc)(f"data.sources.{name}: {str(exc).removeprefix(f'task {name}: ')}") from None
+    return out
 
 
 def _examples_table(task: PreparedTask) -> pa.Table:
@@ -92,14 +103,17 @@ def _check_sizes(spec: SweepSpec, data: dict[str, PreparedTask]) -> None:
             raise BadInput(f"sizes: {too_big} exceed the {n} training examples task {task!r} has after preparation")
 
 
-def _init_ray(address: str | None, dashboard: bool) -> str | None:
+def _init_ray(address: str | None, dashboard: bool, dashboard_host: str = "127.0.0.1") -> str | None:
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return None
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's INFO lines would come before a one-line error such as a resource check's.
     if address:
-        ctx = ray.init(address=address, log_to_driver=False)
+        ctx = ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
         import torch
 
@@ -107,8 +121,9 @@ def _init_ray(address: str | None, dashboard: bool) -> str | None:
             num_cpus=os.cpu_count(),
             num_gpus=torch.cuda.device_count(),
             include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",  # never exposed beyond this machine unless asked
+            dashboard_host=dashboard_host,  # 127.0.0.1 unless asked: never exposed beyond this machine by default
             log_to_driver=False,
+            logging_level=logging.WARNING,
         )
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
@@ -127,7 +142,7 @@ def _check_resources(spec: SweepSpec) -> None:
         raise BadInput(f"resources.cpu: each trial asks for {r.cpu:g} CPU(s) on one node, the largest node has {best_cpu:g}")
 
 
-def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir: str) -> None:
+def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir: str, faults: str | None = None) -> None:
     """Runs inside a Ray worker: one trial, resuming from the store if it ran before."""
     import torch
 
@@ -138,7 +153,7 @@ def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir:
     store = Store(store_root)
     prev = store.read("trials", sweep=plan.sweep, filter=None).to_pylist()
     attempts = next((r["attempts"] or 0 for r in prev if r["trial_id"] == plan.trial_id), 0)
-    runner = TrialRunner(plan, store, Path(models_dir), reporter=lambda rep: tune.report(asdict(rep)))
+    runner = TrialRunner(plan, store, Path(models_dir), reporter=lambda rep: tune.report(asdict(rep)), faults=faults or "")
     runner.run(attempt=attempts + 1)
 
 
@@ -190,17 +205,36 @@ def run_sweep(
     dashboard: bool = True,
     sink: ProgressSink | None = None,
     on_ready: Callable[[str | None, int, int], None] | None = None,
+    dashboard_host: str = "127.0.0.1",
 ) -> SweepOutcome:
     t0 = time.time()
     Store.check_writable(store.root)
     plans = spec.trials()
     data = prepare_sweep_data(spec)
     _check_sizes(spec, data)
-    dashboard_url = _init_ray(address, dashboard)
+    faults = os.environ.get("RAYSWEEP_FAULT")
+    if faults:
+        from raysweep.faults import parse_faults
+
+        try:
+            parse_faults(faults)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+    if store.exists():
+        # A finished sweep needs no cluster: say so without starting one (reads only).
+        done = {r["trial_id"] for r in store.trials(spec.name).to_pylist() if r["status"] == "done"}
+        if all(p.trial_id in done for p in plans):
+            if on_ready:
+                on_ready(None, len(plans), 0)
+            return SweepOutcome(sweep=spec.name, total=len(plans), already_done=len(plans), seconds=time.time() - t0)
+    dashboard_url = _init_ray(address, dashboard, dashboard_host)
     _check_resources(spec)
 
     # Validation is over: from here on the store is written.
-    store.ensure()
+    try:
+        store.ensure()
+    except OSError as exc:
+        raise BadInput(f"store: cannot create {str(store.root)!r} ({exc.strerror or exc})") from None
     store.write_spec(spec.name, spec_text)
     for name, task in data.items():
         store.write_examples(spec.name, name, _examples_table(task))
@@ -228,7 +262,7 @@ def run_sweep(
 
     views = {p.trial_id: TrialView(p.trial_id, p.forget_task, p.method) for p in pending}
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, plans={p.trial_id: p.model_dump_json() for p in pending}, store_root=str(store.root), models_dir=str(models_dir)),
+        tune.with_parameters(_trainable, plans={p.trial_id: p.model_dump_json() for p in pending}, store_root=str(store.root), models_dir=str(models_dir), faults=faults),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     tuner = tune.Tuner(

@@ -8,6 +8,7 @@ so a trial resumed from its last resume point writes exactly what an uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -28,7 +29,9 @@ from raysweep.methods import ForgetMethod, get_method, nll_loss
 from raysweep.models import LoadedModel, load_model
 from raysweep.scoring import ScoreResult, score_examples
 from raysweep.spec import PhaseConfig, TrialPlan
-from raysweep.store import EpochKey, EpochRecord, Store, hidden_schema
+from raysweep.faults import parse_faults
+from raysweep.faults import fire as fire_fault
+from raysweep.store import EPOCH_KINDS, EpochKey, EpochRecord, Store, hidden_schema
 from raysweep.tasks import Example, PreparedTask, prepare_task
 from raysweep.train import build_batches, make_optimizer, train_epoch
 
@@ -62,6 +65,9 @@ class Progress:
     last_forget_epoch: int | None = None
     last_relearn_epoch: int | None = None
     npo_reference: dict[int, float] = field(default_factory=dict)
+    # Last epoch of each finished phase: on resume, every epoch up to the resume point must
+    # still be committed (see `_missing_epochs`).
+    phase_epochs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,13 +101,17 @@ def prepare_tasks(plan: TrialPlan) -> dict[str, PreparedTask]:
 
 
 class TrialRunner:
-    def __init__(self, plan: TrialPlan, store: Store, models_dir: Path, reporter: Reporter | None = None, device: str | None = None):
+    def __init__(self, plan: TrialPlan, store: Store, models_dir: Path, reporter: Reporter | None = None, device: str | None = None, faults: str | None = None):
         self.plan = plan
         self.store = store
         self.models_dir = Path(models_dir)
         self.reporter = reporter or (lambda r: None)
         self.device = device or ("cuda" if plan.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
         self.ckpt_dir = store.path("checkpoints", plan.sweep, plan.trial_id)
+        # Test hook (raysweep/faults.py): off unless RAYSWEEP_FAULT is set.
+        self.faults = parse_faults(faults if faults is not None else os.environ.get("RAYSWEEP_FAULT"))
+        self.attempt = 1
+        self.lock_timeout = 120.0  # seconds to wait for another process still running this trial
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -196,6 +206,7 @@ class TrialRunner:
             }
         )
         self.store.commit_epoch(EpochRecord(EpochKey(p.sweep, p.trial_id, phase, epoch), scores, summary, hidden))
+        self._fault_point("commit", phase, epoch)
         test_accs = [v for (t, s), v in acc.items() if s == "test"]
         self.reporter(
             EpochReport(
@@ -213,34 +224,132 @@ class TrialRunner:
             return
         _, hidden = self._tables("finetune", epoch, res, with_hidden=True)
         if hidden is not None:
-            from raysweep.store import atomic_write_table
+            self.store.add_to_commit(EpochKey(self.plan.sweep, self.plan.trial_id, "finetune", epoch), "hidden", hidden)
 
-            key = EpochKey(self.plan.sweep, self.plan.trial_id, "finetune", epoch)
-            atomic_write_table(self.store.path("hidden", f"{key.rel}.parquet"), hidden)
+    def _drop_stale(self, phase: str, last: int, milestone: int | None) -> None:
+        """Called when a phase ends at epoch `last`. An earlier attempt of this trial may have
+        gone further (or kept hidden states of another epoch) before it died: a rerun that is
+        not bit-identical (GPU kernels) can stop at a different epoch. Those rows belong to no
+        trajectory, so they go; with deterministic reruns there is never anything to drop."""
+        s, t = self.plan.sweep, self.plan.trial_id
+        on_disk = set(self.store.committed_epochs(s, t).get(phase, []))
+        for kind in EPOCH_KINDS:
+            on_disk |= set(self.store.epoch_files(kind, s, t, phase))
+        for e in sorted(e for e in on_disk if e > last):
+            self.store.uncommit(EpochKey(s, t, phase, e))
+        if self.plan.scoring.hidden_states == "phase_end":
+            for e in self.store.epoch_files("hidden", s, t, phase):
+                if e <= last and e != milestone:
+                    self.store.uncommit(EpochKey(s, t, phase, e), kinds=("hidden",))
+
+    def _fault_point(self, point: str, phase: str, epoch: int) -> None:
+        for f in self.faults:
+            if f.matches(self.plan.trial_id, self.attempt, phase, epoch, point):
+                # Logged before firing (a SIGKILL leaves no other trace): tests count real faults.
+                with open(self.ckpt_dir / "faults.log", "a") as fh:
+                    fh.write(json.dumps({"pid": os.getpid(), "attempt": self.attempt, "action": f.action, "phase": phase, "epoch": epoch, "point": point, "time": time.time()}) + "\n")
+                fire_fault(f, self.plan.trial_id, self.attempt)
 
     # ---- resume points -------------------------------------------------------------------
 
+    def _best_path(self, epoch: int) -> Path:
+        # Named by epoch, so a resume point can never pair one epoch's number with another's weights.
+        return self.ckpt_dir / f"best_finetune-e{epoch:04d}.pt"
+
     def _save_resume(self, progress: Progress, optimizer: torch.optim.Optimizer | None, best_state: dict | None) -> None:
+        """One resume point per trial (latest.pt, replaced by rename each epoch, so older ones
+        are pruned as the new one lands), plus the best fine-tuning weights while fine-tuning."""
         policy = self.plan.train.checkpoint
         if policy == "none" or (policy == "phase" and not progress.phase_done):
             return
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if best_state is not None:
+            # Before latest.pt: a resume point naming a best epoch must find its weights on disk.
+            _atomic_torch_save(best_state, self._best_path(progress.best_epoch))
         payload = {
             "progress": asdict(progress),
             "model": self.lm.model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None and self.plan.train.checkpoint_optimizer else None,
         }
         _atomic_torch_save(payload, self.ckpt_dir / "latest.pt")
-        if best_state is not None:
-            _atomic_torch_save(best_state, self.ckpt_dir / "best_finetune.pt")
+        # Only the best epoch named by the resume point just written is still needed, and none
+        # once fine-tuning is over (latest.pt then holds the best weights).
+        keep = self._best_path(progress.best_epoch) if progress.phase == "finetune" and not progress.phase_done and progress.best_epoch is not None else None
+        for old in self.ckpt_dir.glob("best_finetune*.pt"):
+            if old != keep:
+                old.unlink(missing_ok=True)
 
     def _load_resume(self) -> tuple[Progress, dict | None]:
+        """The resume point, or a fresh start when there is none or it cannot be trusted
+        (unreadable, or epochs before it have lost their commit, e.g. quarantined by
+        `raysweep repair`). A fresh start costs time, never rows: the trial is deterministic
+        and every epoch it recommits replaces the files already there."""
         path = self.ckpt_dir / "latest.pt"
         if not path.exists():
             return Progress(), None
-        payload = torch.load(path, map_location=self.device, weights_only=False)
-        self.lm.model.load_state_dict(payload["model"])
-        return Progress(**payload["progress"]), payload.get("optimizer")
+        try:
+            # weights_only: a checkpoint is tensors and plain values; never unpickle code from the store.
+            payload = torch.load(path, map_location=self.device, weights_only=True)
+            progress = Progress(**payload["progress"])
+        except Exception as exc:  # noqa: BLE001 - any unreadable resume point is discarded alike
+            return self._fresh_start(f"unreadable resume point {path.name} ({type(exc).__name__}: {exc})")
+        missing = self._missing_epochs(progress)
+        if missing:
+            return self._fresh_start(f"resume point {progress.phase}/e{progress.epoch} is past uncommitted epoch(s) {missing[:5]}")
+        if progress.phase == "finetune" and not progress.phase_done and progress.best_epoch is not None and not self._best_path(progress.best_epoch).exists():
+            return self._fresh_start(f"best fine-tuning weights of epoch {progress.best_epoch} are missing")
+        try:
+            self.lm.model.load_state_dict(payload["model"])
+        except Exception as exc:  # noqa: BLE001
+            self.lm = load_model(self.plan.model, self.models_dir, device=self.device)  # undo a partial load
+            return self._fresh_start(f"resume point does not fit the model ({type(exc).__name__})")
+        return progress, payload.get("optimizer")
+
+    def _missing_epochs(self, progress: Progress) -> list[tuple[str, int]]:
+        need: dict[str, range] = {}
+        if progress.phase != "pretrained":
+            need["pretrained"] = range(0, 1)
+        for phase, last in progress.phase_epochs.items():
+            need[phase] = range(1, last + 1)
+        if progress.best_epoch is not None and "finetune" not in progress.phase_epochs:
+            need["finetune"] = range(1, progress.best_epoch + 1)
+        if progress.phase != "pretrained":
+            need[progress.phase] = range(1, max(progress.epoch, progress.phase_epochs.get(progress.phase, 0)) + 1)
+        committed = self.store.committed_epochs(self.plan.sweep, self.plan.trial_id)
+        return [(ph, e) for ph, eps in need.items() for e in eps if e not in committed.get(ph, [])]
+
+    def _fresh_start(self, reason: str) -> tuple[Progress, None]:
+        import sys
+
+        print(f"raysweep: trial {self.plan.trial_id}: {reason}; restarting it from the pretrained model", file=sys.stderr)
+        with open(self.ckpt_dir / "restarts.log", "a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} attempt {self.attempt}: {reason}\n")
+        for f in [self.ckpt_dir / "latest.pt", *self.ckpt_dir.glob("best_finetune*.pt")]:
+            f.unlink(missing_ok=True)
+        return Progress(), None
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """One process per trial. Tune never runs a trial twice at once, but a worker of a
+        killed driver can outlive it for a moment, and two people can run one sweep on one
+        store: two writers of one trial would race on its resume point. The kernel drops
+        the lock when its holder dies, SIGKILL included."""
+        import fcntl
+
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.ckpt_dir / "lock", "a+") as fh:
+            deadline = time.time() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"trial {self.plan.trial_id} is being run by another process (lock {self.ckpt_dir / 'lock'})") from None
+                    time.sleep(0.5)
+                except OSError:
+                    break  # a filesystem without locks: go on unguarded rather than not at all
+            yield
 
     # ---- the phases ----------------------------------------------------------------------
 
@@ -256,7 +365,8 @@ class TrialRunner:
                 **trial_row(p),
                 "status": status,
                 "error": error,
-                "attempts": attempts,
+                # Always the current attempt: a row without it would restart the count.
+                "attempts": attempts if attempts is not None else self.attempt,
                 "best_finetune_epoch": progress.best_epoch,
                 "last_forget_epoch": progress.last_forget_epoch,
                 "last_relearn_epoch": progress.last_relearn_epoch,
@@ -264,13 +374,16 @@ class TrialRunner:
         )
 
     def run(self, attempt: int = 1) -> Progress:
+        self.attempt = attempt
         progress = Progress()
         try:
-            self._setup()
-            progress, opt_state = self._load_resume()
-            self._write_status("running", progress, attempts=attempt)
-            progress = self._run_phases(progress, opt_state)
-            self._write_status("done", progress, attempts=attempt)
+            with self._exclusive():
+                self._setup()
+                self.store.remove_temp_files(self.plan.sweep, self.plan.trial_id)
+                progress, opt_state = self._load_resume()
+                self._write_status("running", progress)
+                progress = self._run_phases(progress, opt_state)
+                self._write_status("done", progress)
             return progress
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
@@ -288,6 +401,7 @@ class TrialRunner:
             self._commit("pretrained", 0, self._score(), float("nan"), time.time() - t0, phase_end=True)
             progress = Progress(phase="finetune", epoch=0)
             self._save_resume(progress, None, None)
+            self._fault_point("resume", "pretrained", 0)
 
         if progress.phase == "finetune" and not progress.phase_done:
             progress = self._finetune(progress, opt_state)
@@ -314,14 +428,13 @@ class TrialRunner:
         cfg = self.plan.phases.finetune
         ft = self.plan.forget_task
         model = self.lm.model
-        opt = make_optimizer(model, cfg)
+        opt = make_optimizer(model, cfg, self.plan.train)
         if opt_state:
             opt.load_state_dict(opt_state)
         best_state = None
         best_res: ScoreResult | None = None
-        best_path = self.ckpt_dir / "best_finetune.pt"
-        if progress.best_epoch is not None and best_path.exists():
-            best_state = torch.load(best_path, map_location="cpu", weights_only=False)
+        if progress.best_epoch is not None:  # resumed mid-phase: `_load_resume` checked the file is there
+            best_state = torch.load(self._best_path(progress.best_epoch), map_location="cpu", weights_only=True)
         since_best = 0 if progress.best_epoch is None else progress.epoch - progress.best_epoch
         gold = [ex.gold for ex in self.train_set]
         for epoch in range(progress.epoch + 1, cfg.max_epochs + 1):
@@ -339,21 +452,31 @@ class TrialRunner:
             if finetune_should_stop(acc[(ft, "train")], epoch, since_best, cfg):
                 break
             self._save_resume(progress, opt, best_state if since_best == 0 else None)
+            self._fault_point("resume", "finetune", epoch)
         # Forgetting starts from the best-validation checkpoint, not the last epoch.
         model.load_state_dict(best_state)
         if best_res is None:
             best_res = self._score()  # resumed after the best epoch: recompute its hidden states
         self._write_best_hidden(progress.best_epoch, best_res)
+        return self._end_phase(progress, milestone=progress.best_epoch)
+
+    def _end_phase(self, progress: Progress, milestone: int | None) -> Progress:
+        """Close the phase: drop what an earlier attempt left beyond its last epoch, then a
+        resume point that says the phase is done (after the commit of its last epoch, as always)."""
         progress.phase_done = True
+        progress.phase_epochs[progress.phase] = progress.epoch
+        self._drop_stale(progress.phase, progress.epoch, milestone)
         self._save_resume(progress, None, None)
-        self._write_status("running", progress)
+        self._fault_point("resume", progress.phase, progress.epoch)
+        if progress.phase != "relearn":  # the trial's milestones so far, visible in `status`
+            self._write_status("running", progress)
         return progress
 
     def _forget(self, progress: Progress, opt_state: dict | None) -> Progress:
         cfg = self.plan.phases.forget
         ft = self.plan.forget_task
         model = self.lm.model
-        opt = make_optimizer(model, cfg)
+        opt = make_optimizer(model, cfg, self.plan.train)
         if opt_state:
             opt.load_state_dict(opt_state)
         for epoch in range(progress.epoch + 1, cfg.max_epochs + 1):
@@ -370,16 +493,14 @@ class TrialRunner:
             if last:
                 break
             self._save_resume(progress, opt, None)
-        progress.phase_done = True
-        self._save_resume(progress, None, None)
-        self._write_status("running", progress)
-        return progress
+            self._fault_point("resume", "forget", epoch)
+        return self._end_phase(progress, milestone=progress.epoch)
 
     def _relearn(self, progress: Progress, opt_state: dict | None) -> Progress:
         cfg = self.plan.phases.relearn
         ft = self.plan.forget_task
         model = self.lm.model
-        opt = make_optimizer(model, cfg)
+        opt = make_optimizer(model, cfg, self.plan.train)
         if opt_state:
             opt.load_state_dict(opt_state)
         gold = [ex.gold for ex in self.train_set]
@@ -395,9 +516,8 @@ class TrialRunner:
             if last:
                 break
             self._save_resume(progress, opt, None)
-        progress.phase_done = True
-        self._save_resume(progress, None, None)
-        return progress
+            self._fault_point("resume", "relearn", epoch)
+        return self._end_phase(progress, milestone=progress.epoch)
 
 
 def trial_row(plan: TrialPlan) -> dict:
@@ -416,5 +536,11 @@ def trial_row(plan: TrialPlan) -> dict:
 
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -14,6 +14,8 @@ from raysweep.analysis.context import AnalysisParams
 from raysweep.analysis.engine import ENGINES, choose_engine
 from raysweep.analysis.registry import AnalysisResult, Skip, register
 from raysweep.analysis.render import outcome_table
+
+render_outcome = outcome_table  # the name the CLI uses
 from raysweep.analysis.runner import AnalysisOutcome, load_outcomes, outputs_dir, run_analyses, store_fingerprint
 
 ANALYSIS_MODULES = (
@@ -25,6 +27,10 @@ ANALYSIS_MODULES = (
     "predictors",
     "order",
     "probes",
+    # Beyond the paper (issue 7): Jin & Ren's association matrix and its predictors, methods.
+    "association",
+    "prediction",
+    "by_method",
 )
 
 for _m in ANALYSIS_MODULES:
@@ -50,6 +56,7 @@ __all__ = [
     "outputs_dir",
     "register",
     "registered_analyses",
+    "render_outcome",
     "run_analyses",
     "store_fingerprint",
 ]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raysweep.analysis.engine import Engine, Scan, ScanFile, make_engine
 from raysweep.analysis.reducers import AccuracySums, CollectRows, FirstCrossing
@@ -77,6 +78,21 @@ class TrialInfo:
         return ScanFile(p, self.sweep, self.trial_id) if p.is_file() else None
 
 
+class _TrialsOnce(Store):
+    """The store with `trials()` memoised: `Store.milestones` reads the trial rows again
+    on top of the read that gives the parameters, and with hundreds of trial files that
+    second read costs as much as a small analysis. Milestones stay Store's own logic."""
+
+    def __init__(self, store: Store):
+        super().__init__(store.root)
+        self._trials: dict[str | None, pa.Table] = {}
+
+    def trials(self, sweep: str | None = None) -> pa.Table:
+        if sweep not in self._trials:
+            self._trials[sweep] = super().trials(sweep)
+        return self._trials[sweep]
+
+
 @dataclass(frozen=True)
 class SweepIndex:
     root: Path
@@ -84,6 +100,7 @@ class SweepIndex:
 
     @staticmethod
     def build(store: Store, sweep: str | None) -> "SweepIndex":
+        store = _TrialsOnce(store)
         sweeps = store.sweeps()
         if sweep is not None:
             if sweep not in sweeps:
@@ -201,16 +218,20 @@ class AnalysisContext:
             )
         return self._cache[key]
 
-    def forget_task_scores(self) -> pa.Table:
+    def forget_task_scores(self, split: str | None = None) -> pa.Table:
         """Per-example rows of each trial's own forget task at the pretrained / finetuned /
-        forgotten milestones, all splits: small (one task per trial), and shared by the
+        forgotten milestones, on one split or all (None): small (one task per trial), for the
         example-level predictors and the probes' labels."""
-        key = ("forget_task_scores",)
+        if split is not None and ("forget_task_scores", None) in self._cache:
+            every = self._cache[("forget_task_scores", None)]
+            return every.filter(pc.equal(every["split"], split))
+        key = ("forget_task_scores", split)
         if key not in self._cache:
             files = self.index.milestone_files("scores", ("pretrained", "finetuned", "forgotten"))
             scan = Scan(
                 files,
                 columns=("sweep", "trial_id", "phase", "epoch", "split", "example_idx", "gold", "confidence"),
+                equals=(("split", split),) if split is not None else (),
                 trial_task=self.index.forget_task_keys(),
             )
             self._cache[key] = self.engine.reduce(scan, CollectRows(order=("sweep", "trial_id", "phase", "epoch", "split", "example_idx")))

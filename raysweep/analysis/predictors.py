@@ -129,10 +129,9 @@ EXAMPLE_SCHEMA = pa.schema(
 def example_table(ctx: AnalysisContext) -> pa.Table:
     """Per (trial, example) of the forget task: confidence at the finetuned and the forgotten
     milestones, and the drop between them."""
-    rows = ctx.forget_task_scores()
+    rows = ctx.forget_task_scores(ctx.params.split)
     if rows.num_rows == 0:
         return EXAMPLE_SCHEMA.empty_table()
-    rows = rows.filter(pc.equal(rows["split"], ctx.params.split))
     ms = ctx.index.milestone_table().select(["sweep", "trial_id", "phase", "epoch", "milestone"])
     tagged = rows.join(ms, keys=["sweep", "trial_id", "phase", "epoch"], join_type="inner")
     keys = ["sweep", "trial_id", "example_idx"]

@@ -32,8 +32,10 @@ def _key_schema(keys: tuple[str, ...]) -> list[tuple[str, pa.DataType]]:
 
 
 def to_fixed_point(x: pa.ChunkedArray | pa.Array) -> pa.Array:
-    scaled = pc.multiply(pc.cast(x, pa.float64()), FIXED_POINT_SCALE)
-    return pc.cast(pc.round(scaled), pa.int64())
+    """floor(x * 2**40 + 0.5) as int64: every step is exact in float64 for a float32 x, and
+    `AccuracySums.partial_sql` spells the same steps, so DuckDB gets the same integers."""
+    scaled = pc.add(pc.multiply(pc.cast(x, pa.float64()), FIXED_POINT_SCALE), 0.5)
+    return pc.cast(pc.floor(scaled), pa.int64())
 
 
 def from_fixed_point(total: int) -> float:
@@ -61,6 +63,17 @@ class AccuracySums:
         )
         g = t.group_by(list(self.keys), use_threads=False).aggregate([("correct", "count"), ("correct", "sum"), ("conf_fx", "sum")])
         return self._shape(g.rename_columns([*self.keys, "n", "n_correct", "conf_fx"]))
+
+    def partial_sql(self, source: str) -> str:
+        """The same partial as one DuckDB aggregate over `source` (a subquery of the scan's
+        rows), for the local engine: integer sums, so the result is bit-for-bit the one the
+        batches give, without first handing every row to Arrow."""
+        keys = ", ".join(self.keys)
+        return (
+            f"SELECT {keys}, count(*)::BIGINT AS n, sum(correct::BIGINT)::BIGINT AS n_correct, "
+            f"sum(floor(confidence::DOUBLE * {FIXED_POINT_SCALE!r} + 0.5)::BIGINT)::BIGINT AS conf_fx "
+            f"FROM {source} GROUP BY {keys}"
+        )
 
     def _shape(self, t: pa.Table) -> pa.Table:
         return t.select([f.name for f in self.schema()]).cast(self.schema())

@@ -118,8 +118,6 @@ def run_analyses(
                 out = AnalysisOutcome(name, "ok", one_line(result.message), dict(result.tables))
             except registry.Skip as exc:
                 out = AnalysisOutcome(name, "skipped", one_line(str(exc)))
-            except BadInput:
-                raise
             except Exception as exc:  # noqa: BLE001 - one broken analysis must not stop the rest
                 out = AnalysisOutcome(name, "failed", one_line(f"{type(exc).__name__}: {exc}"))
             out.engine, out.seconds, out.fingerprint = choice.name, time.perf_counter() - t0, fingerprint

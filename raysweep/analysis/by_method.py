@@ -1,0 +1,148 @@
+"""Beyond the paper: does forgetting generalise differently by method?
+
+For every forgetting method of a (model, size), how much a forget run removes from its own
+task against how much it takes from the other evaluated tasks: the forget ratio (each
+method's own formula: random labels, gradient ascent and NPO aim at chance, flipped labels
+at the mirror image, see `measures.forget_ratio`) and the drop in mean confidence of the
+correct response, which stays defined where a task was never above chance. Ratios over
+several cells are pooled (accuracy lost / headroom, see `pooled_ratio`). `spillover` is
+other / own: 0 means forgetting stays on the forgotten task, 1 means it spreads evenly.
+The agreement table asks whether two methods damage the same other tasks (correlation of
+their off-diagonal cells).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+import pyarrow as pa
+
+from raysweep.analysis.common import all_cells, with_forgetting
+from raysweep.analysis.context import AnalysisContext
+from raysweep.analysis.measures import CORRELATION_FIELDS, Cell, correlate, correlation_row, ratio_formula
+from raysweep.analysis.registry import AnalysisResult, Skip, register
+
+METHOD_ORDER = ("random", "flipped", "gradient_ascent", "npo")
+
+
+def _conf_drop(c: Cell) -> float | None:
+    if c.conf_finetuned is None or c.conf_forgotten is None:
+        return None
+    return c.conf_finetuned - c.conf_forgotten
+
+
+def _acc_drop(c: Cell) -> float | None:
+    if c.acc_finetuned is None or c.acc_forgotten is None:
+        return None
+    return c.acc_finetuned - c.acc_forgotten
+
+
+def pooled_ratio(cells: list[Cell]) -> float | None:
+    """Forget ratio of several cells taken together: total accuracy lost over total headroom
+    above each cell's baseline. A mean of per-cell ratios would be ruled by tasks fine-tuned
+    barely above chance, whose tiny denominators turn noise into ratios of +-10."""
+    lost = headroom = 0.0
+    for c in cells:
+        if c.acc_finetuned is None or c.acc_forgotten is None:
+            continue
+        base = 1.0 - c.acc_finetuned if ratio_formula(c.method) == "flipped" else 0.5
+        if c.acc_finetuned - base > 0:
+            lost += c.acc_finetuned - c.acc_forgotten
+            headroom += c.acc_finetuned - base
+    return lost / headroom if headroom > 0 else None
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    v = [x for x in xs if x is not None and np.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def _ratio(other: float | None, own: float | None) -> float | None:
+    return None if other is None or own is None or own <= 0 else other / own
+
+
+@dataclass(frozen=True)
+class Split:
+    """A method's cells in one (model, size), cut into own-task and other-task cells."""
+
+    own: list[Cell]
+    other: list[Cell]
+
+
+def _method_key(m: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
+
+
+COND = [("model", pa.string()), ("size", pa.int32())]
+METHODS_SCHEMA = pa.schema(
+    COND + [("method", pa.string()), ("n_forget_tasks", pa.int32()), ("n_other_cells", pa.int32()),
+            ("ratio_own", pa.float64()), ("ratio_other", pa.float64()), ("ratio_spillover", pa.float64()),
+            ("acc_drop_own", pa.float64()), ("acc_drop_other", pa.float64()),
+            ("conf_drop_own", pa.float64()), ("conf_drop_other", pa.float64()), ("conf_spillover", pa.float64())]
+)
+TASKS_SCHEMA = pa.schema(
+    COND + [("method", pa.string()), ("forget_task", pa.string()), ("n_other", pa.int32()),
+            ("ratio_own", pa.float64()), ("ratio_other", pa.float64()),
+            ("conf_drop_own", pa.float64()), ("conf_drop_other", pa.float64())]
+)
+AGREEMENT_SCHEMA = pa.schema(COND + [("a", pa.string()), ("b", pa.string()), ("measure", pa.string())] + CORRELATION_FIELDS)
+
+
+@register("by_method", title="Forgetting by method: own task vs other tasks", figure="Beyond: methods")
+def run(ctx: AnalysisContext) -> AnalysisResult:
+    cells = with_forgetting(all_cells(ctx))
+    groups: dict[tuple[str, int], dict[str, Split]] = defaultdict(dict)
+    for c in cells:
+        s = groups[(c.model, c.size)].setdefault(c.method, Split([], []))
+        (s.own if c.eval_task == c.forget_task else s.other).append(c)
+    groups = {k: v for k, v in groups.items() if len(v) >= 2}
+    if not groups:
+        methods = ", ".join(sorted({c.method for c in cells}, key=_method_key))
+        raise Skip(f"no model and size was forgotten with two or more methods (methods in the sweep: {methods})")
+
+    method_rows, task_rows, agree_rows = [], [], []
+    for (model, size), by_method in sorted(groups.items()):
+        cond = {"model": model, "size": size}
+        for method in sorted(by_method, key=_method_key):
+            s = by_method[method]
+            own_ratio, other_ratio = pooled_ratio(s.own), pooled_ratio(s.other)
+            own_conf, other_conf = _mean([_conf_drop(c) for c in s.own]), _mean([_conf_drop(c) for c in s.other])
+            method_rows.append(
+                {**cond, "method": method, "n_forget_tasks": len({c.forget_task for c in s.own + s.other}), "n_other_cells": len(s.other),
+                 "ratio_own": own_ratio, "ratio_other": other_ratio, "ratio_spillover": _ratio(other_ratio, own_ratio),
+                 "acc_drop_own": _mean([_acc_drop(c) for c in s.own]), "acc_drop_other": _mean([_acc_drop(c) for c in s.other]),
+                 "conf_drop_own": own_conf, "conf_drop_other": other_conf, "conf_spillover": _ratio(other_conf, own_conf)}
+            )
+            for task in sorted({c.forget_task for c in s.own + s.other}):
+                own = [c for c in s.own if c.forget_task == task]
+                other = [c for c in s.other if c.forget_task == task]
+                task_rows.append(
+                    {**cond, "method": method, "forget_task": task, "n_other": len(other),
+                     "ratio_own": pooled_ratio(own), "ratio_other": pooled_ratio(other),
+                     "conf_drop_own": _mean([_conf_drop(c) for c in own]), "conf_drop_other": _mean([_conf_drop(c) for c in other])}
+                )
+        for a, b in combinations(sorted(by_method, key=_method_key), 2):
+            for measure, value in (("forget_ratio", lambda c: c.forget_ratio), ("conf_drop", _conf_drop)):
+                va = {(c.forget_task, c.eval_task): value(c) for c in by_method[a].other}
+                vb = {(c.forget_task, c.eval_task): value(c) for c in by_method[b].other}
+                shared = sorted(set(va) & set(vb))
+                corr = correlate([va[k] for k in shared], [vb[k] for k in shared])
+                agree_rows.append({**cond, "a": a, "b": b, "measure": measure, **correlation_row(corr)})
+
+    methods_t = pa.Table.from_pylist(method_rows, schema=METHODS_SCHEMA)
+    first = [r for r in method_rows if (r["model"], r["size"]) == min(groups)]
+    spill = ", ".join(f"{r['method']} {_fmt(r['conf_spillover'])}" for r in first)
+    msg = (f"{len(groups)} model/size group(s) with 2+ methods; spillover = other-task / own-task forgetting "
+           f"(confidence drop) in {first[0]['model']} n={first[0]['size']}: {spill}")
+    return AnalysisResult(
+        {"methods": methods_t, "tasks": pa.Table.from_pylist(task_rows, schema=TASKS_SCHEMA),
+         "agreement": pa.Table.from_pylist(agree_rows, schema=AGREEMENT_SCHEMA)},
+        msg,
+    )
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
