@@ -92,7 +92,7 @@ def _num(v: object) -> float:
 
 def fig_single_task(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     figs = []
-    for cond, rs in list(_by_condition(o.tables["tasks"]).items())[:MAX_PANELS]:
+    for _, rs in list(_by_condition(o.tables["tasks"]).items())[:MAX_PANELS]:
         rs = sorted(rs, key=lambda r: _num(r["acc_forgotten"]))
         x = np.arange(len(rs))
         fig = Figure(figsize=(max(6.0, 0.55 * len(rs) + 2), 6.2), layout="constrained")
@@ -123,7 +123,7 @@ def fig_single_task(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
 
 def fig_cross_task(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     figs = []
-    for cond, rs in list(_by_condition(o.tables["cells"]).items())[:MAX_PANELS]:
+    for _, rs in list(_by_condition(o.tables["cells"]).items())[:MAX_PANELS]:
         nr = max(r["row_pos"] for r in rs) + 1
         nc = max(r["col_pos"] for r in rs) + 1
         if nr * nc < 2:
@@ -241,7 +241,7 @@ def fig_order(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
 def fig_probes(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     figs = []
     ms = ("pretrained", "finetuned", "forgotten")
-    for cond, rs in list(_by_condition(o.tables["summary"]).items())[:MAX_PANELS]:
+    for _, rs in list(_by_condition(o.tables["summary"]).items())[:MAX_PANELS]:
         x = np.arange(len(rs))
         fig = Figure(figsize=(max(5.0, 0.7 * len(rs) + 2), 3.6), layout="constrained")
         ax = fig.subplots()

@@ -117,12 +117,8 @@ def _jobs_for_chunk(ctx: AnalysisContext, trials: tuple[TrialInfo, ...]) -> list
     jobs = []
     for (sweep, tid, m) in sorted(by_unit, key=lambda u: (u[0], u[1], PROBE_MILESTONES.index(u[2]))):
         parts = by_unit[(sweep, tid, m)]
-
-        def sel(split: str) -> tuple[np.ndarray, np.ndarray]:
-            idx = np.array(parts.get(split, []), dtype=np.int64)
-            return x_all[idx], y_all[idx]
-
-        (xtr, ytr), (xva, yva), (xte, yte) = sel("train"), sel("validation"), sel("test")
+        idx = {split: np.array(parts.get(split, []), dtype=np.int64) for split in ("train", "validation", "test")}
+        (xtr, ytr), (xva, yva), (xte, yte) = ((x_all[idx[s]], y_all[idx[s]]) for s in ("train", "validation", "test"))
         jobs.append(ProbeJob(sweep, tid, m, xtr, ytr, xva, yva, xte, yte, ctx.params.probe_cs))
     return jobs
 
