@@ -100,7 +100,6 @@ def run(
         return
     from rich.live import Live
 
-    from raysweep.store import Store
     from raysweep.summary import summarize
     from raysweep.sweep import run_sweep
 

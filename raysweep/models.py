@@ -68,8 +68,10 @@ def _builtin_corpus(seed: int) -> tuple[list[str], list[tuple[str, str, str]]]:
         for split, records in task.generate(seed).items():
             for i, rec in enumerate(records):
                 prompt, choices, gold = task.render(rec)
-                pair, g = binarise(name, split, i, choices, gold, seed)
-                triples.append((prompt, pair[g], pair[1 - g]))
+                binary = binarise(name, split, i, choices, gold, seed)
+                if binary is not None:
+                    (pair, g) = binary
+                    triples.append((prompt, pair[g], pair[1 - g]))
     return texts, triples
 
 

@@ -130,7 +130,9 @@ class Resources(_Strict):
 class TrainEngine(_Strict):
     engine: Literal["torch", "deepspeed"] = "torch"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    # ZeRO-3 partitions the parameters themselves, which the best-epoch snapshot and resume
+    # points (full state dicts) do not handle yet.
+    zero_stage: Literal[0, 1, 2] = 0
     # Resume points: "epoch" keeps the latest epoch's weights (and optimizer state, if asked)
     # so an interrupted trial restarts from its last completed epoch; "phase" only at phase
     # boundaries (for models whose per-epoch copies are too large to write every epoch).
@@ -257,8 +259,12 @@ class TrialPlan(_Strict):
 
     def identity(self) -> dict:
         """The parameters that determine this trial's results, canonically ordered."""
-        d = self.model_dump(mode="json", exclude={"trial_id", "sweep", "resources"})
-        return d
+        # Where a trial runs, how often it saves resume points and where its data folder
+        # lives do not change what it computes: editing them must not rename the trial.
+        return self.model_dump(
+            mode="json",
+            exclude={"trial_id": True, "sweep": True, "resources": True, "train": {"checkpoint", "checkpoint_optimizer"}, "data": {"sources"}},
+        )
 
     def summary(self) -> dict[str, object]:
         return {

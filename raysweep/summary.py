@@ -26,16 +26,9 @@ class TrialSummary:
 
     @property
     def forget_ratio(self) -> float | None:
-        """Random-label methods aim at chance (1/2); flipped labels at 1 - acc_finetuned."""
-        from raysweep.methods import get_method
+        from raysweep.analysis.measures import forget_ratio
 
-        ft, fg = self.finetuned_test_acc, self.forgotten_test_acc
-        if ft is None or fg is None:
-            return None
-        target = 1 - ft if get_method(self.method).ratio_formula == "flipped" else 0.5
-        if abs(ft - target) < 1e-9:
-            return None
-        return (ft - fg) / (ft - target)
+        return forget_ratio(self.finetuned_test_acc, self.forgotten_test_acc, self.method)
 
 
 def summarize(store: Store, sweep: str | None = None) -> list[TrialSummary]:

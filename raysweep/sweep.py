@@ -245,6 +245,12 @@ def run_sweep(
     for plan in plans:
         if plan.trial_id not in existing:
             store.write_trial_row({**trial_row(plan), "status": "pending", "attempts": 0})
+    current = {p.trial_id for p in plans}
+    for tid, row in existing.items():
+        if tid not in current and row["status"] != "superseded":
+            # A trial of an earlier version of this spec: its rows stay in the store, but
+            # analyses read done trials only, so it is never pooled with the current plan.
+            store.write_trial_row({**row, "status": "superseded"})
     pending = [p for p in plans if existing.get(p.trial_id, {}).get("status") != "done"]
     outcome = SweepOutcome(sweep=spec.name, total=len(plans), already_done=len(plans) - len(pending), dashboard_url=dashboard_url)
     if on_ready:

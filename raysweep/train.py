@@ -100,6 +100,9 @@ class Stepper:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
+    def close(self) -> None:
+        """End of phase: release what the stepper attached to the model."""
+
 
 def _free_port() -> int:
     import socket
@@ -168,9 +171,27 @@ class DeepSpeedStepper(Stepper):
         self.engine.backward(loss)
         self.engine.step()  # clips, unscales, skips the step on fp16 overflow
 
+    def close(self) -> None:
+        # ZeRO registers gradient hooks on the model's parameters that only destroy() removes:
+        # left in place, the previous phase's optimizer would keep consuming gradients.
+        self.engine.destroy()
+
     @property
     def loss_scale(self) -> float | None:
         return getattr(self.engine.optimizer, "cur_scale", None)
+
+
+def resume_safe_globals() -> list:
+    """Classes a resume point may hold besides tensors and plain values: DeepSpeed's ZeRO
+    optimizer state carries its loss scaler, stage enum and fragment addresses (plain data). Loading stays
+    `weights_only`, so nothing else from a store can be unpickled."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def make_optimizer(model, cfg: PhaseConfig, engine: TrainEngine | None = None) -> Stepper:

@@ -9,7 +9,6 @@ so a trial resumed from its last resume point writes exactly what an uninterrupt
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ from raysweep.faults import parse_faults
 from raysweep.faults import fire as fire_fault
 from raysweep.store import EPOCH_KINDS, EpochKey, EpochRecord, Store, hidden_schema
 from raysweep.tasks import Example, PreparedTask, prepare_task
-from raysweep.train import build_batches, make_optimizer, train_epoch
+from raysweep.train import build_batches, make_optimizer, resume_safe_globals, train_epoch
 
 
 @dataclass(frozen=True)
@@ -121,10 +120,15 @@ class TrialRunner:
         forget = self.tasks[p.forget_task]
         self.train_set = forget.split("train")[: p.size]
         eval_names = list(dict.fromkeys([p.forget_task, *p.eval_tasks]))
-        self.slices = [EvalSlice(t, s, self.tasks[t].split(s)) for t in eval_names for s in p.scoring.splits]
-        if not any(s.task == p.forget_task and s.split == "test" for s in self.slices):
-            # Stop rules read the forget task's validation and test accuracy: always score them.
-            self.slices += [EvalSlice(p.forget_task, s, forget.split(s)) for s in ("train", "validation", "test") if s not in p.scoring.splits]
+        # The forget task is always scored on all three splits (its train, validation and test
+        # accuracy drive the stop rules), and its train split is the examples actually trained
+        # on: with size < cap, the rest of the capped split was never seen.
+        forget_splits = list(dict.fromkeys([*p.scoring.splits, "train", "validation", "test"]))
+        self.slices = [
+            EvalSlice(t, s, self.train_set if (t, s) == (p.forget_task, "train") else self.tasks[t].split(s))
+            for t in eval_names
+            for s in (forget_splits if t == p.forget_task else p.scoring.splits)
+        ]
         self.flat = [ex for sl in self.slices for ex in sl.examples]
         self.lm: LoadedModel = load_model(p.model, self.models_dir, device=self.device)
         self.method: ForgetMethod = get_method(p.method, beta=p.phases.forget.npo_beta)
@@ -289,7 +293,8 @@ class TrialRunner:
             return Progress(), None
         try:
             # weights_only: a checkpoint is tensors and plain values; never unpickle code from the store.
-            payload = torch.load(path, map_location=self.device, weights_only=True)
+            with torch.serialization.safe_globals(resume_safe_globals()):
+                payload = torch.load(path, map_location="cpu", weights_only=True)
             progress = Progress(**payload["progress"])
         except Exception as exc:  # noqa: BLE001 - any unreadable resume point is discarded alike
             return self._fresh_start(f"unreadable resume point {path.name} ({type(exc).__name__}: {exc})")
@@ -375,22 +380,24 @@ class TrialRunner:
 
     def run(self, attempt: int = 1) -> Progress:
         self.attempt = attempt
-        progress = Progress()
-        try:
-            with self._exclusive():
+        # The lock comes first: if another live process still owns this trial (a retry racing
+        # its predecessor's exit), fail here without touching that process's status row.
+        with self._exclusive():
+            progress = Progress()
+            try:
                 self._setup()
                 self.store.remove_temp_files(self.plan.sweep, self.plan.trial_id)
                 progress, opt_state = self._load_resume()
                 self._write_status("running", progress)
                 progress = self._run_phases(progress, opt_state)
                 self._write_status("done", progress)
-            return progress
-        except BaseException as exc:
-            reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
-            self._write_status("failed", progress, error=reason, attempts=attempt)
-            (self.ckpt_dir).mkdir(parents=True, exist_ok=True)
-            (self.ckpt_dir / f"error-{attempt}.txt").write_text(traceback.format_exc())
-            raise
+                return progress
+            except BaseException as exc:
+                reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+                self._write_status("failed", progress, error=reason, attempts=attempt)
+                (self.ckpt_dir).mkdir(parents=True, exist_ok=True)
+                (self.ckpt_dir / f"error-{attempt}.txt").write_text(traceback.format_exc())
+                raise
 
     def _run_phases(self, progress: Progress, opt_state: dict | None) -> Progress:
         p = self.plan
@@ -453,9 +460,10 @@ class TrialRunner:
                 break
             self._save_resume(progress, opt, best_state if since_best == 0 else None)
             self._fault_point("resume", "finetune", epoch)
+        opt.close()
         # Forgetting starts from the best-validation checkpoint, not the last epoch.
         model.load_state_dict(best_state)
-        if best_res is None:
+        if best_res is None and self.plan.scoring.hidden_states == "phase_end":
             best_res = self._score()  # resumed after the best epoch: recompute its hidden states
         self._write_best_hidden(progress.best_epoch, best_res)
         return self._end_phase(progress, milestone=progress.best_epoch)
@@ -494,6 +502,7 @@ class TrialRunner:
                 break
             self._save_resume(progress, opt, None)
             self._fault_point("resume", "forget", epoch)
+        opt.close()
         return self._end_phase(progress, milestone=progress.epoch)
 
     def _relearn(self, progress: Progress, opt_state: dict | None) -> Progress:
@@ -517,6 +526,7 @@ class TrialRunner:
                 break
             self._save_resume(progress, opt, None)
             self._fault_point("resume", "relearn", epoch)
+        opt.close()
         return self._end_phase(progress, milestone=progress.epoch)
 
 

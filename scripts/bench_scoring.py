@@ -95,7 +95,7 @@ def main() -> None:
     sync()
     t_ours = time.perf_counter() - t
     t = time.perf_counter()
-    separate = score_examples(model, tok, exs, batch_size=args.batch_size, capture_hidden=True, share_prefix=False)
+    score_examples(model, tok, exs, batch_size=args.batch_size, capture_hidden=True, share_prefix=False)
     sync()
     t_sep = time.perf_counter() - t
 

@@ -263,7 +263,7 @@ def compare_stores(store: Path, reference: Path, atol: float = 1e-6) -> dict:
     con.register("er", er)
     ekeys = "sweep, trial_id, phase, epoch"
     out["epochs_equal"] = bool(
-        one(f"select count(*) from es") == one("select count(*) from er")
+        one("select count(*) from es") == one("select count(*) from er")
         and one(f"select count(*) from (select {ekeys} from er except select {ekeys} from es)") == 0
         and (one(
             f"""select max(greatest({", ".join(f"abs({_num(f'es.{c}')} - {_num(f'er.{c}')})" for c in EPOCH_VALUES)}))

@@ -13,7 +13,7 @@ import torch
 from raysweep.methods import nll_loss
 from raysweep.spec import FinetuneConfig, ModelSpec, TrainEngine
 from raysweep.tasks import prepare_task
-from raysweep.train import DeepSpeedStepper, Stepper, build_batches, deepspeed_config, make_optimizer, train_epoch
+from raysweep.train import DeepSpeedStepper, Stepper, build_batches, deepspeed_config, make_optimizer, resume_safe_globals, train_epoch
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -31,6 +31,14 @@ def _micro(seed=0):
     return model, tok
 
 
+def _saved(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def test_config_maps_the_spec():
     cfg = FinetuneConfig(lr=3e-3, batch_size=3, grad_clip=1.0)
     conf = deepspeed_config(cfg, TrainEngine(engine="deepspeed", precision="fp16", zero_stage=2))
@@ -40,16 +48,26 @@ def test_config_maps_the_spec():
 
 
 @pytest.mark.slow
-def test_deepspeed_fp32_sgd_matches_plain_torch():
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_deepspeed_fp32_sgd_matches_plain_torch(zero_stage):
     exs = prepare_task("sentiment", seed=1, cap=12, max_chars=2048).split("train")
     cfg = FinetuneConfig(lr=5e-2, batch_size=4, grad_clip=0.5)
     results = []
-    for engine in (None, TrainEngine(engine="deepspeed", precision="fp32", zero_stage=0)):
+    for engine in (None, TrainEngine(engine="deepspeed", precision="fp32", zero_stage=zero_stage)):
         model, tok = _micro()
         stepper = make_optimizer(model, cfg, engine)
         assert isinstance(stepper, DeepSpeedStepper if engine else Stepper)
         losses = [train_epoch(model, stepper, build_batches(tok, model, exs, [e.gold for e in exs], 4, random.Random(e)), nll_loss) for e in range(2)]
         results.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        # A second phase on the same model must work, and the first engine must let go.
+        stepper.close()
+        if engine is not None:
+            nxt = make_optimizer(model, cfg, engine)
+            train_epoch(model, nxt, build_batches(tok, model, exs, [e.gold for e in exs], 4, random.Random(9)), nll_loss)
+            # A resume point must load back under weights_only (no code from a store).
+            with torch.serialization.safe_globals(resume_safe_globals()):
+                torch.load(__import__("io").BytesIO(_saved(nxt.state_dict())), weights_only=True)
+            nxt.close()
     (l_t, w_t), (l_d, w_d) = results
     assert l_t == pytest.approx(l_d, abs=1e-5)
     for k in w_t:

@@ -366,3 +366,12 @@ def test_prepared_folder_with_bad_gold_or_missing_split(tmp_path):
 def test_real_task_render_passes_prepared_records_through():
     record = {"idx": 0, "uid": "u", "prompt": "P", "choice_0": " a", "choice_1": " b", "gold": 1}
     assert get_task("wsc").render(record) == ("P", [" a", " b"], 1)
+
+
+def test_a_choice_with_the_gold_text_is_never_the_distractor():
+    from raysweep.tasks.base import binarise
+
+    for i in range(50):
+        pair, g = binarise("t", "train", i, ["4", "4", "5"], 0, seed=3)
+        assert pair[g] == "4" and pair[1 - g] == "5"
+    assert binarise("t", "train", 0, ["same", "same"], 1, seed=3) is None

@@ -1,7 +1,6 @@
 """A trial's phases and stop rules, run in-process on a micro model."""
 
 import pyarrow.compute as pc
-import pytest
 
 from raysweep.spec import FinetuneConfig, ForgetConfig, RelearnConfig, parse_spec
 from raysweep.store import Store

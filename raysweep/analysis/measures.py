@@ -16,13 +16,14 @@ import pyarrow as pa
 
 from raysweep.analysis.reducers import from_fixed_point
 
-FLIPPED_METHODS = ("flipped",)
-
-
 def ratio_formula(method: str) -> str:
     """Flipped labels push accuracy towards 1 - acc_ft rather than chance: the paper's
-    Appendix C baseline. Random labels, gradient ascent and NPO aim at chance (1/2)."""
-    return "flipped" if method in FLIPPED_METHODS else "random"
+    Appendix C baseline. Random labels, gradient ascent and NPO aim at chance (1/2). The
+    method registry says which; a method it does not know (a store from a newer raysweep)
+    is read with the random-label formula."""
+    from raysweep.methods import registered_methods, get_method
+
+    return get_method(method).ratio_formula if method in registered_methods() else "random"
 
 
 def forget_ratio(acc_ft: float | None, acc_forget: float | None, method: str) -> float | None:

@@ -137,13 +137,17 @@ def _uid(task: str, prompt: str, choices: tuple[str, str]) -> str:
     return hashlib.sha1(f"{task}\x1f{prompt}\x1f{choices[0]}\x1f{choices[1]}".encode()).hexdigest()[:16]
 
 
-def binarise(task: str, split: str, i: int, choices: list[str], gold: int, seed: int) -> tuple[tuple[str, str], int]:
-    """Keep gold and one distractor drawn by a seeded draw, in their original relative order."""
+def binarise(task: str, split: str, i: int, choices: list[str], gold: int, seed: int) -> tuple[tuple[str, str], int] | None:
+    """Keep gold and one distractor drawn by a seeded draw, in their original relative order.
+    A choice with the gold answer's very text is no distractor (MathQA and SciQ have some):
+    both would score the same. None when no real distractor is left: the example is dropped."""
     if not 0 <= gold < len(choices):
         raise BadInput(f"task {task}: gold index {gold} outside {len(choices)} choices in {split} record {i}")
+    others = [j for j in range(len(choices)) if j != gold and choices[j] != choices[gold]]
+    if not others:
+        return None
     if len(choices) == 2:
         return (choices[0], choices[1]), gold
-    others = [j for j in range(len(choices)) if j != gold]
     d = _seeded_rng(seed, task, split, i, "distractor").choice(others)
     lo, hi = sorted((gold, d))
     return (choices[lo], choices[hi]), 0 if gold == lo else 1
@@ -189,9 +193,11 @@ def prepare_task(name: str, *, seed: int, cap: int, max_chars: int, source: str 
                 out.append(_Rendered(prompt, pair, int(rec["gold"]), "\x1f".join((prompt, *pair))))
                 continue
             prompt, choices, gold = task.render(rec)
-            pair, g = binarise(name, split, i, list(choices), int(gold), seed)
-            out.append(_Rendered(prompt, pair, g, task.question_key(rec, prompt)))
-        counts[split].rendered = counts[split].binarised = len(out)
+            binary = binarise(name, split, i, list(choices), int(gold), seed)
+            out.append(None if binary is None else _Rendered(prompt, binary[0], binary[1], task.question_key(rec, prompt)))
+        counts[split].rendered = len(out)
+        out = [r for r in out if r is not None]
+        counts[split].binarised = len(out)
         # lm-eval's context + target delimiter + choice is what the model reads.
         out = [r for r in out if max(len(r.prompt) + len(task.delimiter) + len(c) for c in r.choices) <= max_chars]
         counts[split].after_length_filter = len(out)
@@ -211,6 +217,10 @@ def prepare_task(name: str, *, seed: int, cap: int, max_chars: int, source: str 
     if "validation" not in rendered:
         report.split_fallback = True
         rendered["train"], rendered["validation"] = _carve_validation(rendered["train"], len(rendered["test"]), seed, name)
+        # Train may hold the same question twice: the carved validation must not share one
+        # with what stays in train, or early stopping would select on memorised answers.
+        kept = {r.key for r in rendered["train"]}
+        rendered["validation"] = [r for r in rendered["validation"] if r.key not in kept]
         counts["validation"] = StepCounts()
     for split in SPLITS:
         counts[split].after_split_fallback = len(rendered[split])
