@@ -39,7 +39,7 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text)
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> EncodedPair:
+def encode_pair(tokenizer, context: str, continuation: str, context_ids: list[int] | None = None) -> EncodedPair:
     if context == "":
         # lm-eval conditions an empty context on the BOS (else EOS) token, unless the
         # continuation already starts with it.
@@ -53,8 +53,17 @@ def encode_pair(tokenizer, context: str, continuation: str) -> EncodedPair:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
     whole = _encode(tokenizer, context + continuation)
-    ctx = _encode(tokenizer, context)
+    ctx = _encode(tokenizer, context) if context_ids is None else context_ids
     return EncodedPair(ctx, whole[len(ctx) :])
+
+
+def encode_choices(tokenizer, prompt: str, continuations: tuple[str, str]) -> tuple[EncodedPair, EncodedPair]:
+    """Both choices of one example; the context is encoded once when both move the same
+    trailing whitespace (always, since it depends on the prompt alone)."""
+    p0 = encode_pair(tokenizer, prompt, continuations[0])
+    if prompt.rstrip() == "":
+        return p0, encode_pair(tokenizer, prompt, continuations[1])
+    return p0, encode_pair(tokenizer, prompt, continuations[1], context_ids=p0.context)
 
 
 def model_max_length(model, tokenizer=None) -> int:
@@ -205,7 +214,9 @@ def _run_shared(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[
             ids[r, : plen[r]] = torch.tensor(prompts[i])
             mask[r, : plen[r]] = 1
         ids, mask, plen_d = ids.to(device), mask.to(device), plen.to(device)
-        out = base(input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=capture_hidden)
+        # Keys/values are only worth keeping when some choice has tokens after its first.
+        multi = any(len(conts[i][c]) > 1 for i in idx for c in (0, 1))
+        out = base(input_ids=ids, attention_mask=mask, use_cache=multi, output_hidden_states=capture_hidden)
         rows = torch.arange(b, device=device)
         last = out.last_hidden_state[rows, plen_d - 1]
         first_logp = torch.log_softmax(head(last).float(), dim=-1)
@@ -217,9 +228,9 @@ def _run_shared(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[
         # Pass 2: both choices of each prompt, interleaved (row 2r = choice 0, 2r+1 = choice 1).
         rest = [conts[i][c][:-1] for i in idx for c in (0, 1)]
         targets = [conts[i][c][1:] for i in idx for c in (0, 1)]
-        kwidth = max(len(x) for x in rest)
-        if kwidth == 0:
+        if not multi:
             continue  # every choice is a single token: pass 1 scored everything
+        kwidth = max(len(x) for x in rest)
         cache = out.past_key_values
         cache.batch_repeat_interleave(2)
         cids = torch.full((2 * b, kwidth), pad_id, dtype=torch.long)
@@ -263,7 +274,7 @@ def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: in
     shared, separate = [], []
     pairs = []
     for i, ex in enumerate(examples):
-        p0, p1 = (encode_pair(tokenizer, ex.prompt, c) for c in ex.continuations)
+        p0, p1 = encode_choices(tokenizer, ex.prompt, ex.continuations)
         pairs.append((p0, p1))
         n_tokens[i] = (len(p0.continuation), len(p1.continuation))
         fits = max(len(p0.context) + len(p0.continuation), len(p1.context) + len(p1.continuation)) <= max_length + 1
