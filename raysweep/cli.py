@@ -121,11 +121,17 @@ def run(
             live.start()
         live.update(_progress_table(views))
 
+    from transformers.utils import logging as hf_logging
+
+    # The driver builds built-in models: their save progress bars and config notes are noise.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         outcome = run_sweep(spec, spec_path.read_text(), store, address=address, dashboard=dashboard, sink=sink, on_ready=ready, dashboard_host=dashboard_host)
     finally:
         if live is not None:
             live.stop()
+            console.print()
     console.print(_summary_table(summarize(store, spec.name), f"{spec.name}: accuracy on each forget task's test split"))
     console.print(f"{outcome.done} trials ran, {outcome.already_done} were already complete, {len(outcome.failed)} failed · {outcome.seconds:.0f} s")
     for tid, reason in outcome.failed.items():
