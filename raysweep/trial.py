@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from raysweep.methods import ForgetMethod, get_method, nll_loss
@@ -94,9 +95,31 @@ def _seed_for(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def prepare_tasks(plan: TrialPlan) -> dict[str, PreparedTask]:
+def prepare_tasks(plan: TrialPlan, store: Store | None = None) -> dict[str, PreparedTask]:
+    """The examples the sweep's driver prepared and recorded in the store, so that every
+    trial, on any node, scores the very examples the `examples` table describes and no trial
+    reads 21 datasets again. Prepared afresh only where the store has none (a trial run on
+    its own, outside a sweep)."""
     names = list(dict.fromkeys([plan.forget_task, *plan.eval_tasks]))
-    return {n: prepare_task(n, seed=plan.data.seed, cap=plan.data.cap, max_chars=plan.data.max_chars, source=plan.data.sources.get(n)) for n in names}
+    out: dict[str, PreparedTask] = {}
+    for name in names:
+        path = store.path("examples", plan.sweep, f"{name}.parquet") if store is not None else None
+        if path is not None and path.exists():
+            out[name] = _from_examples_table(name, pq.read_table(path), str(path))
+        else:
+            out[name] = prepare_task(name, seed=plan.data.seed, cap=plan.data.cap, max_chars=plan.data.max_chars, source=plan.data.sources.get(name))
+    return out
+
+
+def _from_examples_table(name: str, table: pa.Table, source: str) -> PreparedTask:
+    from raysweep.tasks import get_task
+    from raysweep.tasks.base import PrepReport
+
+    delimiter = get_task(name).delimiter
+    splits: dict[str, list[Example]] = {s: [] for s in ("train", "validation", "test")}
+    for r in sorted(table.to_pylist(), key=lambda r: (r["split"], r["example_idx"])):
+        splits[r["split"]].append(Example(idx=r["example_idx"], uid=r["uid"], prompt=r["prompt"], choices=(r["choice_0"], r["choice_1"]), gold=r["gold"], delimiter=delimiter))
+    return PreparedTask(name=name, splits=splits, report=PrepReport(task=name, source=f"store:{source}"))
 
 
 class TrialRunner:
@@ -116,7 +139,7 @@ class TrialRunner:
 
     def _setup(self) -> None:
         p = self.plan
-        self.tasks = prepare_tasks(p)
+        self.tasks = prepare_tasks(p, self.store)
         forget = self.tasks[p.forget_task]
         self.train_set = forget.split("train")[: p.size]
         eval_names = list(dict.fromkeys([p.forget_task, *p.eval_tasks]))

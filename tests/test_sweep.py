@@ -76,3 +76,28 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and "phases.finetune.lr" in lines[0]
     assert not store.exists()
+
+
+def test_trials_score_the_examples_the_driver_recorded(tmp_path):
+    """A trial reads its examples from the store's `examples` table (what the driver prepared),
+    so the rows it writes join that table exactly."""
+    import pyarrow.parquet as pq
+
+    from raysweep.sweep import prepare_sweep_data, _examples_table
+    from raysweep.trial import prepare_tasks
+
+    spec = parse_spec(tiny_spec_text(name="ex"))
+    store = Store(tmp_path / "store")
+    store.ensure()
+    data = prepare_sweep_data(spec)
+    # Tamper with one recorded prompt: the trial must see the store's version, not re-prepare.
+    table = _examples_table(data["sentiment"]).to_pylist()
+    table[0]["prompt"] = "RECORDED " + table[0]["prompt"]
+    store.write_examples("ex", "sentiment", __import__("pyarrow").Table.from_pylist(table))
+    store.write_examples("ex", "word_order", _examples_table(data["word_order"]))
+    tasks = prepare_tasks(spec.trials()[0], store)
+    first = [e for e in tasks["sentiment"].split(table[0]["split"]) if e.idx == table[0]["example_idx"]][0]
+    assert first.prompt.startswith("RECORDED ")
+    assert {s: len(v) for s, v in tasks["word_order"].splits.items()} == {s: len(v) for s, v in data["word_order"].splits.items()}
+    assert tasks["word_order"].split("test") == data["word_order"].split("test")
+    assert pq.read_table(store.path("examples", "ex", "sentiment.parquet")).num_rows == sum(len(v) for v in data["sentiment"].splits.values())
