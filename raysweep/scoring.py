@@ -116,10 +116,14 @@ def _base_and_head(model):
     return base, head
 
 
-def _sequences(tokenizer, requests: Sequence[tuple[str, str]], max_length: int) -> list[_Seq]:
+def pad_id(tokenizer) -> int:
+    """Padding never reaches a score (masked, or past the last real token): any id will do."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _windows(pairs: Sequence[EncodedPair], max_length: int) -> list[_Seq]:
     seqs = []
-    for ctx, cont in requests:
-        pair = encode_pair(tokenizer, ctx, cont)
+    for pair in pairs:
         if len(pair.continuation) > max_length:
             raise ValueError(f"continuation of {len(pair.continuation)} tokens does not fit the model's {max_length}-token window")
         full = (pair.context + pair.continuation)[-(max_length + 1) :]
@@ -130,15 +134,9 @@ def _sequences(tokenizer, requests: Sequence[tuple[str, str]], max_length: int) 
 
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 32) -> list[float]:
     """Summed log-likelihood of each (context, continuation), exactly as lm-eval computes it."""
-    res = _score_windows(model, tokenizer, requests, batch_size, want_hidden=[False] * len(requests))
-    return [float(x) for x in res[0]]
-
-
-def _score_windows(model, tokenizer, requests, batch_size, want_hidden):
-    max_length = model_max_length(model, tokenizer)
-    windows = _sequences(tokenizer, requests, max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return _run_windows(model, windows, batch_size, pad, want_hidden)
+    windows = _windows([encode_pair(tokenizer, ctx, cont) for ctx, cont in requests], model_max_length(model, tokenizer))
+    sums, _ = _run_windows(model, windows, batch_size, pad_id(tokenizer), want_hidden=[False] * len(requests))
+    return [float(x) for x in sums]
 
 
 @torch.inference_mode()
@@ -266,7 +264,7 @@ def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: in
     the prompt is encoded once per example; examples whose window must be truncated (where
     the two choices see different prompt tokens) are scored as separate sequences."""
     max_length = model_max_length(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     n = len(examples)
     ll_sum = np.zeros((n, 2), dtype=np.float64)
     n_tokens = np.zeros((n, 2), dtype=np.int64)
@@ -286,13 +284,8 @@ def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: in
         if capture_hidden:
             hidden[shared] = hid
     if separate:
-        requests, want = [], []
-        for i in separate:
-            c0, c1 = examples[i].continuations
-            requests += [(examples[i].prompt, c0), (examples[i].prompt, c1)]
-            want += [capture_hidden, False]
-        windows = _sequences(tokenizer, requests, max_length)
-        sums, hid = _run_windows(model, windows, batch_size, pad, want)
+        windows = _windows([p for i in separate for p in pairs[i]], max_length)
+        sums, hid = _run_windows(model, windows, batch_size, pad, [capture_hidden, False] * len(separate))
         ll_sum[separate] = sums.reshape(-1, 2)
         if capture_hidden:
             hidden[separate] = np.stack([hid[2 * k] for k in range(len(separate))])

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from raysweep.scoring import encode_pair, model_max_length
+from raysweep.scoring import encode_pair, model_max_length, pad_id
 from raysweep.spec import PhaseConfig, TrainEngine
 from raysweep.tasks.base import Example
 
@@ -30,7 +30,7 @@ def build_batches(tokenizer, model, examples: Sequence[Example], targets: Sequen
     """Shuffle, then lay out each (prompt, chosen response) exactly as scoring reads it, so
     what is trained is what is measured."""
     max_length = model_max_length(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     order = list(range(len(examples)))
     rng.shuffle(order)
     batches = []
@@ -203,11 +203,8 @@ def make_optimizer(model, cfg: PhaseConfig, engine: TrainEngine | None = None) -
 LossFn = Callable[[torch.nn.Module, TrainBatch], torch.Tensor]
 
 
-def train_epoch(model, stepper: Stepper | torch.optim.Optimizer, batches: Sequence[TrainBatch], loss_fn: LossFn, grad_clip: float | None = None) -> float:
-    """One pass over the batches; returns the mean batch loss. `grad_clip` only applies to a
-    bare torch optimizer (a Stepper carries its own)."""
-    if not isinstance(stepper, Stepper):
-        stepper = Stepper(model, stepper, grad_clip)
+def train_epoch(model, stepper: Stepper, batches: Sequence[TrainBatch], loss_fn: LossFn) -> float:
+    """One pass over the batches; returns the mean batch loss."""
     model.train()
     total = 0.0
     for batch in batches:

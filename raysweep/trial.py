@@ -212,9 +212,8 @@ class TrialRunner:
             hidden = pa.table({**common, "hidden": pa.FixedSizeListArray.from_arrays(flat_values, d)}, schema=hidden_schema(d))
         return scores, hidden
 
-    def _commit(self, phase: str, epoch: int, res: ScoreResult, train_loss: float, seconds: float, phase_end: bool) -> dict[tuple[str, str], float]:
+    def _commit(self, phase: str, epoch: int, res: ScoreResult, acc: dict[tuple[str, str], float], train_loss: float, seconds: float, phase_end: bool) -> None:
         p = self.plan
-        acc = self._accuracies(res)
         policy = p.scoring.hidden_states
         with_hidden = policy == "every_epoch" or (policy == "phase_end" and phase_end)
         scores, hidden = self._tables(phase, epoch, res, with_hidden)
@@ -242,7 +241,6 @@ class TrialRunner:
                 float(np.mean(test_accs)),
             )
         )
-        return acc
 
     def _write_best_hidden(self, epoch: int, res: ScoreResult) -> None:
         """The fine-tuned milestone is the best-validation epoch, known only when the phase
@@ -428,7 +426,8 @@ class TrialRunner:
 
         if progress.phase == "pretrained" and progress.epoch < 0:
             t0 = time.time()
-            self._commit("pretrained", 0, self._score(), float("nan"), time.time() - t0, phase_end=True)
+            res = self._score()
+            self._commit("pretrained", 0, res, self._accuracies(res), float("nan"), time.time() - t0, phase_end=True)
             progress = Progress(phase="finetune", epoch=0)
             self._save_resume(progress, None, None)
             self._fault_point("resume", "pretrained", 0)
@@ -469,9 +468,10 @@ class TrialRunner:
         gold = [ex.gold for ex in self.train_set]
         for epoch in range(progress.epoch + 1, cfg.max_epochs + 1):
             t0 = time.time()
-            loss = train_epoch(model, opt, self._epoch_batches("finetune", epoch, gold, cfg), nll_loss, cfg.grad_clip)
+            loss = train_epoch(model, opt, self._epoch_batches("finetune", epoch, gold, cfg), nll_loss)
             res = self._score()
-            acc = self._commit("finetune", epoch, res, loss, time.time() - t0, phase_end=False)
+            acc = self._accuracies(res)
+            self._commit("finetune", epoch, res, acc, loss, time.time() - t0, phase_end=False)
             progress.epoch = epoch
             if acc[(ft, "validation")] > progress.best_val_acc:
                 progress.best_val_acc, progress.best_epoch, since_best = acc[(ft, "validation")], epoch, 0
@@ -505,53 +505,40 @@ class TrialRunner:
 
     def _forget(self, progress: Progress, opt_state: dict | None) -> Progress:
         cfg = self.plan.phases.forget
-        ft = self.plan.forget_task
-        model = self.lm.model
-        opt = make_optimizer(model, cfg, self.plan.train)
-        if opt_state:
-            opt.load_state_dict(opt_state)
-        for epoch in range(progress.epoch + 1, cfg.max_epochs + 1):
-            t0 = time.time()
-            rng = random.Random(_seed_for(self.plan.seed, "forget", epoch, "labels"))
-            targets = self.method.targets(self.train_set, epoch, rng)
-            loss = train_epoch(model, opt, self._epoch_batches("forget", epoch, targets, cfg), self.method.loss, cfg.grad_clip)
-            res = self._score()
-            acc = self._accuracies(res)
-            last = forget_should_stop(acc[(ft, "test")], epoch, cfg)
-            self._commit("forget", epoch, res, loss, time.time() - t0, phase_end=last)
-            progress.epoch = epoch
-            progress.last_forget_epoch = epoch
-            if last:
-                break
-            self._save_resume(progress, opt, None)
-            self._fault_point("resume", "forget", epoch)
-        opt.close()
-        return self._end_phase(progress, milestone=progress.epoch)
+
+        def targets(epoch: int) -> list[int]:
+            return self.method.targets(self.train_set, epoch, random.Random(_seed_for(self.plan.seed, "forget", epoch, "labels")))
+
+        return self._train_phase("forget", cfg, progress, opt_state, targets, self.method.loss, lambda acc, epoch: forget_should_stop(acc[(self.plan.forget_task, "test")], epoch, cfg))
 
     def _relearn(self, progress: Progress, opt_state: dict | None) -> Progress:
         cfg = self.plan.phases.relearn
-        ft = self.plan.forget_task
+        gold = [ex.gold for ex in self.train_set]
+        return self._train_phase("relearn", cfg, progress, opt_state, lambda epoch: gold, nll_loss, lambda acc, epoch: relearn_should_stop(acc[(self.plan.forget_task, "train")], epoch, cfg))
+
+    def _train_phase(self, phase: str, cfg: PhaseConfig, progress: Progress, opt_state: dict | None, targets, loss_fn, should_stop) -> Progress:
+        """Forget and relearn: train towards `targets(epoch)`, score, commit, until `should_stop`.
+        The stop decision comes before the commit: the last epoch carries the milestone's
+        hidden states."""
         model = self.lm.model
         opt = make_optimizer(model, cfg, self.plan.train)
         if opt_state:
             opt.load_state_dict(opt_state)
-        gold = [ex.gold for ex in self.train_set]
         for epoch in range(progress.epoch + 1, cfg.max_epochs + 1):
             t0 = time.time()
-            loss = train_epoch(model, opt, self._epoch_batches("relearn", epoch, gold, cfg), nll_loss, cfg.grad_clip)
+            loss = train_epoch(model, opt, self._epoch_batches(phase, epoch, targets(epoch), cfg), loss_fn)
             res = self._score()
             acc = self._accuracies(res)
-            last = relearn_should_stop(acc[(ft, "train")], epoch, cfg)
-            self._commit("relearn", epoch, res, loss, time.time() - t0, phase_end=last)
+            last = should_stop(acc, epoch)
+            self._commit(phase, epoch, res, acc, loss, time.time() - t0, phase_end=last)
             progress.epoch = epoch
-            progress.last_relearn_epoch = epoch
+            setattr(progress, f"last_{phase}_epoch", epoch)
             if last:
                 break
             self._save_resume(progress, opt, None)
-            self._fault_point("resume", "relearn", epoch)
+            self._fault_point("resume", phase, epoch)
         opt.close()
         return self._end_phase(progress, milestone=progress.epoch)
-
 
 def trial_row(plan: TrialPlan) -> dict:
     return {
