@@ -92,10 +92,10 @@ def run(
     if dry_run:
         plans = spec.trials()
         t = Table(title=f"{spec.name}: {len(plans)} trials", title_justify="left")
-        for col in ("trial_id", "model", "forget task", "method", "n", "seed", "eval tasks", "cpu", "gpu"):
+        for col in ("trial_id", "model", "forget task", "method", "n", "seed", "eval tasks", "cpu", "gpu", "workers"):
             t.add_column(col)
         for p in plans:
-            t.add_row(p.trial_id, p.model.name, p.forget_task, p.method, str(p.size), str(p.seed), str(len(p.eval_tasks)), f"{p.resources.cpu:g}", f"{p.resources.gpu:g}")
+            t.add_row(p.trial_id, p.model.name, p.forget_task, p.method, str(p.size), str(p.seed), str(len(p.eval_tasks)), f"{p.resources.cpu:g}", f"{p.resources.gpu:g}", str(p.resources.n_workers))
         console.print(t)
         return
     from rich.live import Live
@@ -259,7 +259,7 @@ def repair(store_root: Path = STORE_OPT) -> None:
     store = Store(store_root)
     if not store.exists():
         raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
-    bad = store.verify()
+    bad = store.verify(deep=True)
     moved = store.quarantine([p for p, _ in bad])
     for src, dest in zip(bad, moved):
         console.print(f"quarantined {src[0]} -> {dest} ({src[1]})", highlight=False)

@@ -15,6 +15,7 @@ Format: one or more faults separated by ';', each a comma-separated list of key=
     trial    only trials whose id contains this text (default: every trial)
     attempt  only on this attempt of the trial, counted across drivers and Tune retries
              (default 1, so a retried trial gets through); '*' for every attempt
+    rank     which data-parallel rank of a multi-worker trial fails (default 0)
 
     RAYSWEEP_FAULT="action=kill,phase=finetune,epoch=2,point=commit,trial=sentiment"
 """
@@ -42,10 +43,12 @@ class Fault:
     point: str = "resume"
     trial: str = ""
     attempt: int | None = 1  # None: every attempt
+    rank: int = 0
 
-    def matches(self, trial_id: str, attempt: int, phase: str, epoch: int, point: str) -> bool:
+    def matches(self, trial_id: str, attempt: int, phase: str, epoch: int, point: str, rank: int = 0) -> bool:
         return (
-            self.phase == phase
+            self.rank == rank
+            and self.phase == phase
             and self.epoch == epoch
             and self.point == point
             and self.trial in trial_id
@@ -66,7 +69,7 @@ def parse_faults(text: str | None) -> list[Fault]:
             if not sep:
                 raise ValueError(f"{ENV}: {part.strip()!r} is not key=value")
             kv[key.strip()] = value.strip()
-        unknown = set(kv) - {"action", "phase", "epoch", "point", "trial", "attempt"}
+        unknown = set(kv) - {"action", "phase", "epoch", "point", "trial", "attempt", "rank"}
         if unknown:
             raise ValueError(f"{ENV}: unknown key(s) {sorted(unknown)}")
         if kv.get("action") not in ACTIONS:
@@ -84,6 +87,7 @@ def parse_faults(text: str | None) -> list[Fault]:
                 point=kv.get("point", "resume"),
                 trial=kv.get("trial", ""),
                 attempt=None if attempt == "*" else int(attempt),
+                rank=int(kv.get("rank", "0")),
             )
         )
     return faults

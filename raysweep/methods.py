@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 from raysweep.errors import BadInput
 from raysweep.tasks.base import Example
-from raysweep.train import TrainBatch, response_logprobs
+from raysweep.train import BatchLoss, TrainBatch, response_logprobs
 
 
-def nll_loss(model, batch: TrainBatch) -> torch.Tensor:
-    """Mean negative log-likelihood per response token across the batch."""
+def nll_loss(model, batch: TrainBatch) -> BatchLoss:
+    """Negative log-likelihood per response token, averaged over the batch's tokens."""
     lp, n = response_logprobs(model, batch)
-    return -lp.sum() / n.sum().clamp(min=1)
+    return BatchLoss(-lp.sum(), n.sum())
 
 
 class ForgetMethod(ABC):
@@ -41,7 +41,7 @@ class ForgetMethod(ABC):
     def prepare(self, model, batches_of_gold: Sequence[TrainBatch]) -> None:
         """Hook run once at the start of the phase, before any update (NPO's reference)."""
 
-    def loss(self, model, batch: TrainBatch) -> torch.Tensor:
+    def loss(self, model, batch: TrainBatch) -> BatchLoss:
         return nll_loss(model, batch)
 
 
@@ -126,4 +126,5 @@ class NPO(ForgetMethod):
     def loss(self, model, batch):
         lp, _ = response_logprobs(model, batch)
         ref = torch.tensor([self._ref[i] for i in batch.example_idx.tolist()], device=lp.device)
-        return (2.0 / self.beta) * (-F.logsigmoid(-self.beta * (lp - ref))).mean()
+        per_example = (2.0 / self.beta) * -F.logsigmoid(-self.beta * (lp - ref))
+        return BatchLoss(per_example.sum(), torch.tensor(float(len(per_example)), device=lp.device))

@@ -123,8 +123,31 @@ class Phases(_Strict):
 
 
 class Resources(_Strict):
+    # Per trial. A trial with several workers splits its CPUs evenly between them and gives
+    # each worker one GPU.
     cpu: Annotated[float, Field(gt=0)] = 1
     gpu: Annotated[float, Field(ge=0)] = 0
+    # Data-parallel processes per trial (Ray Train workers inside the Tune trial). Defaults
+    # to one per GPU; set it to run several CPU workers (gloo).
+    workers: PositiveInt | None = None
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers if self.workers is not None else max(1, int(self.gpu))
+
+    @property
+    def per_worker(self) -> tuple[float, float]:
+        """(CPUs, GPUs) of each worker."""
+        n = self.n_workers
+        return self.cpu / n, (self.gpu / n if self.gpu else 0.0)
+
+    @model_validator(mode="after")
+    def _whole_gpus_per_worker(self) -> "Resources":
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ValueError(f"gpu: a trial holding more than one GPU holds whole GPUs (got {self.gpu:g})")
+        if self.workers is not None and self.gpu and self.gpu != self.workers and (self.workers > 1 or self.gpu > 1):
+            raise ValueError(f"workers: each worker drives one GPU, so workers must equal gpu (workers {self.workers}, gpu {self.gpu:g})")
+        return self
 
 
 class TrainEngine(_Strict):
@@ -137,7 +160,10 @@ class TrainEngine(_Strict):
     # so an interrupted trial restarts from its last completed epoch; "phase" only at phase
     # boundaries (for models whose per-epoch copies are too large to write every epoch).
     checkpoint: Literal["epoch", "phase", "none"] = "epoch"
-    checkpoint_optimizer: bool = True
+    # Optimizer state in resume points (exact resume). "auto": only for models up to
+    # 1B parameters; a 7B model's fp32 master weights and moments would add 28-84 GB to
+    # every resume point, so large models resume from their weights alone by default.
+    checkpoint_optimizer: bool | Literal["auto"] = "auto"
 
 
 class ScoringConfig(_Strict):
@@ -221,11 +247,9 @@ class SweepSpec(_Strict):
         for name in self.data.sources:
             if name not in self.tasks:
                 raise ValueError(f"data.sources: {name!r} is not one of the spec's tasks")
-        if self.train.engine == "deepspeed" and self.resources.gpu < 1:
-            raise ValueError("train.engine: deepspeed needs resources.gpu >= 1")
-        if self.resources.gpu > 1:
-            # A trial drives one device; asking Ray for more would hold GPUs that sit idle.
-            raise ValueError(f"resources.gpu: one GPU per trial at most (got {self.resources.gpu:g}); multi-GPU trials are not supported yet")
+        if self.train.engine == "deepspeed" and self.resources.gpu < 1 and self.train.precision != "fp32":
+            # DeepSpeed runs on CPU (gloo) only in fp32: its fp16/bf16 paths need a GPU.
+            raise ValueError(f"train.engine: deepspeed with precision {self.train.precision} needs resources.gpu >= 1 (on CPU use precision fp32)")
         return self
 
     @property

@@ -135,11 +135,30 @@ def _check_resources(spec: SweepSpec) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     best_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     best_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+    all_cpu = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    all_gpu = sum(n["Resources"].get("GPU", 0) for n in nodes)
     r = spec.resources
-    if r.gpu > best_gpu:
-        raise BadInput(f"resources.gpu: each trial asks for {r.gpu:g} GPU(s) on one node, the largest node has {best_gpu:g}")
-    if r.cpu > best_cpu:
-        raise BadInput(f"resources.cpu: each trial asks for {r.cpu:g} CPU(s) on one node, the largest node has {best_cpu:g}")
+    # A multi-worker trial's workers may sit on different nodes, but each worker needs its
+    # share on one node, and the cluster must hold all of them at once.
+    cpu_each, gpu_each = r.per_worker
+    if r.gpu > all_gpu or gpu_each > best_gpu:
+        raise BadInput(f"resources.gpu: each trial asks for {r.gpu:g} GPU(s) ({r.n_workers} worker(s) of {gpu_each:g}); the cluster has {all_gpu:g}, the largest node has {best_gpu:g}")
+    if r.cpu > all_cpu or cpu_each > best_cpu:
+        raise BadInput(f"resources.cpu: each trial asks for {r.cpu:g} CPU(s) ({r.n_workers} worker(s) of {cpu_each:g}); the cluster has {all_cpu:g}, the largest node has {best_cpu:g}")
+
+
+def _cluster_capacity(spec: SweepSpec) -> int:
+    """How many trials the cluster can run at once: multi-worker trials hold no resources of
+    their own in Tune (their workers do), so Tune must be told, or it would start trials
+    whose workers then wait for a placement group."""
+    import ray
+
+    total = ray.cluster_resources()
+    r = spec.resources
+    fits = [int(total.get("CPU", 0) // r.cpu)]
+    if r.gpu:
+        fits.append(int(total.get("GPU", 0) // r.gpu))
+    return max(1, min(fits))
 
 
 def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir: str, faults: str | None = None) -> None:
@@ -149,12 +168,81 @@ def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir:
     from raysweep.trial import TrialRunner
 
     plan = TrialPlan.model_validate_json(plans[config["trial_id"]])
-    torch.set_num_threads(max(1, int(plan.resources.cpu)))
     store = Store(store_root)
     prev = store.read("trials", sweep=plan.sweep, filter=None).to_pylist()
     attempts = next((r["attempts"] or 0 for r in prev if r["trial_id"] == plan.trial_id), 0)
+    if plan.resources.n_workers > 1:
+        _run_workers(plan, store, models_dir, faults, attempts + 1)
+        return
+    torch.set_num_threads(max(1, int(plan.resources.cpu)))
     runner = TrialRunner(plan, store, Path(models_dir), reporter=lambda rep: tune.report(asdict(rep)), faults=faults or "")
     runner.run(attempt=attempts + 1)
+
+
+def _run_workers(plan: TrialPlan, store: Store, models_dir: str, faults: str | None, attempt: int) -> None:
+    """A trial that holds several devices: Ray Train workers inside this Tune trial, one
+    process per device. Ray Train places them (a placement group, shown on the dashboard),
+    forms their process group on a rendezvous port it picks free on rank 0's node (so
+    concurrent trials never collide), and relays rank 0's epoch reports to Tune. A failed
+    worker fails the Train run and so this trial, which Tune retries from the resume point."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    r = plan.resources
+    cpu_each, gpu_each = r.per_worker
+    resources_per_worker = {"CPU": cpu_each, **({"GPU": gpu_each} if gpu_each else {})}
+    trainer = TorchTrainer(
+        _trial_worker,
+        train_loop_config={"plan": plan.model_dump_json(), "store_root": str(store.root), "models_dir": models_dir, "faults": faults or "", "attempt": attempt},
+        torch_config=TorchConfig(backend="nccl" if gpu_each else "gloo"),
+        scaling_config=ScalingConfig(num_workers=r.n_workers, use_gpu=bool(gpu_each), resources_per_worker=resources_per_worker),
+        run_config=RunConfig(
+            name=f"{plan.trial_id}-attempt{attempt}",
+            storage_path=str(store.ray_dir / "train"),
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=0),  # retries are Tune's (spec.max_failures)
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        # Rank 0 records its own failure; a failure on another rank kills rank 0 mid-collective.
+        row = next((x for x in store.trials(plan.sweep).to_pylist() if x["trial_id"] == plan.trial_id), None)
+        if row is not None and row["status"] != "failed":
+            reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+            store.write_trial_row({**row, "status": "failed", "error": reason, "attempts": attempt})
+        raise
+
+
+def _trial_worker(config: dict) -> None:
+    """One rank of a multi-worker trial (runs in a Ray Train worker)."""
+    import json
+
+    import ray.train
+    import torch
+    from ray.train.torch import get_device
+
+    from raysweep.distributed import Group
+    from raysweep.trial import TrialRunner
+
+    plan = TrialPlan.model_validate_json(config["plan"])
+    group = Group.from_torch()
+    torch.set_num_threads(max(1, int(plan.resources.per_worker[0])))
+    device = get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = Store(config["store_root"])
+    runner = TrialRunner(
+        plan, store, Path(config["models_dir"]), reporter=lambda rep: ray.train.report(asdict(rep)), device=str(device), faults=config["faults"], group=group
+    )
+    if group.is_main:
+        # Where each attempt's ranks ran, for the person reading a failed trial's logs.
+        info = {"attempt": config["attempt"], "world": group.world, "master": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", "device": str(device), "time": time.time()}
+        runner.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        with open(runner.ckpt_dir / "workers.jsonl", "a") as fh:
+            fh.write(json.dumps(info) + "\n")
+    runner.run(attempt=config["attempt"])
 
 
 class _ProgressCallback(tune.Callback):
@@ -267,15 +355,20 @@ def run_sweep(
             ensure_builtin(model, models_dir)
 
     views = {p.trial_id: TrialView(p.trial_id, p.forget_task, p.method) for p in pending}
+    multi_worker = spec.resources.n_workers > 1
+    # A multi-worker trial's own process only waits on its Ray Train workers, which hold the
+    # trial's CPUs and GPUs; it asks for a token of memory because Tune needs some request.
+    trial_resources = {"cpu": 0, "memory": 1 << 20} if multi_worker else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    max_concurrent = spec.max_concurrent_trials or (_cluster_capacity(spec) if multi_worker else None)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, plans={p.trial_id: p.model_dump_json() for p in pending}, store_root=str(store.root), models_dir=str(models_dir), faults=faults),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+        trial_resources,
     )
     tuner = tune.Tuner(
         trainable,
         param_space={"trial_id": tune.grid_search([p.trial_id for p in pending])},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=spec.max_concurrent_trials,
+            max_concurrent_trials=max_concurrent,
             trial_dirname_creator=lambda t: t.config["trial_id"],
             trial_name_creator=lambda t: t.config["trial_id"],
         ),

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from raysweep.distributed import SINGLE, Group
 from raysweep.scoring import encode_pair, model_max_length, pad_id
 from raysweep.spec import PhaseConfig, TrainEngine
 from raysweep.tasks.base import Example
@@ -24,6 +25,30 @@ class TrainBatch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T): next-token targets, -100 outside the response
     example_idx: torch.Tensor  # (B,) positions in the training list, for per-example state
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def rows(self, index: torch.Tensor | slice) -> "TrainBatch":
+        return TrainBatch(self.input_ids[index], self.attention_mask[index], self.labels[index], self.example_idx[index])
+
+    def shard(self, rank: int, world: int) -> "TrainBatch":
+        """This rank's rows of a global batch (every rank builds the same global batches)."""
+        return self if world == 1 else self.rows(slice(rank, None, world))
+
+
+@dataclass
+class BatchLoss:
+    """A loss as a sum over units (response tokens, or examples) and the number of units.
+    Kept apart so that data-parallel ranks can divide by the *global* batch's count: each
+    rank's gradient is then its exact share of the single-process gradient, whatever the
+    shards' sizes."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    def __neg__(self) -> "BatchLoss":
+        return BatchLoss(-self.total, self.count)
 
 
 def build_batches(tokenizer, model, examples: Sequence[Example], targets: Sequence[int], batch_size: int, rng: random.Random) -> list[TrainBatch]:
@@ -104,6 +129,25 @@ class Stepper:
         """End of phase: release what the stepper attached to the model."""
 
 
+class DDPStepper(Stepper):
+    """Plain PyTorch across several ranks: DistributedDataParallel averages the gradients
+    (and, when it wraps the model, makes every rank start from rank 0's weights)."""
+
+    def __init__(self, model, optimizer: torch.optim.Optimizer, grad_clip: float | None):
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().__init__(model, optimizer, grad_clip)
+        device = next(model.parameters()).device
+        self.ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    @property
+    def forward_model(self):
+        return self.ddp
+
+    def close(self) -> None:
+        del self.ddp
+
+
 def _free_port() -> int:
     import socket
 
@@ -131,9 +175,12 @@ def ensure_single_process_group() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
 
 
-def deepspeed_config(cfg: PhaseConfig, engine: TrainEngine) -> dict:
+def deepspeed_config(cfg: PhaseConfig, engine: TrainEngine, world: int = 1) -> dict:
     conf: dict = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        # Each rank's share of the phase's batch: DeepSpeed derives the global batch size
+        # (micro batch x ranks) and only checks it; the loss is normalised by the true global
+        # count in `train_epoch`.
+        "train_micro_batch_size_per_gpu": -(-cfg.batch_size // world),
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": engine.zero_stage},
         # SGD is not one of DeepSpeed's own optimizers: it runs as a client (torch) optimizer.
@@ -155,12 +202,13 @@ class DeepSpeedStepper(Stepper):
     top-level gradient clipping, the phase's torch optimizer as DeepSpeed's client optimizer.
     One engine per phase: each phase starts a fresh optimizer, as in the paper."""
 
-    def __init__(self, model, cfg: PhaseConfig, engine: TrainEngine):
+    def __init__(self, model, cfg: PhaseConfig, engine: TrainEngine, world: int = 1):
         import deepspeed
 
         ensure_single_process_group()
         optimizer = _torch_optimizer(model, cfg)
-        self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, engine))
+        # With several ranks, initialize() also broadcasts rank 0's weights to the others.
+        self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, engine, world))
         super().__init__(model, ds_optimizer, None)
 
     @property
@@ -194,22 +242,35 @@ def resume_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def make_optimizer(model, cfg: PhaseConfig, engine: TrainEngine | None = None) -> Stepper:
+def make_optimizer(model, cfg: PhaseConfig, engine: TrainEngine | None = None, group: Group = SINGLE) -> Stepper:
     if engine is not None and engine.engine == "deepspeed":
-        return DeepSpeedStepper(model, cfg, engine)
+        return DeepSpeedStepper(model, cfg, engine, group.world)
+    if group.world > 1:
+        return DDPStepper(model, _torch_optimizer(model, cfg), cfg.grad_clip)
     return Stepper(model, _torch_optimizer(model, cfg), cfg.grad_clip)
 
 
-LossFn = Callable[[torch.nn.Module, TrainBatch], torch.Tensor]
+LossFn = Callable[[torch.nn.Module, TrainBatch], BatchLoss]
 
 
-def train_epoch(model, stepper: Stepper, batches: Sequence[TrainBatch], loss_fn: LossFn) -> float:
-    """One pass over the batches; returns the mean batch loss."""
+def train_epoch(model, stepper: Stepper, batches: Sequence[TrainBatch], loss_fn: LossFn, group: Group = SINGLE) -> float:
+    """One pass over the batches; returns the mean batch loss. Each rank trains on its
+    shard of every global batch; the ranks' gradients are averaged by DDP or DeepSpeed, so
+    each rank's loss is scaled by world / global count to make that average the gradient of
+    the global batch's loss."""
     model.train()
     total = 0.0
     for batch in batches:
-        loss = loss_fn(stepper.forward_model, batch)
+        shard, weight = batch.shard(group.rank, group.world), 1.0
+        if len(shard) == 0:
+            # Fewer rows than ranks: this rank still joins the gradient all-reduce, with a
+            # zero-weighted copy of one row.
+            shard, weight = batch.rows(slice(0, 1)), 0.0
+        terms = loss_fn(stepper.forward_model, shard)
+        mine = torch.stack([terms.total.detach().double(), terms.count.detach().double()]) * weight
+        batch_total, batch_count = group.sum(mine).tolist()
+        loss = terms.total * (weight * group.world / max(batch_count, 1.0))
         stepper.step(loss)
-        total += float(loss.detach())
+        total += batch_total / max(batch_count, 1.0)
     model.eval()
     return total / max(len(batches), 1)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from raysweep.distributed import SINGLE, Group
 from raysweep.methods import ForgetMethod, get_method, nll_loss
 from raysweep.models import LoadedModel, load_model
 from raysweep.scoring import ScoreResult, score_examples
@@ -34,6 +35,10 @@ from raysweep.faults import fire as fire_fault
 from raysweep.store import EPOCH_KINDS, EpochKey, EpochRecord, Store, hidden_schema
 from raysweep.tasks import Example, PreparedTask, prepare_task
 from raysweep.train import build_batches, make_optimizer, resume_safe_globals, train_epoch
+
+
+# checkpoint_optimizer: auto keeps optimizer state in resume points up to this model size.
+OPTIMIZER_STATE_MAX_PARAMS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -123,8 +128,11 @@ def _from_examples_table(name: str, table: pa.Table, source: str) -> PreparedTas
 
 
 class TrialRunner:
-    def __init__(self, plan: TrialPlan, store: Store, models_dir: Path, reporter: Reporter | None = None, device: str | None = None, faults: str | None = None):
+    def __init__(self, plan: TrialPlan, store: Store, models_dir: Path, reporter: Reporter | None = None, device: str | None = None, faults: str | None = None, group: Group = SINGLE):
         self.plan = plan
+        # Data-parallel ranks all run this class; rank 0 alone writes (store, resume points,
+        # status rows, fault log) and every rank reports the same epoch results.
+        self.group = group
         self.store = store
         self.models_dir = Path(models_dir)
         self.reporter = reporter or (lambda r: None)
@@ -154,12 +162,28 @@ class TrialRunner:
         ]
         self.flat = [ex for sl in self.slices for ex in sl.examples]
         self.lm: LoadedModel = load_model(p.model, self.models_dir, device=self.device)
+        policy = p.train.checkpoint_optimizer
+        n_params = sum(t.numel() for t in self.lm.model.parameters())
+        self.keep_optimizer = policy if isinstance(policy, bool) else n_params <= OPTIMIZER_STATE_MAX_PARAMS
         self.method: ForgetMethod = get_method(p.method, beta=p.phases.forget.npo_beta)
 
     # ---- scoring and commits -------------------------------------------------------------
 
-    def _score(self) -> ScoreResult:
-        return score_examples(self.lm.model, self.lm.tokenizer, self.flat, batch_size=self.plan.scoring.batch_size, capture_hidden=self.plan.scoring.hidden_states != "none")
+    def _score(self) -> ScoreResult | None:
+        """Every example scored; with several ranks each scores every world-th example
+        (interleaved, so lengths balance) and rank 0 gathers the whole result."""
+        g = self.group
+        mine = self.flat[g.rank :: g.world]
+        part = score_examples(self.lm.model, self.lm.tokenizer, mine, batch_size=self.plan.scoring.batch_size, capture_hidden=self.plan.scoring.hidden_states != "none")
+        if g.world == 1:
+            return part
+        parts = g.gather(part)
+        return _interleave(parts, len(self.flat)) if g.is_main else None
+
+    def _score_epoch(self) -> tuple[ScoreResult | None, dict[tuple[str, str], float]]:
+        """Scores (rank 0) and accuracies (every rank: they drive the stop rules)."""
+        res = self._score()
+        return res, self.group.broadcast(self._accuracies(res) if self.group.is_main else None)
 
     def _accuracies(self, res: ScoreResult) -> dict[tuple[str, str], float]:
         gold = np.array([ex.gold for ex in self.flat])
@@ -212,7 +236,22 @@ class TrialRunner:
             hidden = pa.table({**common, "hidden": pa.FixedSizeListArray.from_arrays(flat_values, d)}, schema=hidden_schema(d))
         return scores, hidden
 
-    def _commit(self, phase: str, epoch: int, res: ScoreResult, acc: dict[tuple[str, str], float], train_loss: float, seconds: float, phase_end: bool) -> None:
+    def _commit(self, phase: str, epoch: int, res: ScoreResult | None, acc: dict[tuple[str, str], float], train_loss: float, seconds: float, phase_end: bool) -> None:
+        p = self.plan
+        ft = p.forget_task
+        if self.group.is_main:
+            self._write_epoch(phase, epoch, res, acc, train_loss, seconds, phase_end)
+        self._fault_point("commit", phase, epoch)
+        test_accs = [v for (t, s), v in acc.items() if s == "test"]
+        self.reporter(
+            EpochReport(
+                p.trial_id, phase, epoch, train_loss,
+                acc.get((ft, "train"), float("nan")), acc[(ft, "validation")], acc[(ft, "test")],
+                float(np.mean(test_accs)),
+            )
+        )
+
+    def _write_epoch(self, phase: str, epoch: int, res: ScoreResult, acc: dict[tuple[str, str], float], train_loss: float, seconds: float, phase_end: bool) -> None:
         p = self.plan
         policy = p.scoring.hidden_states
         with_hidden = policy == "every_epoch" or (policy == "phase_end" and phase_end)
@@ -232,20 +271,11 @@ class TrialRunner:
             }
         )
         self.store.commit_epoch(EpochRecord(EpochKey(p.sweep, p.trial_id, phase, epoch), scores, summary, hidden))
-        self._fault_point("commit", phase, epoch)
-        test_accs = [v for (t, s), v in acc.items() if s == "test"]
-        self.reporter(
-            EpochReport(
-                p.trial_id, phase, epoch, train_loss,
-                acc.get((ft, "train"), float("nan")), acc[(ft, "validation")], acc[(ft, "test")],
-                float(np.mean(test_accs)),
-            )
-        )
 
     def _write_best_hidden(self, epoch: int, res: ScoreResult) -> None:
         """The fine-tuned milestone is the best-validation epoch, known only when the phase
         ends: its hidden states are kept in memory until then and written beside its scores."""
-        if self.plan.scoring.hidden_states != "phase_end":
+        if self.plan.scoring.hidden_states != "phase_end" or not self.group.is_main or res is None:
             return
         _, hidden = self._tables("finetune", epoch, res, with_hidden=True)
         if hidden is not None:
@@ -256,6 +286,8 @@ class TrialRunner:
         gone further (or kept hidden states of another epoch) before it died: a rerun that is
         not bit-identical (GPU kernels) can stop at a different epoch. Those rows belong to no
         trajectory, so they go; with deterministic reruns there is never anything to drop."""
+        if not self.group.is_main:
+            return
         s, t = self.plan.sweep, self.plan.trial_id
         on_disk = set(self.store.committed_epochs(s, t).get(phase, []))
         for kind in EPOCH_KINDS:
@@ -269,10 +301,10 @@ class TrialRunner:
 
     def _fault_point(self, point: str, phase: str, epoch: int) -> None:
         for f in self.faults:
-            if f.matches(self.plan.trial_id, self.attempt, phase, epoch, point):
+            if f.matches(self.plan.trial_id, self.attempt, phase, epoch, point, self.group.rank):
                 # Logged before firing (a SIGKILL leaves no other trace): tests count real faults.
                 with open(self.ckpt_dir / "faults.log", "a") as fh:
-                    fh.write(json.dumps({"pid": os.getpid(), "attempt": self.attempt, "action": f.action, "phase": phase, "epoch": epoch, "point": point, "time": time.time()}) + "\n")
+                    fh.write(json.dumps({"pid": os.getpid(), "rank": self.group.rank, "attempt": self.attempt, "action": f.action, "phase": phase, "epoch": epoch, "point": point, "time": time.time()}) + "\n")
                 fire_fault(f, self.plan.trial_id, self.attempt)
 
     # ---- resume points -------------------------------------------------------------------
@@ -287,14 +319,24 @@ class TrialRunner:
         policy = self.plan.train.checkpoint
         if policy == "none" or (policy == "phase" and not progress.phase_done):
             return
+        g = self.group
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if g.world > 1 and optimizer is not None and self.keep_optimizer:
+            # ZeRO partitions optimizer state across ranks: each rank keeps its own part,
+            # tagged with its epoch, and all are on disk before rank 0's resume point names
+            # that epoch.
+            state = {"tag": [progress.phase, progress.epoch], "world": g.world, "state": optimizer.state_dict()}
+            _atomic_torch_save(state, self._rank_optimizer_path(g.rank))
+            g.barrier()
+        if not g.is_main:
+            return
         if best_state is not None:
             # Before latest.pt: a resume point naming a best epoch must find its weights on disk.
             _atomic_torch_save(best_state, self._best_path(progress.best_epoch))
         payload = {
             "progress": asdict(progress),
             "model": self.lm.model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None and self.plan.train.checkpoint_optimizer else None,
+            "optimizer": optimizer.state_dict() if optimizer is not None and self.keep_optimizer and g.world == 1 else None,
         }
         _atomic_torch_save(payload, self.ckpt_dir / "latest.pt")
         # Only the best epoch named by the resume point just written is still needed, and none
@@ -304,7 +346,30 @@ class TrialRunner:
             if old != keep:
                 old.unlink(missing_ok=True)
 
+    def _rank_optimizer_path(self, rank: int) -> Path:
+        return self.ckpt_dir / f"optimizer-rank{rank}.pt"
+
     def _load_resume(self) -> tuple[Progress, dict | None]:
+        """Rank 0 reads the resume point and decides; the other ranks take its progress and
+        weights, then their own optimizer part if every rank has one for that epoch."""
+        g = self.group
+        if g.world == 1:
+            return self._read_resume()
+        progress, _ = self._read_resume() if g.is_main else (None, None)
+        progress = Progress(**g.broadcast(asdict(progress) if g.is_main else None))
+        g.sync_module(self.lm.model)
+        state = None
+        if self.keep_optimizer and self._rank_optimizer_path(g.rank).exists():
+            try:
+                with torch.serialization.safe_globals(resume_safe_globals()):
+                    saved = torch.load(self._rank_optimizer_path(g.rank), map_location="cpu", weights_only=True)
+                if saved["tag"] == [progress.phase, progress.epoch] and saved["world"] == g.world:
+                    state = saved["state"]
+            except Exception:  # noqa: BLE001 - an unreadable part means no optimizer state, on every rank
+                state = None
+        return progress, (state if g.all_true(state is not None) else None)
+
+    def _read_resume(self) -> tuple[Progress, dict | None]:
         """The resume point, or a fresh start when there is none or it cannot be trusted
         (unreadable, or epochs before it have lost their commit, e.g. quarantined by
         `raysweep repair`). A fresh start costs time, never rows: the trial is deterministic
@@ -385,6 +450,8 @@ class TrialRunner:
         return build_batches(self.lm.tokenizer, self.lm.model, self.train_set, targets, cfg.batch_size, rng)
 
     def _write_status(self, status: str, progress: Progress, error: str | None = None, attempts: int | None = None) -> None:
+        if not self.group.is_main:
+            return
         p = self.plan
         self.store.write_trial_row(
             {
@@ -403,11 +470,13 @@ class TrialRunner:
         self.attempt = attempt
         # The lock comes first: if another live process still owns this trial (a retry racing
         # its predecessor's exit), fail here without touching that process's status row.
-        with self._exclusive():
+        main = self.group.is_main
+        with self._exclusive() if main else contextlib.nullcontext():
             progress = Progress()
             try:
                 self._setup()
-                self.store.remove_temp_files(self.plan.sweep, self.plan.trial_id)
+                if main:
+                    self.store.remove_temp_files(self.plan.sweep, self.plan.trial_id)
                 progress, opt_state = self._load_resume()
                 self._write_status("running", progress)
                 progress = self._run_phases(progress, opt_state)
@@ -416,8 +485,9 @@ class TrialRunner:
             except BaseException as exc:
                 reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
                 self._write_status("failed", progress, error=reason, attempts=attempt)
-                (self.ckpt_dir).mkdir(parents=True, exist_ok=True)
-                (self.ckpt_dir / f"error-{attempt}.txt").write_text(traceback.format_exc())
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                rank = "" if main else f"-rank{self.group.rank}"
+                (self.ckpt_dir / f"error-{attempt}{rank}.txt").write_text(traceback.format_exc())
                 raise
 
     def _run_phases(self, progress: Progress, opt_state: dict | None) -> Progress:
@@ -426,8 +496,8 @@ class TrialRunner:
 
         if progress.phase == "pretrained" and progress.epoch < 0:
             t0 = time.time()
-            res = self._score()
-            self._commit("pretrained", 0, res, self._accuracies(res), float("nan"), time.time() - t0, phase_end=True)
+            res, acc = self._score_epoch()
+            self._commit("pretrained", 0, res, acc, float("nan"), time.time() - t0, phase_end=True)
             progress = Progress(phase="finetune", epoch=0)
             self._save_resume(progress, None, None)
             self._fault_point("resume", "pretrained", 0)
@@ -457,26 +527,29 @@ class TrialRunner:
         cfg = self.plan.phases.finetune
         ft = self.plan.forget_task
         model = self.lm.model
-        opt = make_optimizer(model, cfg, self.plan.train)
+        main = self.group.is_main
+        opt = make_optimizer(model, cfg, self.plan.train, self.group)
         if opt_state:
             opt.load_state_dict(opt_state)
+        # Rank 0 alone keeps the best weights; the other ranks receive them when the phase ends.
         best_state = None
         best_res: ScoreResult | None = None
-        if progress.best_epoch is not None:  # resumed mid-phase: `_load_resume` checked the file is there
+        best_scored = False  # the same on every rank, unlike best_res
+        if progress.best_epoch is not None and main:  # resumed mid-phase: `_load_resume` checked the file is there
             best_state = torch.load(self._best_path(progress.best_epoch), map_location="cpu", weights_only=True)
         since_best = 0 if progress.best_epoch is None else progress.epoch - progress.best_epoch
         gold = [ex.gold for ex in self.train_set]
         for epoch in range(progress.epoch + 1, cfg.max_epochs + 1):
             t0 = time.time()
-            loss = train_epoch(model, opt, self._epoch_batches("finetune", epoch, gold, cfg), nll_loss)
-            res = self._score()
-            acc = self._accuracies(res)
+            loss = train_epoch(model, opt, self._epoch_batches("finetune", epoch, gold, cfg), nll_loss, self.group)
+            res, acc = self._score_epoch()
             self._commit("finetune", epoch, res, acc, loss, time.time() - t0, phase_end=False)
             progress.epoch = epoch
             if acc[(ft, "validation")] > progress.best_val_acc:
                 progress.best_val_acc, progress.best_epoch, since_best = acc[(ft, "validation")], epoch, 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best_res = res
+                if main:
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_res, best_scored = res, True
             else:
                 since_best += 1
             if finetune_should_stop(acc[(ft, "train")], epoch, since_best, cfg):
@@ -485,8 +558,10 @@ class TrialRunner:
             self._fault_point("resume", "finetune", epoch)
         opt.close()
         # Forgetting starts from the best-validation checkpoint, not the last epoch.
-        model.load_state_dict(best_state)
-        if best_res is None and self.plan.scoring.hidden_states == "phase_end":
+        if main:
+            model.load_state_dict(best_state)
+        self.group.sync_module(model)
+        if not best_scored and self.plan.scoring.hidden_states == "phase_end":
             best_res = self._score()  # resumed after the best epoch: recompute its hidden states
         self._write_best_hidden(progress.best_epoch, best_res)
         return self._end_phase(progress, milestone=progress.best_epoch)
@@ -521,14 +596,13 @@ class TrialRunner:
         The stop decision comes before the commit: the last epoch carries the milestone's
         hidden states."""
         model = self.lm.model
-        opt = make_optimizer(model, cfg, self.plan.train)
+        opt = make_optimizer(model, cfg, self.plan.train, self.group)
         if opt_state:
             opt.load_state_dict(opt_state)
         for epoch in range(progress.epoch + 1, cfg.max_epochs + 1):
             t0 = time.time()
-            loss = train_epoch(model, opt, self._epoch_batches(phase, epoch, targets(epoch), cfg), loss_fn)
-            res = self._score()
-            acc = self._accuracies(res)
+            loss = train_epoch(model, opt, self._epoch_batches(phase, epoch, targets(epoch), cfg), loss_fn, self.group)
+            res, acc = self._score_epoch()
             last = should_stop(acc, epoch)
             self._commit(phase, epoch, res, acc, loss, time.time() - t0, phase_end=last)
             progress.epoch = epoch
@@ -539,6 +613,21 @@ class TrialRunner:
             self._fault_point("resume", phase, epoch)
         opt.close()
         return self._end_phase(progress, milestone=progress.epoch)
+
+def _interleave(parts: list[ScoreResult], n: int) -> ScoreResult:
+    """Undo the interleaved split of `_score`: rank r scored examples r, r + world, ..."""
+    world = len(parts)
+    ll_sum = np.zeros((n, 2), dtype=np.float64)
+    n_tokens = np.zeros((n, 2), dtype=np.int64)
+    with_hidden = all(p.hidden is not None for p in parts)
+    hidden = np.zeros((n, parts[0].hidden.shape[1]), dtype=np.float32) if with_hidden and n else None
+    for rank, part in enumerate(parts):
+        ll_sum[rank::world] = part.ll_sum
+        n_tokens[rank::world] = part.n_tokens
+        if hidden is not None:
+            hidden[rank::world] = part.hidden
+    return ScoreResult(ll_sum=ll_sum, n_tokens=n_tokens, hidden=hidden)
+
 
 def trial_row(plan: TrialPlan) -> dict:
     return {

@@ -59,7 +59,7 @@ def test_trial_id_changes_with_any_result_affecting_parameter():
         ("eval_tasks: [capital]", "not listed under 'tasks'"),
         ("bogus_key: 1", "bogus_key: unknown key"),
         ("resources: {gpu: -1}", "resources.gpu"),
-        ("train: {engine: deepspeed}", "deepspeed needs resources.gpu"),
+        ("train: {engine: deepspeed, precision: fp16}", "deepspeed with precision fp16 needs resources.gpu"),
     ],
 )
 def test_bad_specs_name_the_field(extra, fragment):

@@ -144,6 +144,21 @@ def test_verify_and_quarantine_truncated_file(store):
     assert store.committed_epochs("s", "t1") == {}  # its epoch will be recomputed on resume
 
 
+def test_quick_verify_reads_footers_and_deep_verify_decodes_pages(store):
+    store.commit_epoch(EpochRecord(EpochKey("s", "t1", "forget", 1), _scores("t1", "forget", 1), _summary("t1", "forget", 1)))
+    path = store.root / "scores/s/t1/forget/e0001.parquet"
+    assert store.verify() == [] and store.verify(deep=True) == []
+    # Damage inside the data pages, footer intact: only decoding every page finds it.
+    meta = pq.ParquetFile(path).metadata
+    col = meta.row_group(0).column(0)
+    data = bytearray(path.read_bytes())
+    start = col.data_page_offset
+    data[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    path.write_bytes(bytes(data))
+    assert store.verify() == []
+    assert [p for p, _ in store.verify(deep=True)] == [path]
+
+
 def test_milestones_from_trials_table(store):
     store.write_trial_row({"sweep": "s", "trial_id": "t1", "status": "done", "best_finetune_epoch": 4, "last_forget_epoch": 7})
     store.write_trial_row({"sweep": "s", "trial_id": "t2", "status": "running", "best_finetune_epoch": 2})

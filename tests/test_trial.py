@@ -92,3 +92,33 @@ def test_loss_is_on_response_tokens_only():
         labelled = [t for t in batch.labels[row].tolist() if t != -100]
         answer = tok.encode(exs[i].prompt + exs[i].continuations[exs[i].gold])[len(tok.encode(exs[i].prompt)):]
         assert labelled == answer
+
+
+def test_optimizer_state_in_resume_points_follows_model_size_by_default(tmp_path, monkeypatch):
+    import torch
+
+    import raysweep.trial as trial_mod
+
+    def optimizer_saved(sub: str, extra: str = "") -> bool:
+        text = tiny_spec_text(ft_epochs=3, fg_epochs=1).replace("max_epochs: 3}", "max_epochs: 3, stop_train_acc: 1.0}")
+        if extra:
+            text += extra
+        spec = parse_spec(text)
+        store = Store(tmp_path / sub)
+        store.ensure()
+        plan = spec.trials()[0]
+        runner = TrialRunner(plan, store, models_dir_for(store))
+        # Stop after the first fine-tuning resume point, as a crash would.
+        monkeypatch.setattr(runner, "_fault_point", lambda point, phase, epoch: (_ for _ in ()).throw(KeyboardInterrupt) if (phase, epoch, point) == ("finetune", 1, "resume") else None)
+        try:
+            runner.run()
+        except KeyboardInterrupt:
+            pass
+        payload = torch.load(store.path("checkpoints", spec.name, plan.trial_id) / "latest.pt", weights_only=True)
+        assert payload["progress"]["phase"] == "finetune" and payload["progress"]["epoch"] == 1
+        return payload["optimizer"] is not None
+
+    assert optimizer_saved("small")  # auto: a tiny model keeps it
+    monkeypatch.setattr(trial_mod, "OPTIMIZER_STATE_MAX_PARAMS", 1000)
+    assert not optimizer_saved("large")  # auto: past the threshold, weights only
+    assert optimizer_saved("forced", "train: {checkpoint_optimizer: true}\n")
