@@ -1,8 +1,8 @@
 """Scoring: log-likelihood of each choice given the prompt, with lm-eval's rules.
 
-One forward pass per (example, choice) sequence answers everything the store needs: the
-summed and per-token log-likelihood of the continuation, and the hidden state of the last
-prompt token at the fifth-to-last layer. The request encoding follows lm-evaluation-harness
+One forward pass per example (its prompt once, both choices packed after it) answers
+everything the store needs: the summed and per-token log-likelihood of each continuation,
+and the hidden state of the last prompt token at the fifth-to-last layer. The request encoding follows lm-evaluation-harness
 exactly (see TASKS.md): trailing context whitespace moves to the continuation, the pair is
 encoded jointly, BOS as the tokenizer adds it, left truncation that never cuts the
 continuation.
@@ -64,6 +64,42 @@ def encode_choices(tokenizer, prompt: str, continuations: tuple[str, str]) -> tu
     if prompt.rstrip() == "":
         return p0, encode_pair(tokenizer, prompt, continuations[1])
     return p0, encode_pair(tokenizer, prompt, continuations[1], context_ids=p0.context)
+
+
+def encode_examples(tokenizer, examples: Sequence[Example]) -> list[tuple[EncodedPair, EncodedPair]]:
+    """`encode_choices` for many examples with one tokenizer call per kind of string: the
+    per-call overhead of a fast tokenizer is most of the cost of encoding short prompts."""
+    bos_text = tokenizer.decode(_prefix_token(tokenizer))
+    texts: dict[str, None] = {}
+    split: list[tuple[str, str, str] | None] = []
+    for ex in examples:
+        if ex.prompt.rstrip() == "":
+            split.append(None)  # empty context: the BOS rules of encode_pair
+            continue
+        context = ex.prompt.rstrip()
+        moved = ex.prompt[len(context) :]
+        split.append((context, context + moved + ex.continuations[0], context + moved + ex.continuations[1]))
+        texts.update(dict.fromkeys(split[-1]))
+    ids = _encode_many(tokenizer, list(texts), bos_text)
+    out = []
+    for ex, parts in zip(examples, split):
+        if parts is None:
+            out.append(encode_choices(tokenizer, ex.prompt, ex.continuations))
+            continue
+        ctx = ids[parts[0]]
+        out.append((EncodedPair(ctx, ids[parts[1]][len(ctx) :]), EncodedPair(ctx, ids[parts[2]][len(ctx) :])))
+    return out
+
+
+def _encode_many(tokenizer, texts: list[str], bos_text: str) -> dict[str, list[int]]:
+    """`_encode` of each text, batched."""
+    plain = [t for t in texts if bos_text and t.startswith(bos_text)]
+    special = [t for t in texts if not (bos_text and t.startswith(bos_text))]
+    out: dict[str, list[int]] = {}
+    for group, add in ((special, True), (plain, False)):
+        if group:
+            out.update(zip(group, tokenizer(group, add_special_tokens=add)["input_ids"]))
+    return out
 
 
 def model_max_length(model, tokenizer=None) -> int:
@@ -184,78 +220,87 @@ def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, w
     return sums, hidden
 
 
-@torch.inference_mode()
-def _run_shared(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, capture_hidden: bool):
-    """Prefix sharing: each prompt is encoded once, and its keys/values serve both choices.
+def _packed_mask_format(model) -> str | None:
+    """How a custom 4D attention mask reaches this model's attention, or None where it
+    cannot (flash attention takes no dense mask: those models score pairs separately)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    return {"sdpa": "bool", "eager": "additive"}.get(impl)
 
-    Pass 1 runs the prompts (sorted by length, right-padded); the last prompt position's
-    logits score each choice's first token and give the hidden state. Pass 2 runs both
-    choices' remaining tokens against the cached prompt, with the padded cache slots masked
-    out and positions continuing from each prompt's true length. For the long prompts and
-    one- or two-token answers of these tasks this roughly halves the work of scoring the
-    two (prompt, choice) sequences separately.
+
+@torch.inference_mode()
+def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, capture_hidden: bool):
+    """Prefix sharing in one forward pass: each row holds the prompt once and then both
+    choices side by side, [prompt][choice 0 but its last token][choice 1 but its last token].
+
+    A block attention mask lets each choice see the prompt and its own earlier tokens, never
+    the other choice, and both choices' positions continue from the prompt's end, so every
+    continuation token is computed as in its own (prompt, choice) sequence. The prompt's last
+    position predicts both first tokens and gives the hidden state. Against scoring the two
+    sequences separately this skips one copy of the prompt, which is most of the work for
+    the long prompts and short answers of these tasks; against a KV-cache second pass it
+    saves a forward call and the cache copies.
     """
     base, head = _base_and_head(model)
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    additive = _packed_mask_format(model) == "additive"
     n = len(prompts)
-    order = sorted(range(n), key=lambda i: -len(prompts[i]))
+    lengths = [len(prompts[i]) + len(conts[i][0]) + len(conts[i][1]) - 2 for i in range(n)]
+    # Examples whose choices are one token each form batches of their own: their rows are
+    # plain prompts, right-padded, which need no mask at all (padding comes after every
+    # position that is read) and so get the fused causal attention kernel.
+    single = [len(conts[i][0]) == 1 and len(conts[i][1]) == 1 for i in range(n)]
+    order = sorted(range(n), key=lambda i: (single[i], -lengths[i]))
     sums = np.zeros((n, 2), dtype=np.float64)
     hidden = np.zeros((n, model.config.hidden_size), dtype=np.float32) if capture_hidden else None
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        b = len(idx)
+    n_multi = n - sum(single)
+    batches = [order[i : min(i + batch_size, n_multi)] for i in range(0, n_multi, batch_size)]
+    batches += [order[i : i + batch_size] for i in range(n_multi, n, batch_size)]
+    # Unmasked rows' padding is never read, but transformers warns about any pad id it sees
+    # without a mask: fill it with another token.
+    unread = pad_id if pad_id != model.config.pad_token_id else (pad_id + 1) % model.config.vocab_size
+    for idx in batches:
+        b, width = len(idx), lengths[idx[0]]
+        ids = torch.full((b, width), unread if single[idx[0]] else pad_id, dtype=torch.long)
+        segment = torch.full((b, width), -1, dtype=torch.int8)  # 0 prompt, 1 / 2 choice 0 / 1, -1 padding
+        positions = torch.zeros((b, width), dtype=torch.long)
         plen = torch.tensor([len(prompts[i]) for i in idx])
-        width = int(plen.max())
-        ids = torch.full((b, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : plen[r]] = torch.tensor(prompts[i])
-            mask[r, : plen[r]] = 1
-        ids, mask, plen_d = ids.to(device), mask.to(device), plen.to(device)
-        # Keys/values are only worth keeping when some choice has tokens after its first.
-        multi = any(len(conts[i][c]) > 1 for i in idx for c in (0, 1))
-        out = base(input_ids=ids, attention_mask=mask, use_cache=multi, output_hidden_states=capture_hidden)
-        rows = torch.arange(b, device=device)
-        last = out.last_hidden_state[rows, plen_d - 1]
-        first_logp = torch.log_softmax(head(last).float(), dim=-1)
-        first_tok = torch.tensor([[conts[i][c][0] for c in (0, 1)] for i in idx], device=device)
-        sums[idx] += first_logp.gather(1, first_tok).double().cpu().numpy()
-        if capture_hidden:
-            hidden[idx] = out.hidden_states[HIDDEN_LAYER][rows, plen_d - 1].float().cpu().numpy()
-
-        # Pass 2: both choices of each prompt, interleaved (row 2r = choice 0, 2r+1 = choice 1).
-        rest = [conts[i][c][:-1] for i in idx for c in (0, 1)]
-        targets = [conts[i][c][1:] for i in idx for c in (0, 1)]
-        if not multi:
-            continue  # every choice is a single token: pass 1 scored everything
-        kwidth = max(len(x) for x in rest)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(2)
-        cids = torch.full((2 * b, kwidth), pad_id, dtype=torch.long)
-        cmask = torch.zeros((2 * b, kwidth), dtype=torch.long)
-        for r, x in enumerate(rest):
-            if x:
-                cids[r, : len(x)] = torch.tensor(x)
-                cmask[r, : len(x)] = 1
-        cids, cmask = cids.to(device), cmask.to(device)
-        full_mask = torch.cat([mask.repeat_interleave(2, dim=0), cmask], dim=1)
-        positions = plen_d.repeat_interleave(2).unsqueeze(1) + torch.arange(kwidth, device=device).unsqueeze(0)
-        out2 = base(input_ids=cids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=False)
         sel_r, sel_c, sel_t, owner = [], [], [], []
-        for r, t in enumerate(targets):
-            for k, tok in enumerate(t):
-                sel_r.append(r)
-                sel_c.append(k)
-                sel_t.append(tok)
-                owner.append(r)
-        if not sel_r:
-            continue
-        states = out2.last_hidden_state[torch.tensor(sel_r, device=device), torch.tensor(sel_c, device=device)]
+        for r, i in enumerate(idx):
+            p, (c0, c1) = prompts[i], conts[i]
+            P, a = len(p), len(c0) - 1
+            row = p + c0[:-1] + c1[:-1]
+            ids[r, : len(row)] = torch.tensor(row)
+            segment[r, :P], segment[r, P : P + a], segment[r, P + a : len(row)] = 0, 1, 2
+            positions[r, : P + a] = torch.arange(P + a)
+            positions[r, P + a : len(row)] = torch.arange(P, P + len(c1) - 1)
+            for choice, (cont, first) in enumerate(((c0, P), (c1, P + a))):
+                for k, tok in enumerate(cont):
+                    sel_r.append(r)
+                    sel_c.append(P - 1 if k == 0 else first + k - 1)
+                    sel_t.append(tok)
+                    owner.append(2 * r + choice)
+        mask = None
+        if not single[idx[0]]:
+            seg = segment.to(device)
+            q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+            causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+            allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+            # Padding rows attend to themselves only: a row with nothing to attend to gives NaN.
+            allowed |= torch.eye(width, dtype=torch.bool, device=device) & (q < 0)
+            mask = allowed.unsqueeze(1)
+            if additive:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+        out = base(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device), output_hidden_states=capture_hidden, use_cache=False)
+        states = out.last_hidden_state[torch.tensor(sel_r, device=device), torch.tensor(sel_c, device=device)]
         logp = torch.log_softmax(head(states).float(), dim=-1)
         picked = logp.gather(1, torch.tensor(sel_t, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
         flat = np.zeros(2 * b, dtype=np.float64)
         np.add.at(flat, np.array(owner), picked)
         sums[idx] += flat.reshape(b, 2)
+        if capture_hidden:
+            rows = torch.arange(b, device=device)
+            hidden[idx] = out.hidden_states[HIDDEN_LAYER][rows, plen.to(device) - 1].float().cpu().numpy()
     return sums, hidden
 
 
@@ -270,16 +315,15 @@ def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: in
     n_tokens = np.zeros((n, 2), dtype=np.int64)
     hidden = np.zeros((n, model.config.hidden_size), dtype=np.float32) if capture_hidden and n else None
     shared, separate = [], []
-    pairs = []
-    for i, ex in enumerate(examples):
-        p0, p1 = encode_choices(tokenizer, ex.prompt, ex.continuations)
-        pairs.append((p0, p1))
+    pairs = encode_examples(tokenizer, examples)
+    share_prefix = share_prefix and _packed_mask_format(model) is not None
+    for i, (p0, p1) in enumerate(pairs):
         n_tokens[i] = (len(p0.continuation), len(p1.continuation))
         fits = max(len(p0.context) + len(p0.continuation), len(p1.context) + len(p1.continuation)) <= max_length + 1
         ok = share_prefix and fits and p0.context == p1.context and len(p0.continuation) > 0 and len(p1.continuation) > 0
         (shared if ok else separate).append(i)
     if shared:
-        sums, hid = _run_shared(model, [pairs[i][0].context for i in shared], [(pairs[i][0].continuation, pairs[i][1].continuation) for i in shared], batch_size, pad, capture_hidden)
+        sums, hid = _run_packed(model, [pairs[i][0].context for i in shared], [(pairs[i][0].continuation, pairs[i][1].continuation) for i in shared], batch_size, pad, capture_hidden)
         ll_sum[shared] = sums
         if capture_hidden:
             hidden[shared] = hid

@@ -219,6 +219,22 @@ class DeepSpeedStepper(Stepper):
         self.engine.backward(loss)
         self.engine.step()  # clips, unscales, skips the step on fp16 overflow
 
+    def load_state_dict(self, state: dict) -> None:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        if not isinstance(self.optimizer, DeepSpeedZeroOptimizer):
+            self.optimizer.load_state_dict(state)
+            return
+        import torch.distributed as dist
+
+        # ZeRO-1/2 load from a list of every rank's state and read their own entry: each rank
+        # keeps only its own part (DeepSpeed's default rigid layout). The fp32 master
+        # partition comes from that state too, not from the (possibly fp16) weights, so the
+        # resumed run continues exactly.
+        parts: list[dict | None] = [None] * dist.get_world_size()
+        parts[dist.get_rank()] = state
+        self.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
+
     def close(self) -> None:
         # ZeRO registers gradient hooks on the model's parameters that only destroy() removes:
         # left in place, the previous phase's optimizer would keep consuming gradients.

@@ -47,6 +47,7 @@ step "benchmarks"
 $PY scripts/bench_scoring.py --arch tiny --device cuda --out "$OUT/scoring_tiny.json" | tail -1 || status=1
 $PY scripts/bench_scoring.py --arch gpt2-124m --device cuda --dtype float16 --long-prompts --batch-size 64 --out "$OUT/scoring_gpt2.json" | tail -1 || status=1
 $PY scripts/bench_scoring.py --arch llama-2-7b --device cuda --dtype float16 --long-prompts --batch-size 32 --out "$OUT/scoring_llama7b.json" | tail -1 || status=1
+$PY scripts/bench_scoring.py --arch llama-2-7b --device cuda --dtype float16 --tasks paper21 --batch-size 32 --repeats 3 --out "$OUT/scoring_llama7b_paper21.json" | tail -1 || status=1
 $PY scripts/bench_training.py --arch gpt2-124m --device cuda --engine deepspeed --precision fp16 --batch-size 8 --out "$OUT/training_gpt2.json" | tail -1 || status=1
 $PY scripts/bench_training.py --arch llama-2-7b --device cuda --engine deepspeed --precision fp16 --batch-size 3 --skip-trainer --out "$OUT/training_llama7b.json" | tail -1 || status=1
 

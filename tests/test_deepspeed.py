@@ -64,10 +64,14 @@ def test_deepspeed_fp32_sgd_matches_plain_torch(zero_stage):
         if engine is not None:
             nxt = make_optimizer(model, cfg, engine)
             train_epoch(model, nxt, build_batches(tok, model, exs, [e.gold for e in exs], 4, random.Random(9)), nll_loss)
-            # A resume point must load back under weights_only (no code from a store).
+            # A resume point must load back under weights_only (no code from a store), and
+            # into a fresh engine of the next attempt.
             with torch.serialization.safe_globals(resume_safe_globals()):
-                torch.load(__import__("io").BytesIO(_saved(nxt.state_dict())), weights_only=True)
+                state = torch.load(__import__("io").BytesIO(_saved(nxt.state_dict())), weights_only=True)
             nxt.close()
+            again = make_optimizer(model, cfg, engine)
+            again.load_state_dict(state)
+            again.close()
     (l_t, w_t), (l_d, w_d) = results
     assert l_t == pytest.approx(l_d, abs=1e-5)
     for k in w_t:

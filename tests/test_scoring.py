@@ -82,3 +82,21 @@ def test_prefix_sharing_equals_separate_sequences(lm):
     np.testing.assert_allclose(shared.ll_sum, separate.ll_sum, atol=1e-4)
     np.testing.assert_array_equal(shared.n_tokens, separate.n_tokens)
     np.testing.assert_allclose(shared.hidden, separate.hidden, atol=1e-4)
+
+
+def test_prefix_sharing_with_eager_attention_takes_an_additive_mask(lm):
+    """The packed rows' block mask goes in as booleans for SDPA and as an additive float
+    mask for the eager attention; both must equal scoring each pair separately."""
+    model, tok = lm
+    exs = prepare_task("capital", seed=7, cap=8, max_chars=2048).split("test")
+    exs.append(Example(idx=90, uid="a", prompt="Question: which?\nAnswer:", choices=("a much longer answer here", "no"), gold=0))
+    before = model.config._attn_implementation
+    try:
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        shared = score_examples(model, tok, exs, batch_size=3, share_prefix=True)
+        separate = score_examples(model, tok, exs, batch_size=3, share_prefix=False)
+    finally:
+        model.set_attn_implementation(before)
+    np.testing.assert_allclose(shared.ll_sum, separate.ll_sum, atol=1e-4)
+    np.testing.assert_allclose(shared.hidden, separate.hidden, atol=1e-4)
