@@ -106,9 +106,7 @@ class AssociationMatrix:
 
 def _cached(ctx: AnalysisContext, key: tuple, build: Callable[[], pa.Table]) -> pa.Table:
     # The association and prediction analyses read the same rows: one scan per run.
-    if key not in ctx._cache:
-        ctx._cache[key] = build()
-    return ctx._cache[key]
+    return ctx.memo(key, build)
 
 
 def association_long(ctx: AnalysisContext) -> pa.Table:

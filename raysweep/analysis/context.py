@@ -6,6 +6,8 @@ the context, so `run_analyses` reads each file once however many analyses need i
 
 from __future__ import annotations
 
+from typing import Callable
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,6 +204,12 @@ class AnalysisContext:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+
+    def memo(self, key: tuple, build: Callable[[], pa.Table]) -> pa.Table:
+        """`build()` once per run: analyses that read the same rows share one scan."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     def accuracy_sums(self, split: str | None = None) -> pa.Table:
         """Per (trial, phase, epoch, eval_task) sums at the pretrained/finetuned/forgotten
