@@ -14,6 +14,9 @@ the per-epoch summaries, hidden states and trial milestones must match.
 Scenarios:
   worker-kill     SIGKILL of the Ray worker running a trial, at several points of the
                   trial's life (RAYSWEEP_FAULT, see raysweep/faults.py); Tune retries it.
+  rank-kill       the same for trials run as 2 data-parallel workers (Ray Train inside the
+                  Tune trial): SIGKILL of rank 0 (the writer) or rank 1; compared with an
+                  uninterrupted 2-worker run.
   driver-kill     SIGKILL of the `raysweep run` process mid-sweep, several times; then
                   `raysweep run` again until the sweep completes.
   trial-error     exceptions inside trials (a simulated CUDA OOM on every attempt of one
@@ -76,13 +79,13 @@ phases:
   forget: {{optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: {fg}, stop_test_acc: 0.01}}
   relearn: {{enabled: {relearn}, optimizer: adamw, lr: 1.0e-3, batch_size: 8, max_epochs: 2}}
 scoring: {{batch_size: 64}}
-resources: {{cpu: 1, gpu: 0}}
+resources: {resources}
 max_failures: {max_failures}
 """
 
 
-def spec_text(name: str = SWEEP, ft: int = 3, fg: int = 3, relearn: bool = True, max_failures: int = 3) -> str:
-    return SPEC.format(name=name, ft=ft, fg=fg, relearn=str(relearn).lower(), max_failures=max_failures)
+def spec_text(name: str = SWEEP, ft: int = 3, fg: int = 3, relearn: bool = True, max_failures: int = 3, resources: str = "{cpu: 1, gpu: 0}") -> str:
+    return SPEC.format(name=name, ft=ft, fg=fg, relearn=str(relearn).lower(), max_failures=max_failures, resources=resources)
 
 
 # ---- running the command line ---------------------------------------------------------------
@@ -416,6 +419,34 @@ def worker_kill(work: Path, spec: Path, reference: Path) -> dict:
     })
 
 
+def rank_kill(work: Path) -> dict:
+    """Multi-worker trials need their own reference: two ranks draw dropout masks for their
+    own shards, so their numbers differ (slightly) from a one-process run's."""
+    t0 = time.time()
+    spec = work / "spec-2-workers.yaml"
+    spec.write_text(spec_text(resources="{cpu: 2, gpu: 0, workers: 2}"))
+    reference = work / "reference-2-workers"
+    r = raysweep("run", str(spec), "--store", str(reference), "--no-dashboard")
+    if r.returncode != 0:
+        return {"scenario": "rank-kill", "ok": False, "error": (r.stderr or r.stdout)[-2000:]}
+    store = work / "rank-kill"
+    faults = ";".join(
+        [
+            "action=kill,phase=finetune,epoch=2,point=commit,trial=sentiment,attempt=1,rank=1",
+            "action=kill,phase=forget,epoch=1,point=resume,trial=sentiment,attempt=2,rank=0",
+            "action=kill,phase=finetune,epoch=3,point=resume,trial=word,attempt=1,rank=0",
+            "action=kill,phase=relearn,epoch=1,point=commit,trial=word,attempt=2,rank=1",
+        ]
+    )
+    r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard", env={"RAYSWEEP_FAULT": faults})
+    fired = fault_log(store)
+    return _finish("rank-kill", store, reference, len(fired), t0, {
+        "returncode": r.returncode, "check_exit_0": r.returncode == 0,
+        "check_all_kills_fired": len(fired) == 4 and sorted(f["rank"] for f in fired) == [0, 0, 1, 1],
+        "killed_pids": sorted({f["pid"] for f in fired}),
+    })
+
+
 def driver_kill(work: Path, spec: Path, reference: Path, total_commits: int) -> dict:
     t0 = time.time()
     store = work / "driver-kill"
@@ -573,6 +604,15 @@ def document(res: dict) -> str:
             "its resume point, right after a resume point, at a phase's last epoch and in relearning; attempts 1-3 of each trial. "
             f"Ray Tune retried each trial (FailureConfig), each retry resumed from its last resume point; exit code {s['returncode']}."
         )
+    if "rank-kill" in by:
+        s = by["rank-kill"]
+        out.append(
+            f"- **rank-kill**: the same spec with each trial run as 2 data-parallel workers (`resources: {{cpu: 2, workers: 2}}`, Ray Train "
+            f"inside the Tune trial, gloo). {s['faults_injected']} SIGKILLs, two of rank 0 (the rank that writes) and two of rank 1 (pids "
+            f"{', '.join(map(str, s.get('killed_pids', [])))}), after a commit and after a resume point. Ray Train took the surviving rank down, "
+            "Tune retried the trial, and both ranks resumed from the last resume point, each with its own optimizer part. Compared with an "
+            f"uninterrupted 2-worker run of the same spec (a run of its own: two ranks draw dropout masks for their own shards); exit code {s.get('returncode')}."
+        )
     if "driver-kill" in by:
         s = by["driver-kill"]
         kills = "; ".join(
@@ -620,7 +660,7 @@ def document(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-SCENARIOS = ("worker-kill", "driver-kill", "trial-error", "corrupt-file", "rerun-finished", "bad-input")
+SCENARIOS = ("worker-kill", "rank-kill", "driver-kill", "trial-error", "corrupt-file", "rerun-finished", "bad-input")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scenario {name} ...", flush=True)
             if name == "worker-kill":
                 res = worker_kill(work, spec, reference)
+            elif name == "rank-kill":
+                res = rank_kill(work)
             elif name == "driver-kill":
                 res = driver_kill(work, spec, reference, total)
             elif name == "trial-error":
