@@ -400,21 +400,25 @@ def worker_kill(work: Path, spec: Path, reference: Path) -> dict:
     # A kill at every kind of point: before the first resume point, between an epoch's commit
     # and its resume point (the epoch is recomputed and its files replaced), right after a
     # resume point, at a phase's last epoch and in relearning; attempts 1..3 of one trial.
-    faults = ";".join(
-        [
-            "action=kill,phase=pretrained,epoch=0,point=commit,trial=sentiment,attempt=1",
-            "action=kill,phase=finetune,epoch=2,point=commit,trial=sentiment,attempt=2",
-            "action=kill,phase=forget,epoch=3,point=resume,trial=sentiment,attempt=3",
-            "action=kill,phase=finetune,epoch=3,point=resume,trial=word,attempt=1",
-            "action=kill,phase=forget,epoch=2,point=commit,trial=word,attempt=2",
-            "action=kill,phase=relearn,epoch=1,point=commit,trial=word,attempt=3",
-        ]
-    )
-    r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard", env={"RAYSWEEP_FAULT": faults})
+    faults = [
+        "action=kill,phase=pretrained,epoch=0,point=commit,trial=sentiment,attempt=1",
+        "action=kill,phase=finetune,epoch=2,point=commit,trial=sentiment,attempt=2",
+        "action=kill,phase=forget,epoch=3,point=resume,trial=sentiment,attempt=3",
+        "action=kill,phase=finetune,epoch=3,point=resume,trial=word,attempt=1",
+        "action=kill,phase=forget,epoch=2,point=commit,trial=word,attempt=2",
+        "action=kill,phase=relearn,epoch=1,point=commit,trial=word,attempt=3",
+    ]
+    return _run_with_kills("worker-kill", spec, store, reference, faults, t0)
+
+
+def _run_with_kills(name: str, spec: Path, store: Path, reference: Path, faults: list[str], t0: float) -> dict:
+    """One `raysweep run` with the given kills armed; every one of them must have fired."""
+    r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard", env={"RAYSWEEP_FAULT": ";".join(faults)})
     fired = fault_log(store)
-    return _finish("worker-kill", store, reference, len(fired), t0, {
+    armed = sorted(int(dict(kv.split("=") for kv in f.split(",")).get("rank", 0)) for f in faults)
+    return _finish(name, store, reference, len(fired), t0, {
         "returncode": r.returncode, "check_exit_0": r.returncode == 0,
-        "check_all_kills_fired": len(fired) == 6 and all(f["action"] == "kill" for f in fired),
+        "check_all_kills_fired": len(fired) == len(faults) and all(f["action"] == "kill" for f in fired) and sorted(f.get("rank", 0) for f in fired) == armed,
         "killed_pids": sorted({f["pid"] for f in fired}),
     })
 
@@ -429,22 +433,13 @@ def rank_kill(work: Path) -> dict:
     r = raysweep("run", str(spec), "--store", str(reference), "--no-dashboard")
     if r.returncode != 0:
         return {"scenario": "rank-kill", "ok": False, "error": (r.stderr or r.stdout)[-2000:]}
-    store = work / "rank-kill"
-    faults = ";".join(
-        [
-            "action=kill,phase=finetune,epoch=2,point=commit,trial=sentiment,attempt=1,rank=1",
-            "action=kill,phase=forget,epoch=1,point=resume,trial=sentiment,attempt=2,rank=0",
-            "action=kill,phase=finetune,epoch=3,point=resume,trial=word,attempt=1,rank=0",
-            "action=kill,phase=relearn,epoch=1,point=commit,trial=word,attempt=2,rank=1",
-        ]
-    )
-    r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard", env={"RAYSWEEP_FAULT": faults})
-    fired = fault_log(store)
-    return _finish("rank-kill", store, reference, len(fired), t0, {
-        "returncode": r.returncode, "check_exit_0": r.returncode == 0,
-        "check_all_kills_fired": len(fired) == 4 and sorted(f["rank"] for f in fired) == [0, 0, 1, 1],
-        "killed_pids": sorted({f["pid"] for f in fired}),
-    })
+    faults = [
+        "action=kill,phase=finetune,epoch=2,point=commit,trial=sentiment,attempt=1,rank=1",
+        "action=kill,phase=forget,epoch=1,point=resume,trial=sentiment,attempt=2,rank=0",
+        "action=kill,phase=finetune,epoch=3,point=resume,trial=word,attempt=1,rank=0",
+        "action=kill,phase=relearn,epoch=1,point=commit,trial=word,attempt=2,rank=1",
+    ]
+    return _run_with_kills("rank-kill", spec, work / "rank-kill", reference, faults, t0)
 
 
 def driver_kill(work: Path, spec: Path, reference: Path, total_commits: int) -> dict:
