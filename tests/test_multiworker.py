@@ -31,7 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_two_epochs(rank: int, world: int, engine: str, method: str, out: str) -> None:
+def _train_two_epochs(rank: int, world: int, engine: str, method: str, out: str, device: str = "cpu") -> None:
     """Two epochs of one phase on a micro GPT-2; rank 0 saves the weights and losses."""
     from raysweep.distributed import Group
     from raysweep.methods import get_method, nll_loss
@@ -47,6 +47,7 @@ def _train_two_epochs(rank: int, world: int, engine: str, method: str, out: str)
     exs = prepare_task("sentiment", seed=1, cap=11, max_chars=2048).split("train")[:11]
     assert len(exs) == 11
     model, tok = _micro()
+    model.to(device)
     cfg = FinetuneConfig(optimizer="adamw", lr=5e-3, batch_size=5, grad_clip=0.5)
     eng = TrainEngine(engine="deepspeed", precision="fp32", zero_stage=2) if engine == "deepspeed" else None
     gold = [e.gold for e in exs]
@@ -60,28 +61,46 @@ def _train_two_epochs(rank: int, world: int, engine: str, method: str, out: str)
     losses = [train_epoch(model, stepper, build_batches(tok, model, exs, gold, 5, random.Random(e)), loss_fn, group) for e in range(2)]
     stepper.close()
     if rank == 0:
-        torch.save({"losses": losses, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}, out)
+        torch.save({"losses": losses, "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}, out)
 
 
-def _rank_main(rank: int, world: int, port: int, engine: str, method: str, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, engine: str, method: str, out: str, backend: str = "gloo") -> None:
     import torch.distributed as dist
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        # TF32 matmuls would differ between 1 and 2 ranks by more than summation order.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        device = f"cuda:{rank}"
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
-        _train_two_epochs(rank, world, engine, method, out)
+        _train_two_epochs(rank, world, engine, method, out, device)
     finally:
         dist.destroy_process_group()
 
 
+TWO_GPUS = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL ranks need two CUDA GPUs")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("engine", "method"), [("torch", "nll"), ("torch", "npo"), ("deepspeed", "nll")])
-def test_two_ranks_train_what_one_process_trains(tmp_path, engine, method):
+@pytest.mark.parametrize(
+    ("engine", "method", "backend"),
+    [
+        ("torch", "nll", "gloo"),
+        ("torch", "npo", "gloo"),
+        ("deepspeed", "nll", "gloo"),
+        pytest.param("torch", "nll", "nccl", marks=TWO_GPUS),
+        pytest.param("deepspeed", "nll", "nccl", marks=TWO_GPUS),
+    ],
+)
+def test_two_ranks_train_what_one_process_trains(tmp_path, engine, method, backend):
     import torch.multiprocessing as mp
 
     single, double = tmp_path / "one.pt", tmp_path / "two.pt"
-    mp.spawn(_rank_main, args=(1, _free_port(), engine, method, str(single)), nprocs=1, join=True)
-    mp.spawn(_rank_main, args=(2, _free_port(), engine, method, str(double)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(1, _free_port(), engine, method, str(single), backend), nprocs=1, join=True)
+    mp.spawn(_rank_main, args=(2, _free_port(), engine, method, str(double), backend), nprocs=2, join=True)
     one, two = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
     assert one["losses"] == pytest.approx(two["losses"], abs=1e-5)
     assert one["losses"][1] < one["losses"][0]
