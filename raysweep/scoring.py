@@ -31,12 +31,21 @@ def _prefix_token(tokenizer) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _adds_special_tokens(text: str, bos_text: str) -> bool:
     # A string that already starts with the BOS text gets no second BOS (lm-eval's tok_encode).
-    bos_text = tokenizer.decode(_prefix_token(tokenizer))
-    if bos_text and text.startswith(bos_text):
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text)
+    return not (bos_text and text.startswith(bos_text))
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=_adds_special_tokens(text, tokenizer.decode(_prefix_token(tokenizer))))
+
+
+def _move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval moves the context's trailing whitespace to the front of the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
 
 
 def encode_pair(tokenizer, context: str, continuation: str, context_ids: list[int] | None = None) -> EncodedPair:
@@ -48,10 +57,7 @@ def encode_pair(tokenizer, context: str, continuation: str, context_ids: list[in
         if cont and cont[0] == prefix:
             return EncodedPair(cont[:1], cont[1:])
         return EncodedPair([prefix], cont)
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
+    context, continuation = _move_trailing_space(context, continuation)
     whole = _encode(tokenizer, context + continuation)
     ctx = _encode(tokenizer, context) if context_ids is None else context_ids
     return EncodedPair(ctx, whole[len(ctx) :])
@@ -76,9 +82,9 @@ def encode_examples(tokenizer, examples: Sequence[Example]) -> list[tuple[Encode
         if ex.prompt.rstrip() == "":
             split.append(None)  # empty context: the BOS rules of encode_pair
             continue
-        context = ex.prompt.rstrip()
-        moved = ex.prompt[len(context) :]
-        split.append((context, context + moved + ex.continuations[0], context + moved + ex.continuations[1]))
+        context, cont0 = _move_trailing_space(ex.prompt, ex.continuations[0])
+        _, cont1 = _move_trailing_space(ex.prompt, ex.continuations[1])
+        split.append((context, context + cont0, context + cont1))
         texts.update(dict.fromkeys(split[-1]))
     ids = _encode_many(tokenizer, list(texts), bos_text)
     out = []
@@ -93,10 +99,9 @@ def encode_examples(tokenizer, examples: Sequence[Example]) -> list[tuple[Encode
 
 def _encode_many(tokenizer, texts: list[str], bos_text: str) -> dict[str, list[int]]:
     """`_encode` of each text, batched."""
-    plain = [t for t in texts if bos_text and t.startswith(bos_text)]
-    special = [t for t in texts if not (bos_text and t.startswith(bos_text))]
     out: dict[str, list[int]] = {}
-    for group, add in ((special, True), (plain, False)):
+    for add in (True, False):
+        group = [t for t in texts if _adds_special_tokens(t, bos_text) == add]
         if group:
             out.update(zip(group, tokenizer(group, add_special_tokens=add)["input_ids"]))
     return out

@@ -189,6 +189,8 @@ def _run_workers(plan: TrialPlan, store: Store, models_dir: str, faults: str | N
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raysweep.trial import failure_reason
+
     r = plan.resources
     cpu_each, gpu_each = r.per_worker
     resources_per_worker = {"CPU": cpu_each, **({"GPU": gpu_each} if gpu_each else {})}
@@ -210,8 +212,7 @@ def _run_workers(plan: TrialPlan, store: Store, models_dir: str, faults: str | N
         # Rank 0 records its own failure; a failure on another rank kills rank 0 mid-collective.
         row = next((x for x in store.trials(plan.sweep).to_pylist() if x["trial_id"] == plan.trial_id), None)
         if row is not None and row["status"] != "failed":
-            reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
-            store.write_trial_row({**row, "status": "failed", "error": reason, "attempts": attempt})
+            store.write_trial_row({**row, "status": "failed", "error": failure_reason(exc), "attempts": attempt})
         raise
 
 

@@ -361,8 +361,7 @@ class TrialRunner:
         state = None
         if self.keep_optimizer and self._rank_optimizer_path(g.rank).exists():
             try:
-                with torch.serialization.safe_globals(resume_safe_globals()):
-                    saved = torch.load(self._rank_optimizer_path(g.rank), map_location="cpu", weights_only=True)
+                saved = _load_resume_file(self._rank_optimizer_path(g.rank))
                 if saved["tag"] == [progress.phase, progress.epoch] and saved["world"] == g.world:
                     state = saved["state"]
             except Exception:  # noqa: BLE001 - an unreadable part means no optimizer state, on every rank
@@ -378,9 +377,7 @@ class TrialRunner:
         if not path.exists():
             return Progress(), None
         try:
-            # weights_only: a checkpoint is tensors and plain values; never unpickle code from the store.
-            with torch.serialization.safe_globals(resume_safe_globals()):
-                payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = _load_resume_file(path)
             progress = Progress(**payload["progress"])
         except Exception as exc:  # noqa: BLE001 - any unreadable resume point is discarded alike
             return self._fresh_start(f"unreadable resume point {path.name} ({type(exc).__name__}: {exc})")
@@ -483,7 +480,7 @@ class TrialRunner:
                 self._write_status("done", progress)
                 return progress
             except BaseException as exc:
-                reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+                reason = failure_reason(exc)
                 self._write_status("failed", progress, error=reason, attempts=attempt)
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 rank = "" if main else f"-rank{self.group.rank}"
@@ -613,6 +610,17 @@ class TrialRunner:
             self._fault_point("resume", phase, epoch)
         opt.close()
         return self._end_phase(progress, milestone=progress.epoch)
+
+def failure_reason(exc: BaseException) -> str:
+    """The one line a trials row keeps of an error."""
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+
+
+def _load_resume_file(path: Path):
+    # weights_only: a checkpoint is tensors and plain values; never unpickle code from the store.
+    with torch.serialization.safe_globals(resume_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
 
 def _interleave(parts: list[ScoreResult], n: int) -> ScoreResult:
     """Undo the interleaved split of `_score`: rank r scored examples r, r + world, ..."""
