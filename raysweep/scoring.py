@@ -2,9 +2,10 @@
 
 One forward pass per example (its prompt once, both choices packed after it) answers
 everything the store needs: the summed and per-token log-likelihood of each continuation,
-and the hidden state of the last prompt token at the fifth-to-last layer. The request encoding follows lm-evaluation-harness
-exactly (see TASKS.md): trailing context whitespace moves to the continuation, the pair is
-encoded jointly, BOS as the tokenizer adds it, left truncation that never cuts the
+and, at the chosen layers (default the fifth-to-last), the hidden state of the last prompt
+token and of the last token of each (prompt + choice) pair. The request encoding follows
+lm-evaluation-harness exactly: trailing context whitespace moves to the continuation, the
+pair is encoded jointly, BOS as the tokenizer adds it, left truncation that never cuts the
 continuation.
 """
 
@@ -127,11 +128,17 @@ class _Seq:
     last_prompt_pos: int  # position of the last context token (-1 if truncated away)
 
 
+# Rows of `ScoreResult.hidden[:, layer]`: the last prompt token, then the last token of
+# (prompt + choice 0) and of (prompt + choice 1).
+PROMPT, PAIR_0, PAIR_1 = 0, 1, 2
+
+
 @dataclass
 class ScoreResult:
     ll_sum: np.ndarray  # (n_examples, 2) float64
     n_tokens: np.ndarray  # (n_examples, 2) int
-    hidden: np.ndarray | None  # (n_examples, d) float32
+    hidden: np.ndarray | None  # (n_examples, n_layers, 3, d) float32: PROMPT, PAIR_0, PAIR_1
+    layers: tuple[int, ...] = (HIDDEN_LAYER,)
 
     @property
     def ll_mean(self) -> np.ndarray:
@@ -162,6 +169,15 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
+def check_layers(model, layers: Sequence[int]) -> tuple[int, ...]:
+    """The model's hidden states are the embeddings plus one entry per block."""
+    n = model.config.num_hidden_layers + 1
+    bad = [layer for layer in layers if not -n <= layer < n]
+    if bad:
+        raise ValueError(f"scoring.layers {bad} out of range for a model with {n - 1} layers (use -{n} .. {n - 1})")
+    return tuple(layers)
+
+
 def _windows(pairs: Sequence[EncodedPair], max_length: int) -> list[_Seq]:
     seqs = []
     for pair in pairs:
@@ -175,36 +191,48 @@ def _windows(pairs: Sequence[EncodedPair], max_length: int) -> list[_Seq]:
 
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 32) -> list[float]:
     """Summed log-likelihood of each (context, continuation), exactly as lm-eval computes it."""
-    windows = _windows([encode_pair(tokenizer, ctx, cont) for ctx, cont in requests], model_max_length(model, tokenizer))
-    sums, _ = _run_windows(model, windows, batch_size, pad_id(tokenizer), want_hidden=[False] * len(requests))
+    max_length = model_max_length(model, tokenizer)
+    windows = _windows([encode_pair(tokenizer, ctx, cont) for ctx, cont in requests], max_length)
+    sums, _ = _run_windows(model, windows, batch_size, pad_id(tokenizer), [False] * len(requests), (), max_length)
     return [float(x) for x in sums]
 
 
+def _layer_states(out, layers: Sequence[int]) -> list[torch.Tensor]:
+    return [out.hidden_states[layer] for layer in layers]
+
+
 @torch.inference_mode()
-def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, want_hidden: Sequence[bool]):
-    """Summed continuation log-likelihood of each window (and hidden states where asked).
+def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, want_hidden: Sequence[bool],
+                 layers: Sequence[int], max_length: int):
+    """Summed continuation log-likelihood of each window, and where asked its hidden states
+    at `layers`: (n_layers, 2, d) of the last prompt token and of the last token of the
+    whole (prompt + continuation) sequence.
 
     Sorted by length so a batch carries little padding; right padding with an attention
     mask leaves every real position unchanged under causal attention. The LM head runs only
     at continuation positions: full-vocabulary logits at every prompt position would cost
-    more memory than the forward pass itself.
+    more memory than the forward pass itself. The continuation's last token is fed as well
+    when its state is wanted; a window already cut to the model's length gets that state
+    from a second pass over its last `max_length` tokens.
     """
     base, head = _base_and_head(model)
     device = next(model.parameters()).device
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
     sums = np.zeros(len(windows), dtype=np.float64)
     hidden: dict[int, np.ndarray] = {}
+    fed = [len(w.input_ids) - (0 if want and len(w.input_ids) <= max_length else 1) for w, want in zip(windows, want_hidden)]
+    late = [i for i in order if want_hidden[i] and fed[i] < len(windows[i].input_ids)]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = len(windows[idx[0]].input_ids) - 1
+        width = max(fed[i] for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         rows, cols, targets, owner = [], [], [], []
         for r, i in enumerate(idx):
             w = windows[i].input_ids
             n = len(w) - 1
-            ids[r, :n] = torch.tensor(w[:-1])
-            mask[r, :n] = 1
+            ids[r, : fed[i]] = torch.tensor(w[: fed[i]])
+            mask[r, : fed[i]] = 1
             for k in range(n - windows[i].n_cont, n):
                 rows.append(r)
                 cols.append(k)
@@ -218,10 +246,21 @@ def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, w
         picked = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
         np.add.at(sums, np.array(owner), picked)
         if need_hidden:
-            layer = out.hidden_states[HIDDEN_LAYER]
+            per_layer = _layer_states(out, layers)
             for r, i in enumerate(idx):
                 if want_hidden[i]:
-                    hidden[i] = layer[r, max(windows[i].last_prompt_pos, 0)].float().cpu().numpy()
+                    h = np.zeros((len(layers), 2, per_layer[0].shape[-1]), dtype=np.float32)
+                    for j, layer in enumerate(per_layer):
+                        h[j, 0] = layer[r, max(windows[i].last_prompt_pos, 0)].float().cpu().numpy()
+                        h[j, 1] = layer[r, fed[i] - 1].float().cpu().numpy()
+                    hidden[i] = h
+    for start in range(0, len(late), batch_size):
+        idx = late[start : start + batch_size]
+        ids = torch.tensor([windows[i].input_ids[-max_length:] for i in idx], device=device)
+        per_layer = _layer_states(base(input_ids=ids, output_hidden_states=True, use_cache=False), layers)
+        for r, i in enumerate(idx):
+            for j, layer in enumerate(per_layer):
+                hidden[i][j, 1] = layer[r, -1].float().cpu().numpy()
     return sums, hidden
 
 
@@ -233,31 +272,35 @@ def _packed_mask_format(model) -> str | None:
 
 
 @torch.inference_mode()
-def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, capture_hidden: bool):
+def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[int], list[int]]], batch_size: int,
+                pad_id: int, layers: Sequence[int]):
     """Prefix sharing in one forward pass: each row holds the prompt once and then both
-    choices side by side, [prompt][choice 0 but its last token][choice 1 but its last token].
+    choices side by side, [prompt][choice 0][choice 1], each choice's last token fed only
+    when hidden states are asked for (`layers`): the pair probes read the state there.
 
     A block attention mask lets each choice see the prompt and its own earlier tokens, never
     the other choice, and both choices' positions continue from the prompt's end, so every
     continuation token is computed as in its own (prompt, choice) sequence. The prompt's last
-    position predicts both first tokens and gives the hidden state. Against scoring the two
-    sequences separately this skips one copy of the prompt, which is most of the work for
-    the long prompts and short answers of these tasks; against a KV-cache second pass it
+    position predicts both first tokens and gives the prompt's hidden state. Against scoring
+    the two sequences separately this skips one copy of the prompt, which is most of the work
+    for the long prompts and short answers of these tasks; against a KV-cache second pass it
     saves a forward call and the cache copies.
     """
     base, head = _base_and_head(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     additive = _packed_mask_format(model) == "additive"
+    capture = bool(layers)
+    cut = 0 if capture else 1  # the last token of a choice is only a target unless its state is read
     n = len(prompts)
-    lengths = [len(prompts[i]) + len(conts[i][0]) + len(conts[i][1]) - 2 for i in range(n)]
-    # Examples whose choices are one token each form batches of their own: their rows are
-    # plain prompts, right-padded, which need no mask at all (padding comes after every
-    # position that is read) and so get the fused causal attention kernel.
-    single = [len(conts[i][0]) == 1 and len(conts[i][1]) == 1 for i in range(n)]
+    lengths = [len(prompts[i]) + len(conts[i][0]) + len(conts[i][1]) - 2 * cut for i in range(n)]
+    # Without hidden states, examples whose choices are one token each form batches of their
+    # own: their rows are plain prompts, right-padded, which need no mask at all (padding
+    # comes after every position that is read) and so get the fused causal attention kernel.
+    single = [not capture and len(conts[i][0]) == 1 and len(conts[i][1]) == 1 for i in range(n)]
     order = sorted(range(n), key=lambda i: (single[i], -lengths[i]))
     sums = np.zeros((n, 2), dtype=np.float64)
-    hidden = np.zeros((n, model.config.hidden_size), dtype=np.float32) if capture_hidden else None
+    hidden = np.zeros((n, len(layers), 3, model.config.hidden_size), dtype=np.float32) if capture else None
     n_multi = n - sum(single)
     batches = [order[i : min(i + batch_size, n_multi)] for i in range(0, n_multi, batch_size)]
     batches += [order[i : i + batch_size] for i in range(n_multi, n, batch_size)]
@@ -269,16 +312,17 @@ def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[
         ids = torch.full((b, width), unread if single[idx[0]] else pad_id, dtype=torch.long)
         segment = torch.full((b, width), -1, dtype=torch.int8)  # 0 prompt, 1 / 2 choice 0 / 1, -1 padding
         positions = torch.zeros((b, width), dtype=torch.long)
-        plen = torch.tensor([len(prompts[i]) for i in idx])
+        read_at = torch.zeros((b, 3), dtype=torch.long)  # PROMPT, PAIR_0, PAIR_1 positions
         sel_r, sel_c, sel_t, owner = [], [], [], []
         for r, i in enumerate(idx):
             p, (c0, c1) = prompts[i], conts[i]
-            P, a = len(p), len(c0) - 1
-            row = p + c0[:-1] + c1[:-1]
+            P, a, z = len(p), len(c0) - cut, len(c1) - cut
+            row = p + c0[: a] + c1[: z]
             ids[r, : len(row)] = torch.tensor(row)
             segment[r, :P], segment[r, P : P + a], segment[r, P + a : len(row)] = 0, 1, 2
             positions[r, : P + a] = torch.arange(P + a)
-            positions[r, P + a : len(row)] = torch.arange(P, P + len(c1) - 1)
+            positions[r, P + a : len(row)] = torch.arange(P, P + z)
+            read_at[r] = torch.tensor([P - 1, P + a - 1, len(row) - 1])
             for choice, (cont, first) in enumerate(((c0, P), (c1, P + a))):
                 for k, tok in enumerate(cont):
                     sel_r.append(r)
@@ -296,46 +340,59 @@ def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[
             mask = allowed.unsqueeze(1)
             if additive:
                 mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
-        out = base(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device), output_hidden_states=capture_hidden, use_cache=False)
+        out = base(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
+                   output_hidden_states=capture, use_cache=False)
         states = out.last_hidden_state[torch.tensor(sel_r, device=device), torch.tensor(sel_c, device=device)]
         logp = torch.log_softmax(head(states).float(), dim=-1)
         picked = logp.gather(1, torch.tensor(sel_t, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
         flat = np.zeros(2 * b, dtype=np.float64)
         np.add.at(flat, np.array(owner), picked)
         sums[idx] += flat.reshape(b, 2)
-        if capture_hidden:
-            rows = torch.arange(b, device=device)
-            hidden[idx] = out.hidden_states[HIDDEN_LAYER][rows, plen.to(device) - 1].float().cpu().numpy()
+        if capture:
+            rows = torch.arange(b, device=device).unsqueeze(1)
+            at = read_at.to(device)
+            for j, layer in enumerate(_layer_states(out, layers)):
+                hidden[idx, j] = layer[rows, at].float().cpu().numpy()
     return sums, hidden
 
 
-def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 32, capture_hidden: bool = True, share_prefix: bool = True) -> ScoreResult:
+def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 32, capture_hidden: bool = True,
+                   share_prefix: bool = True, layers: Sequence[int] = (HIDDEN_LAYER,)) -> ScoreResult:
     """Both choices of every example, batched, with lm-eval's encoding. With `share_prefix`
     the prompt is encoded once per example; examples whose window must be truncated (where
-    the two choices see different prompt tokens) are scored as separate sequences."""
+    the two choices see different prompt tokens) are scored as separate sequences. With
+    `capture_hidden`, the states at `layers` of the last prompt token and of the last token of
+    each (prompt + choice) come from the same forward pass."""
     max_length = model_max_length(model, tokenizer)
     pad = pad_id(tokenizer)
+    layers = check_layers(model, layers) if capture_hidden else ()
     n = len(examples)
     ll_sum = np.zeros((n, 2), dtype=np.float64)
     n_tokens = np.zeros((n, 2), dtype=np.int64)
-    hidden = np.zeros((n, model.config.hidden_size), dtype=np.float32) if capture_hidden and n else None
+    hidden = np.zeros((n, len(layers), 3, model.config.hidden_size), dtype=np.float32) if capture_hidden and n else None
     shared, separate = [], []
     pairs = encode_examples(tokenizer, examples)
     share_prefix = share_prefix and _packed_mask_format(model) is not None
+    # A packed row feeds each choice's last token when its state is read: one position more.
+    room = max_length if capture_hidden else max_length + 1
     for i, (p0, p1) in enumerate(pairs):
         n_tokens[i] = (len(p0.continuation), len(p1.continuation))
-        fits = max(len(p0.context) + len(p0.continuation), len(p1.context) + len(p1.continuation)) <= max_length + 1
+        fits = max(len(p0.context) + len(p0.continuation), len(p1.context) + len(p1.continuation)) <= room
         ok = share_prefix and fits and p0.context == p1.context and len(p0.continuation) > 0 and len(p1.continuation) > 0
         (shared if ok else separate).append(i)
     if shared:
-        sums, hid = _run_packed(model, [pairs[i][0].context for i in shared], [(pairs[i][0].continuation, pairs[i][1].continuation) for i in shared], batch_size, pad, capture_hidden)
+        sums, hid = _run_packed(model, [pairs[i][0].context for i in shared],
+                                [(pairs[i][0].continuation, pairs[i][1].continuation) for i in shared], batch_size, pad, layers)
         ll_sum[shared] = sums
         if capture_hidden:
             hidden[shared] = hid
     if separate:
         windows = _windows([p for i in separate for p in pairs[i]], max_length)
-        sums, hid = _run_windows(model, windows, batch_size, pad, [capture_hidden, False] * len(separate))
+        sums, hid = _run_windows(model, windows, batch_size, pad, [capture_hidden] * len(windows), layers, max_length)
         ll_sum[separate] = sums.reshape(-1, 2)
         if capture_hidden:
-            hidden[separate] = np.stack([hid[2 * k] for k in range(len(separate))])
-    return ScoreResult(ll_sum=ll_sum, n_tokens=n_tokens, hidden=hidden)
+            for k, i in enumerate(separate):
+                hidden[i, :, PROMPT] = hid[2 * k][:, 0]
+                hidden[i, :, PAIR_0] = hid[2 * k][:, 1]
+                hidden[i, :, PAIR_1] = hid[2 * k + 1][:, 1]
+    return ScoreResult(ll_sum=ll_sum, n_tokens=n_tokens, hidden=hidden, layers=tuple(layers) or (HIDDEN_LAYER,))

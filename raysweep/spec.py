@@ -36,6 +36,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def locate_gguf(ref: str) -> Path:
+    """A GGUF file named as a path, or as `package/inside/file.gguf` within an installed
+    package. The package is located, never imported: a model wheel's `__init__` may import
+    dependencies that a model file does not need."""
+    import importlib.util
+
+    direct = Path(ref).expanduser()
+    if direct.is_file():
+        return direct.resolve()
+    package, _, inside = ref.partition("/")
+    try:
+        found = importlib.util.find_spec(package) if package.isidentifier() and inside else None
+    except (ImportError, ValueError):
+        found = None
+    for root in (found.submodule_search_locations or []) if found is not None else []:
+        if (Path(root) / inside).is_file():
+            return (Path(root) / inside).resolve()
+    raise ValueError(f"{ref!r} is neither a file nor a file inside an installed package")
+
+
 class PretrainConfig(_Strict):
     """Short language-model pretraining of a built-in tiny model on a mixture of the
     built-in tasks, so that it starts with partial skill as a real pretrained model does."""
@@ -69,6 +89,9 @@ class ModelSpec(_Strict):
     name: Annotated[str, Field(pattern=_NAME)]
     arch: Literal["gpt2", "gptj", "llama"] | None = None
     path: str | None = None
+    # A GGUF file: a local path, or `package/file.gguf` inside an installed Python package.
+    # It is dequantised once into the store's model cache and then loads like any checkpoint.
+    gguf: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     tiny: TinySize = TinySize()
@@ -76,8 +99,14 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        if (self.arch is None) == (self.path is None):
-            raise ValueError("give exactly one of 'arch' (built-in tiny model) or 'path' (hub name or local directory)")
+        if sum(x is not None for x in (self.arch, self.path, self.gguf)) != 1:
+            raise ValueError(
+                "give exactly one of 'arch' (built-in tiny model), 'path' (hub name or local directory) or 'gguf' (GGUF file)"
+            )
+        if self.gguf is not None:
+            if not self.gguf.endswith(".gguf"):
+                raise ValueError(f"gguf: {self.gguf!r} does not name a .gguf file")
+            locate_gguf(self.gguf)  # found before anything runs, not inside a trial
         return self
 
     @property
@@ -104,8 +133,12 @@ class FinetuneConfig(PhaseConfig):
 
 class ForgetConfig(PhaseConfig):
     lr: PositiveFloat = 1e-4
-    # Stop once the forget task's test accuracy drops below this.
+    # Methods that aim at chance (random labels, gradient ascent, NPO) stop once the forget
+    # task's test accuracy drops below this. Flipped labels aim below chance, so a fixed 0.5
+    # would decide the flipped forget ratio in advance: they stop at the mirror image of the
+    # fine-tuned accuracy instead (see `forget_stop_threshold`), or run the epoch budget.
     stop_test_acc: Annotated[float, Field(gt=0, le=1)] = 0.5
+    flipped_stop: Literal["mirror", "budget"] = "mirror"
     # Inverse temperature of NPO's preference term (only used by method `npo`).
     npo_beta: PositiveFloat = 0.1
 
@@ -172,14 +205,17 @@ class ScoringConfig(_Strict):
     # Hidden states are wide (4096 floats for a 7B model): keep them at phase ends by default,
     # which is what the variance predictor and the probes read.
     hidden_states: Literal["phase_end", "every_epoch", "none"] = "phase_end"
+    # Layers whose states are kept, indexed as Python indexes the model's hidden states
+    # (embeddings first): -5 is the fifth-to-last, where the probes read; -2 the penultimate.
+    layers: list[int] = [-5]
 
-    @field_validator("splits")
+    @field_validator("splits", "layers")
     @classmethod
-    def _nonempty_unique(cls, v: list[str]) -> list[str]:
+    def _nonempty_unique(cls, v: list, info) -> list:
         if not v:
-            raise ValueError("must name at least one split")
+            raise ValueError(f"must name at least one {info.field_name[:-1]}")
         if len(set(v)) != len(v):
-            raise ValueError("splits repeat")
+            raise ValueError(f"{info.field_name} repeat")
         return v
 
 

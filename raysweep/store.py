@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from raysweep.errors import BadInput, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PHASES = ("pretrained", "finetune", "forget", "relearn")
 # Files written per (trial, phase, epoch) and covered by that epoch's commit marker.
 EPOCH_KINDS = ("scores", "epochs", "hidden")
@@ -115,6 +115,11 @@ EXAMPLES_SCHEMA = pa.schema(
 
 
 def hidden_schema(dim: int) -> pa.Schema:
+    """One row per (example, layer). `hidden` is the last prompt token's state (what the
+    variance predictor reads); `hidden_correct` / `hidden_distractor` are the states at the
+    last token of prompt + correct choice and prompt + distractor (what the pair probes read).
+    `layer` indexes the model's hidden states as Python does: -5 is the fifth-to-last."""
+    vec = pa.list_(pa.float32(), dim)
     return pa.schema(
         [
             ("sweep", pa.string()),
@@ -124,7 +129,10 @@ def hidden_schema(dim: int) -> pa.Schema:
             ("eval_task", pa.string()),
             ("split", pa.string()),
             ("example_idx", pa.int32()),
-            ("hidden", pa.list_(pa.float32(), dim)),
+            ("layer", pa.int16()),
+            ("hidden", vec),
+            ("hidden_correct", vec),
+            ("hidden_distractor", vec),
         ]
     )
 
@@ -220,6 +228,12 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"store: {self.root} was written by a newer raysweep (schema v{version}); this one reads up to v{SCHEMA_VERSION}"
+            )
+        if version < SCHEMA_VERSION:
+            # v1 kept only the prompt token's hidden state, which the pair probes cannot read.
+            raise StoreError(
+                f"store: {self.root} has schema v{version} (hidden states without pair states); this raysweep writes "
+                f"v{SCHEMA_VERSION}: run the sweep into a new store"
             )
 
     def ensure(self) -> None:

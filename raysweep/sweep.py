@@ -71,19 +71,9 @@ def models_dir_for(store: Store) -> Path:
 
 def prepare_sweep_data(spec: SweepSpec) -> dict[str, PreparedTask]:
     """Load and prepare every task once in the driver: bad data fails here, before writes."""
-    from raysweep.tasks import prepare_task
+    from raysweep.tasks.prepare import prepare_sweep_tasks
 
-    out = {}
-    for name in spec.tasks:
-        source = spec.data.sources.get(name)
-        try:
-            out[name] = prepare_task(name, seed=spec.data.seed, cap=spec.data.cap, max_chars=spec.data.max_chars, source=source)
-        except BadInput as exc:
-            if source is None:
-                raise
-            # Name the spec field the user edits, not only the task.
-            raise type(exc)(f"data.sources.{name}: {str(exc).removeprefix(f'task {name}: ')}") from None
-    return out
+    return prepare_sweep_tasks(spec)
 
 
 def _examples_table(task: PreparedTask) -> pa.Table:
@@ -349,11 +339,10 @@ def run_sweep(
         return outcome
 
     models_dir = models_dir_for(store)
-    from raysweep.models import ensure_builtin
+    from raysweep.models import ensure_model
 
     for model in spec.models:
-        if model.builtin:
-            ensure_builtin(model, models_dir)
+        ensure_model(model, models_dir)
 
     views = {p.trial_id: TrialView(p.trial_id, p.forget_task, p.method) for p in pending}
     multi_worker = spec.resources.n_workers > 1

@@ -27,8 +27,8 @@ import torch
 
 from raysweep.distributed import SINGLE, Group
 from raysweep.methods import ForgetMethod, get_method, nll_loss
-from raysweep.models import LoadedModel, load_model
-from raysweep.scoring import ScoreResult, score_examples
+from raysweep.models import LoadedModel, load_model, model_source
+from raysweep.scoring import PAIR_0, PAIR_1, PROMPT, ScoreResult, score_examples
 from raysweep.spec import PhaseConfig, TrialPlan
 from raysweep.faults import parse_faults
 from raysweep.faults import fire as fire_fault
@@ -69,6 +69,8 @@ class Progress:
     best_epoch: int | None = None
     last_forget_epoch: int | None = None
     last_relearn_epoch: int | None = None
+    # The forget task's test accuracy at the best fine-tune epoch: the flipped stop rule's aim.
+    finetuned_test_acc: float | None = None
     npo_reference: dict[int, float] = field(default_factory=dict)
     # Last epoch of each finished phase: on resume, every epoch up to the resume point must
     # still be committed (see `_missing_epochs`).
@@ -87,9 +89,20 @@ def finetune_should_stop(train_acc: float, epoch: int, epochs_since_best: int, c
     return train_acc >= cfg.stop_train_acc or epoch >= cfg.max_epochs or (cfg.patience is not None and epochs_since_best >= cfg.patience)
 
 
-def forget_should_stop(test_acc: float, epoch: int, cfg) -> bool:
-    """Paper: up to max_epochs, or until the forget task's test accuracy drops below 50%."""
-    return test_acc < cfg.stop_test_acc or epoch >= cfg.max_epochs
+def forget_should_stop(test_acc: float, epoch: int, cfg, formula: str = "random", finetuned_acc: float | None = None) -> bool:
+    """Up to max_epochs, or until the forget task's test accuracy reaches the method's aim.
+
+    Methods that aim at chance stop below `stop_test_acc` (the paper: 50%). Flipped labels aim
+    at the mirror image of the fine-tuned accuracy: stopping them at 50% would cap their
+    forget ratio near 0.5 by construction, so they stop once accuracy <= 1 - acc_finetuned
+    (`flipped_stop: mirror`), or only at the epoch budget (`flipped_stop: budget`)."""
+    if epoch >= cfg.max_epochs:
+        return True
+    if formula != "flipped":
+        return test_acc < cfg.stop_test_acc
+    if cfg.flipped_stop == "budget" or finetuned_acc is None:
+        return False
+    return test_acc <= 1.0 - finetuned_acc + 1e-9  # accuracies are fractions k/n: no float-order misses
 
 
 def relearn_should_stop(train_acc: float, epoch: int, cfg) -> bool:
@@ -112,7 +125,10 @@ def prepare_tasks(plan: TrialPlan, store: Store | None = None) -> dict[str, Prep
         if path is not None and path.exists():
             out[name] = _from_examples_table(name, pq.read_table(path), str(path))
         else:
-            out[name] = prepare_task(name, seed=plan.data.seed, cap=plan.data.cap, max_chars=plan.data.max_chars, source=plan.data.sources.get(name))
+            out[name] = prepare_task(
+                name, seed=plan.data.seed, cap=plan.data.cap, max_chars=plan.data.max_chars,
+                source=plan.data.sources.get(name), need_train=name == plan.forget_task,
+            )
     return out
 
 
@@ -174,7 +190,11 @@ class TrialRunner:
         (interleaved, so lengths balance) and rank 0 gathers the whole result."""
         g = self.group
         mine = self.flat[g.rank :: g.world]
-        part = score_examples(self.lm.model, self.lm.tokenizer, mine, batch_size=self.plan.scoring.batch_size, capture_hidden=self.plan.scoring.hidden_states != "none")
+        scoring = self.plan.scoring
+        part = score_examples(
+            self.lm.model, self.lm.tokenizer, mine, batch_size=scoring.batch_size,
+            capture_hidden=scoring.hidden_states != "none", layers=scoring.layers,
+        )
         if g.world == 1:
             return part
         parts = g.gather(part)
@@ -231,9 +251,7 @@ class TrialRunner:
         )
         hidden = None
         if with_hidden and res.hidden is not None:
-            d = res.hidden.shape[1]
-            flat_values = pa.array(res.hidden.reshape(-1).astype(np.float32))
-            hidden = pa.table({**common, "hidden": pa.FixedSizeListArray.from_arrays(flat_values, d)}, schema=hidden_schema(d))
+            hidden = _hidden_table(common, res, gold)
         return scores, hidden
 
     def _commit(self, phase: str, epoch: int, res: ScoreResult | None, acc: dict[tuple[str, str], float], train_loss: float, seconds: float, phase_end: bool) -> None:
@@ -544,6 +562,7 @@ class TrialRunner:
             progress.epoch = epoch
             if acc[(ft, "validation")] > progress.best_val_acc:
                 progress.best_val_acc, progress.best_epoch, since_best = acc[(ft, "validation")], epoch, 0
+                progress.finetuned_test_acc = acc[(ft, "test")]
                 if main:
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 best_res, best_scored = res, True
@@ -581,7 +600,11 @@ class TrialRunner:
         def targets(epoch: int) -> list[int]:
             return self.method.targets(self.train_set, epoch, random.Random(_seed_for(self.plan.seed, "forget", epoch, "labels")))
 
-        return self._train_phase("forget", cfg, progress, opt_state, targets, self.method.loss, lambda acc, epoch: forget_should_stop(acc[(self.plan.forget_task, "test")], epoch, cfg))
+        def should_stop(acc: dict[tuple[str, str], float], epoch: int) -> bool:
+            test_acc = acc[(self.plan.forget_task, "test")]
+            return forget_should_stop(test_acc, epoch, cfg, self.method.ratio_formula, progress.finetuned_test_acc)
+
+        return self._train_phase("forget", cfg, progress, opt_state, targets, self.method.loss, should_stop)
 
     def _relearn(self, progress: Progress, opt_state: dict | None) -> Progress:
         cfg = self.plan.phases.relearn
@@ -622,19 +645,37 @@ def _load_resume_file(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _hidden_table(common: dict[str, pa.Array], res: ScoreResult, gold: np.ndarray) -> pa.Table:
+    """One row per (example, layer), example-major; the pair states reordered from choice
+    order to (correct, distractor)."""
+    n, n_layers, _, d = res.hidden.shape
+    rows = np.arange(n)
+
+    def vectors(states: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(states.reshape(-1).astype(np.float32)), d)
+
+    take = np.repeat(rows, n_layers)
+    columns = {k: v.take(pa.array(take)) for k, v in common.items()}
+    columns["layer"] = pa.array(np.tile(np.array(res.layers, dtype=np.int16), n))
+    columns["hidden"] = vectors(res.hidden[:, :, PROMPT])
+    columns["hidden_correct"] = vectors(res.hidden[rows, :, PAIR_0 + gold])
+    columns["hidden_distractor"] = vectors(res.hidden[rows, :, PAIR_1 - gold])
+    return pa.table(columns, schema=hidden_schema(d))
+
+
 def _interleave(parts: list[ScoreResult], n: int) -> ScoreResult:
     """Undo the interleaved split of `_score`: rank r scored examples r, r + world, ..."""
     world = len(parts)
     ll_sum = np.zeros((n, 2), dtype=np.float64)
     n_tokens = np.zeros((n, 2), dtype=np.int64)
     with_hidden = all(p.hidden is not None for p in parts)
-    hidden = np.zeros((n, parts[0].hidden.shape[1]), dtype=np.float32) if with_hidden and n else None
+    hidden = np.zeros((n, *parts[0].hidden.shape[1:]), dtype=np.float32) if with_hidden and n else None
     for rank, part in enumerate(parts):
         ll_sum[rank::world] = part.ll_sum
         n_tokens[rank::world] = part.n_tokens
         if hidden is not None:
             hidden[rank::world] = part.hidden
-    return ScoreResult(ll_sum=ll_sum, n_tokens=n_tokens, hidden=hidden)
+    return ScoreResult(ll_sum=ll_sum, n_tokens=n_tokens, hidden=hidden, layers=parts[0].layers)
 
 
 def trial_row(plan: TrialPlan) -> dict:
@@ -642,7 +683,7 @@ def trial_row(plan: TrialPlan) -> dict:
         "sweep": plan.sweep,
         "trial_id": plan.trial_id,
         "model": plan.model.name,
-        "model_source": f"builtin:{plan.model.arch}" if plan.model.builtin else plan.model.path,
+        "model_source": model_source(plan.model),
         "forget_task": plan.forget_task,
         "method": plan.method,
         "size": plan.size,

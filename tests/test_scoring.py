@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysweep.scoring import HIDDEN_LAYER, encode_pair, score_examples
+from raysweep.scoring import HIDDEN_LAYER, PAIR_0, PROMPT, encode_pair, score_examples
 from raysweep.spec import ModelSpec
 from raysweep.tasks import Example, prepare_task
 
@@ -24,21 +24,28 @@ def lm(request):
     return model, tok
 
 
-def reference(model, tok, ex: Example):
-    """One unbatched forward per choice, full logits, plain indexing."""
-    lls, ns, hidden = [], [], None
-    for cont in ex.continuations:
+def reference(model, tok, ex: Example, layers=(HIDDEN_LAYER,)):
+    """One unbatched forward per choice, full logits, plain indexing. Hidden states: the last
+    prompt token (from the scoring window) and the last token of each whole (prompt + choice)
+    sequence, fed in full (its last `max_length` tokens)."""
+    max_length = model.config.max_position_embeddings if hasattr(model.config, "max_position_embeddings") else model.config.n_positions
+    lls, ns = [], []
+    hidden = np.zeros((len(layers), 3, model.config.hidden_size), dtype=np.float32)
+    for choice, cont in enumerate(ex.continuations):
         pair = encode_pair(tok, ex.prompt, cont)
-        ids = (pair.context + pair.continuation)[-(model.config.max_position_embeddings if hasattr(model.config, "max_position_embeddings") else model.config.n_positions) - 1 :]
+        ids = (pair.context + pair.continuation)[-max_length - 1 :]
         with torch.no_grad():
             out = model(torch.tensor([ids[:-1]]), output_hidden_states=True)
+            whole = model(torch.tensor([(pair.context + pair.continuation)[-max_length:]]), output_hidden_states=True)
         logp = torch.log_softmax(out.logits[0].double(), -1)
         n = len(pair.continuation)
         lls.append(sum(float(logp[k - 1, ids[k]]) for k in range(len(ids) - n, len(ids))))
         ns.append(n)
-        if hidden is None:
-            pos = len(ids) - n - 1  # last prompt token: just before the continuation
-            hidden = out.hidden_states[HIDDEN_LAYER][0, pos].numpy()
+        for j, layer in enumerate(layers):
+            if choice == 0:
+                pos = len(ids) - n - 1  # last prompt token: just before the continuation
+                hidden[j, PROMPT] = out.hidden_states[layer][0, pos].numpy()
+            hidden[j, PAIR_0 + choice] = whole.hidden_states[layer][0, -1].numpy()
     return np.array(lls), np.array(ns), hidden
 
 
@@ -100,3 +107,28 @@ def test_prefix_sharing_with_eager_attention_takes_an_additive_mask(lm):
         model.set_attn_implementation(before)
     np.testing.assert_allclose(shared.ll_sum, separate.ll_sum, atol=1e-4)
     np.testing.assert_allclose(shared.hidden, separate.hidden, atol=1e-4)
+
+
+def test_pair_states_at_several_layers_equal_whole_sequences(lm):
+    """The pair probes read the state at the last token of (prompt + choice): the answer's
+    final token must be fed, on the packed path and on the separate one, at every layer asked."""
+    model, tok = lm
+    exs = prepare_task("capital", seed=9, cap=5, max_chars=2048).split("test")
+    exs.append(Example(idx=90, uid="a", prompt="Question: which?\nAnswer:", choices=("a much longer answer here", "no"), gold=0))
+    exs.append(Example(idx=91, uid="b", prompt="Review: " + "great and " * 40 + "\nAnswer:", choices=("no", "yes"), gold=1))
+    layers = (-5, -2, -1)
+    for share in (True, False):
+        res = score_examples(model, tok, exs, batch_size=3, share_prefix=share, layers=layers)
+        assert res.hidden.shape == (len(exs), 3, 3, model.config.hidden_size) and res.layers == layers
+        for i, ex in enumerate(exs):
+            _, _, h = reference(model, tok, ex, layers)
+            np.testing.assert_allclose(res.hidden[i], h, atol=1e-4)
+        # The two choices' final states differ: a pair state is not a copy of the prompt's.
+        assert np.abs(res.hidden[:, :, 1] - res.hidden[:, :, 2]).max() > 1e-3
+
+
+def test_layers_out_of_range_are_refused(lm):
+    model, tok = lm
+    exs = prepare_task("capital", seed=9, cap=2, max_chars=2048).split("test")
+    with pytest.raises(ValueError, match="out of range"):
+        score_examples(model, tok, exs, layers=(-(model.config.num_hidden_layers + 2),))

@@ -33,7 +33,11 @@ def _summary(trial, phase, epoch):
 
 def _hidden(trial, phase, epoch, n=5, d=4):
     vals = pa.array(np.arange(n * d, dtype=np.float32))
-    return pa.table({"sweep": ["s"] * n, "trial_id": [trial] * n, "phase": [phase] * n, "epoch": pa.array([epoch] * n, pa.int32()), "eval_task": ["compare"] * n, "split": ["test"] * n, "example_idx": pa.array(range(n), pa.int32()), "hidden": pa.FixedSizeListArray.from_arrays(vals, d)}, schema=hidden_schema(d))
+    vec = pa.FixedSizeListArray.from_arrays(vals, d)
+    return pa.table({"sweep": ["s"] * n, "trial_id": [trial] * n, "phase": [phase] * n, "epoch": pa.array([epoch] * n, pa.int32()),
+                     "eval_task": ["compare"] * n, "split": ["test"] * n, "example_idx": pa.array(range(n), pa.int32()),
+                     "layer": pa.array([-5] * n, pa.int16()), "hidden": vec, "hidden_correct": vec, "hidden_distractor": vec},
+                    schema=hidden_schema(d))
 
 
 @pytest.fixture
@@ -121,6 +125,14 @@ def test_newer_schema_is_refused(tmp_path):
     root.mkdir()
     (root / "store.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(StoreError, match="newer raysweep"):
+        Store(root).ensure()
+
+
+def test_v1_store_without_pair_states_is_refused(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "store.json").write_text(json.dumps({"schema_version": 1}))
+    with pytest.raises(StoreError, match="schema v1.*new store"):
         Store(root).ensure()
 
 

@@ -26,6 +26,33 @@ def test_forget_and_relearn_stop_rules():
     assert relearn_should_stop(0.99, 1, rcfg) and relearn_should_stop(0.2, 4, rcfg) and not relearn_should_stop(0.9, 3, rcfg)
 
 
+def test_flipped_labels_stop_at_the_mirror_of_the_finetuned_accuracy():
+    """A 50% stop would fix the flipped forget ratio near 0.5 in advance: flipped labels go on
+    until accuracy <= 1 - acc_finetuned (or the epoch budget), the others stop below 0.5."""
+    cfg = ForgetConfig(max_epochs=10)
+    assert forget_should_stop(0.45, 2, cfg, "random", 0.9)
+    assert not forget_should_stop(0.45, 2, cfg, "flipped", 0.9)
+    assert not forget_should_stop(0.11, 2, cfg, "flipped", 0.9) and forget_should_stop(0.10, 2, cfg, "flipped", 0.9)
+    assert forget_should_stop(0.45, 10, cfg, "flipped", 0.9)  # the budget still ends it
+    budget = ForgetConfig(max_epochs=10, flipped_stop="budget")
+    assert not forget_should_stop(0.0, 9, budget, "flipped", 0.9) and forget_should_stop(0.0, 10, budget, "flipped", 0.9)
+
+
+def test_flipped_trial_runs_past_chance(tmp_path):
+    """End to end: the trial reads the fine-tuned milestone's test accuracy and stops on its
+    mirror image, not on 0.5."""
+    text = tiny_spec_text(ft_epochs=2, fg_epochs=5, methods=("flipped",))
+    text = text.replace("forget: {optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: 5}",
+                        "forget: {optimizer: adamw, lr: 1.0e-2, batch_size: 8, max_epochs: 5}")
+    store, plan, progress, reports = _run(tmp_path, text)
+    forget = [r for r in reports if r.phase == "forget"]
+    ft_test = [r for r in reports if r.phase == "finetune" and r.epoch == progress.best_epoch][0].forget_test_acc
+    stop_at = 1.0 - ft_test
+    # Every epoch but the last is above the mirror aim; the last reached it or spent the budget.
+    assert all(r.forget_test_acc > stop_at for r in forget[:-1])
+    assert forget[-1].forget_test_acc <= stop_at or forget[-1].epoch == 5
+
+
 def _run(tmp_path, text):
     spec = parse_spec(text)
     store = Store(tmp_path / "store")

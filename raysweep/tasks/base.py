@@ -168,12 +168,24 @@ def _carve_validation(train: list, n_eval: int, seed: int, name: str) -> tuple[l
     return [r for i, r in enumerate(train) if i not in val_idx], [train[i] for i in sorted(val_idx)]
 
 
-def prepare_task(name: str, *, seed: int, cap: int, max_chars: int, source: str | None = None) -> PreparedTask:
-    """render -> binarise -> length filter -> decontaminate -> split fallback -> cap."""
+def prepare_task(
+    name: str, *, seed: int, cap: int, max_chars: int, source: str | None = None, need_train: bool = True
+) -> PreparedTask:
+    """render -> binarise -> length filter -> decontaminate -> split fallback -> cap.
+
+    A task that is only evaluated (`need_train=False`) may lack a train split: it is then
+    scored on its test split alone (train and validation stay empty). Whether a train split
+    exists does not depend on the role, so a task's examples are the same in either role.
+    """
     task = get_task(name)
     raw, source_desc = task.load_records(source, seed)
-    if "train" not in raw or not raw["train"]:
-        raise BadInput(f"task {name}: source {source_desc} has no labelled train split")
+    if not raw.get("train"):
+        if need_train:
+            raise BadInput(
+                f"task {name}: source {source_desc} has no labelled train split, which a forget task needs "
+                "(it can still be an evaluation task)"
+            )
+        raw = {**raw, "train": []}
     if "validation" not in raw and "test" not in raw:
         raise BadInput(f"task {name}: source {source_desc} has neither a validation nor a test split")
     report = PrepReport(task=name, source=source_desc)
@@ -240,7 +252,7 @@ def prepare_task(name: str, *, seed: int, cap: int, max_chars: int, source: str 
             for j, r in enumerate(chosen)
         ]
         counts[split].final = len(chosen)
-        if not chosen:
+        if not chosen and (split == "test" or counts["train"].raw):
             raise BadInput(f"task {name}: split {split!r} is empty after preparation (source {source_desc})")
     report.counts = {s: counts[s] for s in SPLITS}
     return PreparedTask(name=name, splits=splits, report=report)

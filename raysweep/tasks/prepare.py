@@ -16,11 +16,17 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysweep.errors import BadInput
 from raysweep.tasks.base import SPLITS, Example, PreparedTask, PrepReport, get_task, prepare_task
+from raysweep.tasks.sources import data_root_sources
+
+if TYPE_CHECKING:
+    from raysweep.spec import SweepSpec
 
 REPORT_FILE = "report.json"
 
@@ -100,17 +106,41 @@ def prepare_to_folder(
     cap: int,
     max_chars: int,
     sources: Mapping[str, str] | None = None,
+    data_root: str | os.PathLike | None = None,
 ) -> list[PreparedFolder]:
-    """Prepare each task (from `sources[name]` if given, else its default source) into
-    `out_dir/<name>/`. Unknown names fail before anything is loaded or written."""
+    """Prepare each task (from `sources[name]` if given, else `data_root/<name>` where that
+    folder exists, else its default source) into `out_dir/<name>/`. Every task is prepared
+    before the first folder is written, so a bad name or bad data writes nothing."""
     for name in names:
         get_task(name)
-    sources = sources or {}
+    names = list(dict.fromkeys(names))
+    sources = dict(sources or {})
+    if data_root is not None:
+        sources = data_root_sources(names, data_root, sources)
     params = PrepParams(seed=seed, cap=cap, max_chars=max_chars)
+    prepared = [prepare_task(name, seed=seed, cap=cap, max_chars=max_chars, source=sources.get(name)) for name in names]
     out: list[PreparedFolder] = []
-    for name in dict.fromkeys(names):
-        prepared = prepare_task(name, seed=seed, cap=cap, max_chars=max_chars, source=sources.get(name))
-        path = write_prepared(prepared, Path(out_dir) / name, params)
-        out.append(PreparedFolder(task=name, path=path, report=prepared.report))
+    for task in prepared:
+        path = write_prepared(task, Path(out_dir) / task.name, params)
+        out.append(PreparedFolder(task=task.name, path=path, report=task.report))
     return out
 
+
+def prepare_sweep_tasks(spec: SweepSpec) -> dict[str, PreparedTask]:
+    """Every task of `spec`, prepared once as its trials will see it. A forget task needs a
+    train split; a task that is only evaluated does not. An error about a folder named
+    under `data.sources` starts with that field, which is what the user edits."""
+    forget = set(spec.forget_task_list)
+    out: dict[str, PreparedTask] = {}
+    for name in spec.tasks:
+        source = spec.data.sources.get(name)
+        try:
+            out[name] = prepare_task(
+                name, seed=spec.data.seed, cap=spec.data.cap, max_chars=spec.data.max_chars,
+                source=source, need_train=name in forget,
+            )
+        except BadInput as exc:
+            if source is None:
+                raise
+            raise type(exc)(f"data.sources.{name}: {str(exc).removeprefix(f'task {name}: ')}") from None
+    return out

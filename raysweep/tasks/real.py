@@ -3,7 +3,8 @@
 Every task is one class: where its data lives (`HubSource`: hub paths, config, split names)
 and `render_raw`, which turns one record of the dataset's own schema into lm-eval's context,
 its full choice list (before binarisation) and the gold index. The facts come from lm-eval's
-task configs (see TASKS.md); `tests/test_tasks_real.py` checks them against lm-eval itself.
+task configs; `tests/test_tasks_real.py` and `tests/test_real_data_lmeval.py` check them against
+lm-eval's own task code.
 """
 
 from __future__ import annotations
@@ -48,13 +49,20 @@ class RealTask(Task):
 
     def load_records(self, source: str | None, seed: int) -> tuple[RawSplits, str]:
         if source is not None:
-            raw, desc = load_local_folder(self.name, source, self.hub.local_names(), required=tuple(self.hub.splits))
+            raw, desc = load_local_folder(self.name, source, self.hub.local_names(), required=(self.scored_split,))
         elif not self.hub.paths:
             raise TaskLoadError(f"task {self.name}: no local source given and {self.no_hub_hint}")
         else:
             raw, desc = load_from_hub(self.name, self.hub)
         self.check_records(raw, desc)
         return raw, desc
+
+    @property
+    def scored_split(self) -> str:
+        """The split lm-eval reports (test where its config has one, else validation). A local
+        folder must have it; a missing train split only matters to a forget task (preparation
+        says so), and a missing validation split is carved out of train."""
+        return "test" if "test" in self.hub.splits else "validation"
 
     def check_records(self, raw: RawSplits, desc: str) -> None:
         """Render every record once so a bad file fails here, with its location, rather than

@@ -10,14 +10,19 @@ dataset's own schema, or already prepared (`prompt, choice_0, choice_1, gold`, a
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
-from raysweep.errors import TaskLoadError
+from raysweep.errors import BadInput, TaskLoadError
 from raysweep.tasks.base import PREPARED_FIELDS, SPLITS, RawSplits, is_prepared
+
+if TYPE_CHECKING:
+    from raysweep.spec import SweepSpec
 
 _SPLIT_ALIASES = {"train": ["train"], "validation": ["validation", "dev", "valid", "val"], "test": ["test"]}
 _SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -36,7 +41,9 @@ def _read_records(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):  # a JSON array rather than JSON lines
         return list(json.loads(text))
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    # JSON lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 and other
+    # separators that JSON allows unescaped inside a string (real abstracts contain them).
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 def _find_split_file(root: Path, names: Sequence[str]) -> Path | None:
@@ -178,3 +185,26 @@ def load_from_hub(task: str, hub: HubSource) -> tuple[RawSplits, str]:
         return {split: _rows(dsd[name]) for split, name in hub.splits.items()}, label
     tried = "; ".join(failures) if failures else "no hub dataset"
     raise TaskLoadError(f"task {task}: could not load from {tried}; {how_to_provide(task)}")
+
+
+def data_root_sources(tasks: Sequence[str], root: str | os.PathLike, explicit: Mapping[str, str]) -> dict[str, str]:
+    """task -> local folder: `explicit` entries as given, then every other task that has a
+    folder `root/<task>`; tasks with neither keep their default source (the hub).
+
+    The root is made absolute: trials may run with another working directory, on another node.
+    """
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise BadInput(f"--data-root: {str(root)!r} is not a directory")
+    base = base.resolve()
+    found = {name: str(base / name) for name in tasks if (base / name).is_dir()}
+    if not found:
+        raise BadInput(f"--data-root: {str(root)!r} holds no folder named after any of the tasks {', '.join(tasks)}")
+    return {name: explicit.get(name, found.get(name)) for name in tasks if name in explicit or name in found}
+
+
+def apply_data_root(spec: SweepSpec, root: str | os.PathLike) -> SweepSpec:
+    """`spec` with its tasks' folders under `root` added to `data.sources` (entries the spec
+    names itself win). Trial ids do not change: where the data lives is not part of them."""
+    sources = data_root_sources(spec.tasks, root, spec.data.sources)
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"sources": sources})})
