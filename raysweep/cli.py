@@ -23,6 +23,11 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 STORE_OPT = typer.Option("storage", "--store", help="Store root directory.")
+DATA_ROOT_OPT = typer.Option(
+    None,
+    "--data-root",
+    help="Folder of task folders: each task with a folder DIR/<task> reads it (data.sources entries win).",
+)
 
 
 def _fail(code: int, message: str) -> None:
@@ -83,12 +88,17 @@ def run(
     dashboard_host: str = typer.Option(
         "127.0.0.1", "--dashboard-host", help="Interface the dashboard listens on (local clusters); 0.0.0.0 exposes it to the network."
     ),
+    data_root: Optional[Path] = DATA_ROOT_OPT,
 ) -> None:
     """Run a sweep: every trial of SPEC that the store does not already hold."""
     from raysweep.spec import load_spec
     from raysweep.store import Store
 
     spec = load_spec(spec_path)
+    if data_root is not None:
+        from raysweep.tasks.sources import apply_data_root
+
+        spec = apply_data_root(spec, data_root)
     if dry_run:
         plans = spec.trials()
         t = Table(title=f"{spec.name}: {len(plans)} trials", title_justify="left")
@@ -97,6 +107,8 @@ def run(
         for p in plans:
             t.add_row(p.trial_id, p.model.name, p.forget_task, p.method, str(p.size), str(p.seed), str(len(p.eval_tasks)), f"{p.resources.cpu:g}", f"{p.resources.gpu:g}", str(p.resources.n_workers))
         console.print(t)
+        for name, folder in spec.data.sources.items():
+            console.print(f"data: {name} <- {folder}", highlight=False)
         return
     from rich.live import Live
 
@@ -172,10 +184,15 @@ def analyze(
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these analyses (repeatable)."),
     engine: str = typer.Option("auto", "--engine", help="ray | local | auto"),
     sweep: Optional[str] = typer.Option(None, help="Only this sweep."),
+    layer: int = typer.Option(-5, "--layer", help="Hidden-state layer the probes and the variance predictor read."),
+    min_headroom: float = typer.Option(0.05, "--min-headroom", help="Mask forget ratios with less headroom than this."),
+    denominator: str = typer.Option("trial", "--denominator", help="trial | own: accuracy that divides the ratio."),
 ) -> None:
     """Run the analyses over the store; results land as Parquet under the store's analysis/."""
-    from raysweep.analysis import registered_analyses, render_outcome, run_analyses
+    from raysweep.analysis import AnalysisParams, registered_analyses, render_outcome, run_analyses
     from raysweep.store import Store
+
+    params = AnalysisParams(layer=layer, min_headroom=min_headroom, denominator=denominator)
 
     if engine not in ("ray", "local", "auto"):
         raise BadInput(f"--engine: {engine!r} is not one of ray, local, auto")
@@ -191,7 +208,7 @@ def analyze(
             err.print(f"[red]corrupt[/] {path}: {reason}", highlight=False)
         raise StoreError(f"store: {len(bad)} corrupt file(s); refusing to analyse (`raysweep repair` quarantines them)")
     failed = False
-    for outcome in run_analyses(store, only=only, engine=engine, sweep=sweep):
+    for outcome in run_analyses(store, only=only, engine=engine, sweep=sweep, params=params):
         if outcome.status == "ok":
             console.print(render_outcome(outcome))
         else:
@@ -238,15 +255,28 @@ def predict(
 
 @app.command()
 @_guard
-def report(store_root: Path = STORE_OPT, out: Path = typer.Option(..., "--out", help="Directory for the HTML report."), sweep: Optional[str] = typer.Option(None)) -> None:
-    """Write one self-contained HTML page with every figure and table."""
+def report(
+    store_root: Path = STORE_OPT,
+    out: Path = typer.Option(..., "--out", help="Directory for the HTML report."),
+    sweep: Optional[str] = typer.Option(None),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Rerun the analyses reading this hidden-state layer."),
+    min_headroom: Optional[float] = typer.Option(None, "--min-headroom", help="Rerun them with this headroom floor."),
+    denominator: Optional[str] = typer.Option(None, "--denominator", help="Rerun them with this ratio denominator."),
+) -> None:
+    """Write one self-contained HTML page with every figure and table. With any analysis
+    option the analyses are rerun with it; otherwise fresh outputs of `analyze` are reused."""
+    from raysweep.analysis import AnalysisParams
     from raysweep.report import write_report
     from raysweep.store import Store
+
+    given = {"layer": layer, "min_headroom": min_headroom, "denominator": denominator}
+    params = AnalysisParams(**{k: v for k, v in given.items() if v is not None}) if any(
+        v is not None for v in given.values()) else None
 
     store = Store(store_root)
     if not store.exists():
         raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
-    path = write_report(store, out, sweep=sweep)
+    path = write_report(store, out, sweep=sweep, params=params)
     console.print(f"report written to {path}")
 
 
@@ -311,13 +341,14 @@ def tasks_prepare(
     cap: int = typer.Option(1000, "--cap"),
     seed: int = typer.Option(1234, "--seed"),
     max_chars: int = typer.Option(2048, "--max-chars"),
+    data_root: Optional[Path] = DATA_ROOT_OPT,
 ) -> None:
     """Materialise prepared splits as Parquet, for clusters without hub access."""
     from raysweep.tasks.prepare import prepare_to_folder
 
-    written = prepare_to_folder(names, out, seed=seed, cap=cap, max_chars=max_chars)
-    for path in written:
-        console.print(f"wrote {path}", highlight=False)
+    written = prepare_to_folder(names, out, seed=seed, cap=cap, max_chars=max_chars, data_root=data_root)
+    for folder in written:
+        console.print(f"wrote {folder.path}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

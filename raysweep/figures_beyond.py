@@ -24,6 +24,17 @@ def _num(v: object) -> float:
     return float("nan") if v is None else float(v)  # type: ignore[arg-type]
 
 
+def _yerr(rs: list[dict], col: str) -> np.ndarray | None:
+    """Error bars from `<col>_lo` / `<col>_hi` where the table has them (the ratios), else none."""
+    if not rs or f"{col}_lo" not in rs[0]:
+        return None
+    v = np.array([_num(r[col]) for r in rs])
+    lo = np.array([_num(r[f"{col}_lo"]) for r in rs])
+    hi = np.array([_num(r[f"{col}_hi"]) for r in rs])
+    err = np.vstack([v - lo, hi - v])
+    return np.where(np.isfinite(err), np.clip(err, 0, None), 0.0)
+
+
 def _heat_limit(m: np.ndarray) -> float:
     # Symmetric around zero (no change), robust to a few extreme cells.
     finite = np.abs(m[np.isfinite(m)])
@@ -104,8 +115,11 @@ def fig_by_method(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         fig = Figure(figsize=(max(7.0, 1.6 * len(rs) + 3), 3.6), layout="constrained")
         axes = fig.subplots(1, 2)
         for ax, stem, label in ((axes[0], "ratio", "forget ratio"), (axes[1], "conf_drop", "drop in confidence")):
-            ax.bar(x - 0.2, [_num(r[f"{stem}_own"]) for r in rs], 0.4, color=OWN, label="forgotten task")
-            ax.bar(x + 0.2, [_num(r[f"{stem}_other"]) for r in rs], 0.4, color=OTHER, label="other tasks")
+            err = {k: _yerr(rs, f"{stem}_{k}") for k in ("own", "other")}
+            ax.bar(x - 0.2, [_num(r[f"{stem}_own"]) for r in rs], 0.4, color=OWN, label="forgotten task",
+                   yerr=err["own"], capsize=3)
+            ax.bar(x + 0.2, [_num(r[f"{stem}_other"]) for r in rs], 0.4, color=OTHER, label="other tasks",
+                   yerr=err["other"], capsize=3)
             ax.set_xticks(x, [r["method"] for r in rs])
             ax.axhline(0, color="black", lw=0.8)
             ax.set_title(label, fontsize=9)

@@ -6,7 +6,9 @@ The question is practical: given a new forget run and a handful of examples meas
 it (k revealed cells), how well can the rest of its row be filled in from the runs already
 in the store? Evaluation is leave-one-row-out: each run in turn is held out, k of its cells
 are revealed (drawn without replacement, a new draw per run and seed), the predictors see
-the other runs in full plus those k cells, and are scored on the hidden cells only:
+the other runs in full plus those k cells, and are scored on the hidden cells only. "The
+other runs" leaves out every run that shares the held-out run's model and forget task
+(another seed, size, method or sweep of it): those are near-copies of the answer.
 
 - RMSE of the predicted cells;
 - F1 of "forgotten" (cell > threshold) against the truth, pooled over every hidden cell.
@@ -248,8 +250,12 @@ class RowScore:
 
 
 def leave_one_row_out(
-    values: np.ndarray, conf_before: np.ndarray, predictors: Sequence[Predictor], *, k: int, seeds: Sequence[int], threshold: float
+    values: np.ndarray, conf_before: np.ndarray, predictors: Sequence[Predictor], *, k: int, seeds: Sequence[int],
+    threshold: float, groups: Sequence[object] | None = None,
 ) -> list[RowScore]:
+    """Each row held out in turn. With `groups`, every row of the held-out row's group leaves
+    the training rows with it: a twin of the held-out run (the same model and forget task
+    under another seed, size, method or sweep) would otherwise hand the predictors its answer."""
     values = np.asarray(values, dtype=np.float64)
     conf_before = np.asarray(conf_before, dtype=np.float64)
     m, n = values.shape
@@ -261,9 +267,15 @@ def leave_one_row_out(
         raise BadInput(f"predict: k={k} must be in [0, {n - 1}] for a matrix of {n} columns (at least one cell stays hidden)")
     if not (np.isfinite(values).all() and np.isfinite(conf_before).all()):
         raise BadInput("predict: the matrix has unobserved cells; keep the complete columns first")
+    group = np.arange(m) if groups is None else _group_codes(groups)
+    if len(group) != m:
+        raise BadInput(f"predict: {len(group)} group label(s) for {m} rows")
+    if len(set(group.tolist())) < 2:
+        raise BadInput("predict: every row is in one group: no run is left to learn from when it is held out")
     out: list[RowScore] = []
     for i in range(m):
-        others, others_before = np.delete(values, i, axis=0), np.delete(conf_before, i, axis=0)
+        train = group != group[i]
+        others, others_before = values[train], conf_before[train]
         models = [(p.name, p.fit(others, others_before)) for p in predictors]
         for seed in seeds:
             rev = reveal(n, k, seed, i)
@@ -276,6 +288,11 @@ def leave_one_row_out(
                 err = pred - truth
                 out.append(RowScore(name, seed, i, int(hidden.sum()), float(err @ err), confusion(truth, pred, threshold)))
     return out
+
+
+def _group_codes(groups: Sequence[object]) -> np.ndarray:
+    codes: dict[object, int] = {}
+    return np.array([codes.setdefault(g, len(codes)) for g in groups], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -367,8 +384,13 @@ def predict_result(ctx: "AnalysisContext", params: PredictParams) -> "AnalysisRe
         raise Skip(f"needs 3+ forget runs with scores at both milestones (have {m})")
     if n <= params.k:
         raise Skip(f"needs more than k={params.k} examples evaluated by every run (have {n})")
+    groups = [(r.model, r.forget_task) for r in mat.rows]
+    if len(set(groups)) < 2:
+        raise Skip(f"needs forget runs of 2+ (model, forget task) pairs: runs sharing one are held out together "
+                   f"(have {len(set(groups))})")
     predictors = params.build()
-    scores = leave_one_row_out(mat.values, mat.conf_before, predictors, k=params.k, seeds=params.seeds, threshold=params.threshold)
+    scores = leave_one_row_out(mat.values, mat.conf_before, predictors, k=params.k, seeds=params.seeds,
+                               threshold=params.threshold, groups=groups)
 
     seed_rows, summary_rows, run_rows = [], [], []
     for p in predictors:
@@ -390,7 +412,8 @@ def predict_result(ctx: "AnalysisContext", params: PredictParams) -> "AnalysisRe
             run_rows.append({"predictor": p.name, **vars(run), "n_cells": ps.n_cells, "rmse": ps.rmse, "f1": ps.confusion.f1})
     dropped = full.shape[1] - n
     msg = (f"leave-one-run-out over {m} run(s) x {n} {ctx.params.split} example(s), {params.measure}, k={params.k} revealed, "
-           f"{len(params.seeds)} seed(s), forgotten = cell > {params.threshold:g}")
+           f"{len(params.seeds)} seed(s), forgotten = cell > {params.threshold:g}; runs sharing the held-out run's "
+           f"(model, forget task) held out with it ({len(set(groups))} group(s))")
     if dropped:
         msg += f"; {dropped} example(s) not evaluated by every run left out"
     tables = {
@@ -427,7 +450,8 @@ def run_prediction(store: "Store", params: PredictParams | None = None, sweep: s
     t0 = time.perf_counter()
     try:
         result = predict_result(ctx, params)
-        out = AnalysisOutcome(NAME, "ok", one_line(result.message), dict(result.tables))
+        msg = "; ".join(m for m in (result.message, ctx.index.dropped_note()) if m)
+        out = AnalysisOutcome(NAME, "ok", one_line(msg), dict(result.tables))
     except Skip as exc:
         # Nothing computed: the last good results (and the report built from them) stay.
         return AnalysisOutcome(NAME, "skipped", one_line(str(exc)), engine=choice.name, fingerprint=fingerprint)

@@ -20,8 +20,11 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from raysweep.analysis import AnalysisOutcome, load_outcomes, registered_analyses, run_analyses, store_fingerprint
+from raysweep.analysis import (
+    AnalysisOutcome, AnalysisParams, load_outcomes, registered_analyses, run_analyses, store_fingerprint,
+)
 from raysweep.analysis.render import format_value
 from raysweep.figures_beyond import BEYOND_FIGURES
 from raysweep.store import Store, atomic_write_bytes
@@ -45,19 +48,23 @@ class Section:
     errors: list[str] = field(default_factory=list)
 
 
-def fresh_outcomes(store: Store, sweep: str | None = None) -> list[AnalysisOutcome]:
+def fresh_outcomes(store: Store, sweep: str | None = None,
+                   params: AnalysisParams | None = None) -> list[AnalysisOutcome]:
+    """Stored outcomes that still describe the store; the rest are rerun. With `params`
+    every analysis is rerun with them (stored outcomes may have used others)."""
     fp = store_fingerprint(store, sweep)
     have = {o.name: o for o in load_outcomes(store, sweep)}
-    stale = [n for n in registered_analyses() if n not in have or have[n].fingerprint != fp or have[n].status == "failed"]
+    stale = [n for n in registered_analyses()
+             if params is not None or n not in have or have[n].fingerprint != fp or have[n].status == "failed"]
     if stale:
-        for o in run_analyses(store, only=stale, engine="local", sweep=sweep):
+        for o in run_analyses(store, only=stale, engine="local", sweep=sweep, params=params):
             have[o.name] = o
     return [have[n] for n in registered_analyses() if n in have]
 
 
-def write_report(store: Store, out_dir: Path, sweep: str | None = None) -> Path:
+def write_report(store: Store, out_dir: Path, sweep: str | None = None, params: AnalysisParams | None = None) -> Path:
     """Write `report.html` (or `report-<sweep>.html`) under out_dir and return its path."""
-    outcomes = fresh_outcomes(store, sweep)
+    outcomes = fresh_outcomes(store, sweep, params)
     sections = [build_section(o) for o in outcomes]
     page = render_page(store, sweep, sections)
     out_dir = Path(out_dir)
@@ -90,6 +97,23 @@ def _num(v: object) -> float:
     return float("nan") if v is None else float(v)  # type: ignore[arg-type]
 
 
+def yerr(rs: list[dict], col: str, lo: str | None = None, hi: str | None = None) -> np.ndarray:
+    """(2, n) error-bar lengths from the `<col>_lo` / `<col>_hi` columns (the 95% interval over
+    seeds or the bootstrap over examples); none where a bound is missing."""
+    lo, hi = lo or f"{col}_lo", hi or f"{col}_hi"
+    v = np.array([_num(r.get(col)) for r in rs])
+    low = np.array([_num(r.get(lo)) for r in rs])
+    high = np.array([_num(r.get(hi)) for r in rs])
+    err = np.vstack([v - low, high - v])
+    return np.where(np.isfinite(err), np.clip(err, 0, None), 0.0)
+
+
+def _interval_label(rs: list[dict]) -> str:
+    kinds = sorted({str(r.get("interval")) for r in rs if r.get("interval")})
+    names = {"seeds-t95": "t over seeds", "bootstrap95": "bootstrap over examples"}
+    return "error bars: 95% " + " / ".join(names.get(k, k) for k in kinds) if kinds else ""
+
+
 def fig_single_task(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     figs = []
     for _, rs in list(_by_condition(o.tables["tasks"]).items())[:MAX_PANELS]:
@@ -111,9 +135,12 @@ def fig_single_task(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{_cond_label(rs[0])}: pretrained (grey) -> fine-tuned (blue) -> forgotten (red)")
+        ax.errorbar(x + 0.12, [_num(r["acc_forgotten"]) for r in rs], yerr=yerr(rs, "acc_forgotten"), fmt="none",
+                    ecolor="black", capsize=3, lw=1)
         for key, col, label in (("gap", "forget_gap", "forget gap"), ("ratio", "forget_ratio", "forget ratio")):
             a = axes[key]
-            a.bar(x, [_num(r[col]) for r in rs], color=RED if key == "ratio" else BLUE)
+            a.bar(x, [_num(r[col]) for r in rs], yerr=yerr(rs, col), capsize=3, color=RED if key == "ratio" else BLUE)
+            label += f" ({_interval_label(rs)})" if _interval_label(rs) else ""
             a.set_xticks(x, [r["forget_task"] for r in rs], rotation=45, ha="right", fontsize=8)
             a.axhline(0, color="black", lw=0.8)
             a.set_title(label)
@@ -130,9 +157,12 @@ def fig_cross_task(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
             continue
         m = np.full((nr, nc), np.nan)
         rows, cols = [""] * nr, [""] * nc
+        masked = []
         for r in rs:
             m[r["row_pos"], r["col_pos"]] = _num(r["forget_ratio"])
             rows[r["row_pos"]], cols[r["col_pos"]] = r["forget_task"], r["eval_task"]
+            if r.get("masked"):
+                masked.append((r["row_pos"], r["col_pos"]))
         fig = Figure(figsize=(max(4.5, 0.45 * nc + 2.5), max(3.5, 0.4 * nr + 1.8)), layout="constrained")
         ax = fig.subplots()
         im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=0, vmax=1, aspect="auto")
@@ -145,8 +175,12 @@ def fig_cross_task(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
                 for j in range(nc):
                     if np.isfinite(m[i, j]):
                         ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if m[i, j] < 0.6 else "black")
+        for i, j in masked:
+            # Hatched: the ratio is undefined there (fine-tuned accuracy too close to chance).
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor=GREY, lw=0))
         fig.colorbar(im, ax=ax, label="forget ratio (clipped to [0, 1])", extend="both")
-        ax.set_title(f"{_cond_label(rs[0])} (UPGMA-ordered)")
+        note = f"; {len(masked)} hatched = masked, no headroom" if masked else ""
+        ax.set_title(f"{_cond_label(rs[0])} (UPGMA-ordered{note})")
         figs.append((f"cross-task forget ratios {_cond_label(rs[0])}", fig))
     return figs
 
@@ -165,7 +199,9 @@ def fig_compare(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         fig = Figure(figsize=(max(5.0, 0.6 * len(rs) + 2), 3.6), layout="constrained")
         ax = fig.subplots()
         for k, v in enumerate(values):
-            ax.bar(x + (k - (len(values) - 1) / 2) * width, [_num(r[f"forget_ratio[{v}]"]) for r in rs], width, label=v)
+            err = yerr(rs, f"forget_ratio[{v}]", f"forget_ratio_lo[{v}]", f"forget_ratio_hi[{v}]")
+            ax.bar(x + (k - (len(values) - 1) / 2) * width, [_num(r[f"forget_ratio[{v}]"]) for r in rs], width, label=v,
+                   yerr=err, capsize=3)
         ax.set_xticks(x, [r["forget_task"] for r in rs], rotation=45, ha="right")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_ylabel("forget ratio (own task)")
@@ -192,7 +228,9 @@ def fig_predictors(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
                 if np.isfinite(xi) and np.isfinite(yi):
                     ax.annotate(r["forget_task"], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
             c = corr.get((*cond, p))
-            stat = "n/a" if not c or c["pearson_r"] is None else f"r={c['pearson_r']:.2f} (p={c['pearson_p']:.2g}), rho={c['spearman_r']:.2f}"
+            stat = "n/a"
+            if c and c["pearson_r"] is not None:
+                stat = f"r={c['pearson_r']:.2f}{_ci(c, 'pearson_r')} (p={c['pearson_p']:.2g})"
             ax.set_title(stat, fontsize=9)
             ax.set_xlabel(labels[p])
             ax.set_ylabel("forget ratio")
@@ -205,14 +243,25 @@ def fig_predictors(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         sub = ex.take(pa.array(take))
         fig = Figure(figsize=(5, 4), layout="constrained")
         ax = fig.subplots()
-        ax.scatter(sub["conf_before"].to_numpy(), sub["conf_drop"].to_numpy(), s=6, alpha=0.4, color=BLUE)
-        pooled = [r for r in o.tables["example_correlations"].to_pylist() if r["forget_task"] == "(all)"]
-        if pooled and pooled[0]["spearman_r"] is not None:
-            ax.set_title(f"examples ({_cond_label(pooled[0])}): rho={pooled[0]['spearman_r']:.2f}", fontsize=9)
+        ax.scatter(sub["conf_before"].to_numpy(), sub["conf_after"].to_numpy(), s=6, alpha=0.4, color=BLUE)
+        pooled = {r["target"]: r for r in o.tables["example_correlations"].to_pylist() if r["forget_task"] == "(all)"}
+        parts = []
+        after, flag = pooled.get("conf_after"), pooled.get("forgotten")
+        if after and after["spearman_r"] is not None:
+            parts.append(f"rho(after)={after['spearman_r']:.2f}{_ci(after, 'spearman_r')}")
+        if flag and flag.get("auc") is not None:
+            parts.append(f"AUC(forgotten)={flag['auc']:.2f}")
+        if parts:
+            ax.set_title(f"examples ({_cond_label(after or flag)}): " + ", ".join(parts), fontsize=8)
         ax.set_xlabel("confidence before forgetting")
-        ax.set_ylabel("drop in confidence")
-        figs.append(("example-level confidence vs drop", fig))
+        ax.set_ylabel("confidence after forgetting")
+        figs.append(("example-level confidence before vs after", fig))
     return figs
+
+
+def _ci(r: dict, col: str) -> str:
+    lo, hi = r.get(f"{col}_lo"), r.get(f"{col}_hi")
+    return "" if lo is None or hi is None else f" [{lo:.2f}, {hi:.2f}]"
 
 
 def fig_order(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
@@ -230,7 +279,8 @@ def fig_order(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         f = np.array([p[0] for p in pts], float) + rng.uniform(-0.2, 0.2, len(pts))
         g = np.array([p[1] for p in pts], float) + rng.uniform(-0.2, 0.2, len(pts))
         ax.scatter(f, g, s=6, alpha=0.4, color=BLUE)
-        ax.set_title(f"{t['forget_task']} ({t['model']}): rho={t['spearman_r']:.2f}, n={t['n_examples']}", fontsize=9)
+        ax.set_title(f"{t['forget_task']} ({t['model']}): rho={t['spearman_r']:.2f}{_ci(t, 'spearman_r')}, "
+                     f"n={t['n_examples']}", fontsize=9)
         ax.set_xlabel("forget epoch")
         ax.set_ylabel("learn epoch")
     for ax in axes[len(ok):]:
@@ -246,14 +296,15 @@ def fig_probes(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         fig = Figure(figsize=(max(5.0, 0.7 * len(rs) + 2), 3.6), layout="constrained")
         ax = fig.subplots()
         for k, m in enumerate(ms):
-            ax.bar(x + (k - 1) * 0.27, [_num(r[f"probe_{m}"]) for r in rs], 0.27, label=f"probe, {m}", color=MILESTONE_COLORS[m])
+            ax.bar(x + (k - 1) * 0.27, [_num(r[f"probe_{m}"]) for r in rs], 0.27, label=f"probe, {m}",
+                   color=MILESTONE_COLORS[m], yerr=yerr(rs, f"probe_{m}"), capsize=2)
         ax.plot(x + 0.27, [_num(r["acc_forgotten"]) for r in rs], "k_", ms=14, mew=2, label="model accuracy, forgotten")
         ax.axhline(0.5, ls="--", color=GREY, lw=1)
         ax.set_xticks(x, [r["forget_task"] for r in rs], rotation=45, ha="right")
         ax.set_ylim(0, 1.05)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test pair accuracy (chance 0.5)")
         ax.legend(fontsize=7, loc="lower right")
-        ax.set_title(_cond_label(rs[0]))
+        ax.set_title(f"{_cond_label(rs[0])}, layer {rs[0].get('layer')}; {_interval_label(rs)}", fontsize=9)
         figs.append((f"probe accuracy {_cond_label(rs[0])}", fig))
     return figs
 

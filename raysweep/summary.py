@@ -26,9 +26,12 @@ class TrialSummary:
 
     @property
     def forget_ratio(self) -> float | None:
+        """The analyses' ratio, masked as they mask it (headroom below the default floor)."""
+        from raysweep.analysis.context import AnalysisParams
         from raysweep.analysis.measures import forget_ratio
 
-        return forget_ratio(self.finetuned_test_acc, self.forgotten_test_acc, self.method)
+        floor = AnalysisParams().min_headroom
+        return forget_ratio(self.finetuned_test_acc, self.forgotten_test_acc, self.method, floor)
 
 
 def summarize(store: Store, sweep: str | None = None) -> list[TrialSummary]:

@@ -187,12 +187,23 @@ def test_predictors_example_level(local):
     # 14 of 16 correct (0.8) after forgetting, the rest at 0.3.
     assert [round(r["conf_after"], 6) for r in t0] == [0.8] * 14 + [0.3] * 2
     assert all(r["conf_drop"] == pytest.approx(r["conf_before"] - r["conf_after"]) for r in t0)
+    assert [r["forgotten"] for r in t0] == [False] * 14 + [True] * 2
     pooled = rows(ex, **MAIN)
-    got = one(local["predictors"].tables["example_correlations"], forget_task="(all)", **MAIN)
-    ref = stats.spearmanr([r["conf_before"] for r in pooled], [r["conf_drop"] for r in pooled])
+    ec = local["predictors"].tables["example_correlations"]
+    got = one(ec, forget_task="(all)", target="conf_after", **MAIN)
+    ref = stats.spearmanr([r["conf_before"] for r in pooled], [r["conf_after"] for r in pooled])
     assert got["n"] == 64 and got["spearman_r"] == pytest.approx(ref.statistic)
+    assert got["interval"] == "bootstrap95" and got["spearman_r_lo"] <= got["spearman_r"] <= got["spearman_r_hi"]
+    learned = [r for r in pooled if r["correct_before"]]
+    flag = one(ec, forget_task="(all)", target="forgotten", **MAIN)
+    ref = stats.pearsonr([r["conf_before"] for r in learned], [float(r["forgotten"]) for r in learned])
+    assert flag["n"] == len(learned) and flag["pearson_r"] == pytest.approx(ref.statistic)
+    forgot = [r["conf_before"] for r in learned if r["forgotten"]]
+    kept = [r["conf_before"] for r in learned if not r["forgotten"]]
+    want_auc = np.mean([(a > b) + 0.5 * (a == b) for a in forgot for b in kept])
+    assert flag["auc"] == pytest.approx(want_auc)
     # Within one task the confidence before forgetting is constant: no correlation.
-    assert one(local["predictors"].tables["example_correlations"], forget_task="t0", **MAIN)["spearman_r"] is None
+    assert one(ec, forget_task="t0", target="conf_after", **MAIN)["spearman_r"] is None
 
 
 # ---- Fig 5.1 -------------------------------------------------------------------------------
@@ -201,8 +212,10 @@ def test_predictors_example_level(local):
 def test_order_known_spearman(local):
     tasks = local["order"].tables["tasks"]
     t0 = one(tasks, forget_task="t0", **MAIN)
-    assert (t0["n_examples"], t0["n_forgotten"], t0["n_learned"], t0["status"]) == (ORDER_KEPT, ORDER_KEPT, 120, "ok")
-    assert t0["spearman_r"] == pytest.approx(-1.0)
+    # Examples i >= ORDER_KEPT stay at 0.9 through forgetting: not relearnable, so not counted as learned.
+    got = (t0["n_examples"], t0["n_forgotten"], t0["n_learned"], t0["status"])
+    assert got == (ORDER_KEPT, ORDER_KEPT, ORDER_KEPT, "ok")
+    assert t0["spearman_r"] == pytest.approx(-1.0) and t0["interval"] == "bootstrap95"
     t1 = one(tasks, forget_task="t1", **MAIN)
     assert t1["n_examples"] == 50 and t1["status"].startswith("skipped") and t1["spearman_r"] is None
     ex = rows(local["order"].tables["examples"], forget_task="t0")
@@ -350,7 +363,7 @@ def test_duckdb_partial_matches_the_arrow_partial():
 
 
 def test_outcome_table_renders(local):
-    console = Console(record=True, width=250)
+    console = Console(record=True, width=400)
     console.print(outcome_table(local["flipped"]))
     text = console.export_text()
     assert "forget_ratio[flipped]" in text and "0.750" in text

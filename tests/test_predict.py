@@ -195,14 +195,16 @@ D = {
     "b": {"t0": [0.2] * NT, "t1": [-0.05 + 0.01 * (j % 4) for j in range(NT)]},
     "c": {"t0": [0.15 - 0.01 * j for j in range(NT)]},
 }
-RUNS = {"a": ("random", TASKS), "b": ("gradient_ascent", TASKS), "c": ("flipped", ("t0",))}
+# (method, evaluated tasks, forget task): b and c share (m1, t0), so they leave the training
+# rows together whenever either is held out.
+RUNS = {"a": ("random", TASKS, "t1"), "b": ("gradient_ascent", TASKS, "t0"), "c": ("flipped", ("t0",), "t0")}
 
 
 def build_known_store(root) -> Store:
     store = Store(root)
     store.ensure()
-    for r, (method, evals) in RUNS.items():
-        spec = TrialSpec(f"{r}-trial", "m1", "t0", method=method, eval_tasks=list(evals))
+    for r, (method, evals, forget) in RUNS.items():
+        spec = TrialSpec(f"{r}-trial", "m1", forget, method=method, eval_tasks=list(evals))
         w = TrialWriter(store, spec, splits=("validation", "test"))
         w.epoch("pretrained", 0)
         # Decoy epochs hold other confidences: reading the wrong milestone would show.
@@ -333,16 +335,61 @@ def test_report_has_the_beyond_sections(known, tmp_path):
 
 
 def test_by_method_on_the_known_store(known):
-    # acc_finetuned is 1 everywhere; a forgets 6/16 of t1 only, b (gradient ascent) 6/16 of
-    # t0 only, c (flipped, t0 only) 2/16 of t0 against the flipped baseline 1 - 1 = 0.
+    # acc_finetuned is 1 everywhere; a (random, forgets t1) loses 6/16 of t1 and nothing of
+    # t0, b (gradient ascent, forgets t0) 6/16 of t0 and nothing of t1, c (flipped, t0 only)
+    # 2/16 of t0 against the flipped baseline 1 - 1 = 0.
     _, out = known
     bm = out["by_method"]
     assert bm.status == "ok", bm.message
     rows = {r["method"]: r for r in bm.tables["methods"].to_pylist()}
     assert list(rows) == ["random", "flipped", "gradient_ascent"]
-    assert rows["random"]["ratio_own"] == 0 and rows["random"]["ratio_other"] == pytest.approx(0.75)
-    assert rows["random"]["ratio_spillover"] is None  # nothing forgotten on its own task
+    assert rows["random"]["ratio_own"] == pytest.approx(0.75) and rows["random"]["ratio_other"] == 0
+    assert rows["random"]["ratio_spillover"] == 0
     assert rows["gradient_ascent"]["ratio_own"] == pytest.approx(0.75) and rows["gradient_ascent"]["ratio_other"] == 0
     assert rows["gradient_ascent"]["ratio_spillover"] == 0
     assert rows["flipped"]["ratio_own"] == pytest.approx(0.125) and rows["flipped"]["n_other_cells"] == 0
     assert rows["flipped"]["ratio_other"] is None
+    assert rows["flipped"]["ratio_spillover"] is None  # no other task to spill onto
+    # One seed: the interval resamples the examples (6 of 16 lost: the ratio's bounds straddle 0.75).
+    ga = rows["gradient_ascent"]
+    assert (ga["n_seeds"], ga["interval"]) == (1, "bootstrap95")
+    assert ga["ratio_own_lo"] < 0.75 < ga["ratio_own_hi"] and ga["ratio_other_lo"] == ga["ratio_other_hi"] == 0
+
+
+# ---- held-out groups ------------------------------------------------------------------------------
+
+
+def test_twins_of_the_held_out_run_leave_the_training_rows_with_it(before):
+    # Every run twice (another seed, another sweep): holding out one copy and training on
+    # its twin reads the answer off the twin.
+    rng = np.random.default_rng(11)
+    base = rng.normal(0, 0.3, size=(M // 2, N))
+    values = np.repeat(base, 2, axis=0)
+    conf = np.repeat(before[: M // 2], 2, axis=0)
+    groups = [("m1", f"task{i // 2}") for i in range(M)]
+    leaky = rmse_by_predictor(values, conf, predictors=(NearestRows(1),))
+    assert leaky["knn_rows"] < 1e-12  # without groups: a perfect score that means nothing
+    scores = leave_one_row_out(values, conf, [NearestRows(1)], k=8, seeds=(0, 1), threshold=0.1, groups=groups)
+    assert pool(scores).rmse > 0.2
+    with pytest.raises(BadInput, match="one group"):
+        leave_one_row_out(values, conf, [Additive()], k=2, seeds=(0,), threshold=0.1, groups=[("m1", "t")] * M)
+
+
+def test_store_prediction_holds_out_the_model_and_forget_task_group(tmp_path):
+    # Two seeds of one (model, forget task) forgetting exactly alike, and a third run.
+    store = Store(tmp_path / "s")
+    store.ensure()
+    drops = {"twin-s0": [0.01 * j for j in range(NT)], "twin-s1": [0.01 * j for j in range(NT)],
+             "other": [0.2 - 0.01 * j for j in range(NT)]}
+    for i, (tid, d) in enumerate(drops.items()):
+        forget = "t1" if tid == "other" else "t0"
+        w = TrialWriter(store, TrialSpec(tid, "m1", forget, seed=i, eval_tasks=["t0"]), splits=("test",))
+        w.epoch("finetune", 1, {("t0", "test"): FT_CONF})
+        w.epoch("forget", 1, {("t0", "test"): [f - x for f, x in zip(FT_CONF, d)]})
+        w.finish(best_finetune=1, last_forget=1)
+    out = run_prediction(store, PredictParams(k=2, neighbors=1, predictors=("knn_rows",)))
+    assert out.status == "ok", out.message
+    assert "(2 group(s))" in out.message
+    by_run = {r["trial_id"]: r for r in out.tables["by_run"].to_pylist()}
+    # Trained on its twin it would be exact; held out with it, only `other` is left to copy.
+    assert by_run["twin-s0"]["rmse"] > 0.05 and by_run["twin-s1"]["rmse"] > 0.05

@@ -22,16 +22,23 @@ import pyarrow as pa
 
 from raysweep.analysis.common import all_cells, with_forgetting
 from raysweep.analysis.context import AnalysisContext
-from raysweep.analysis.measures import CORRELATION_FIELDS, Cell, correlate, correlation_row, ratio_formula
+from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, rng_for, t_interval
+from raysweep.analysis.measures import (
+    CORRELATION_INTERVAL_FIELDS, Cell, agreement, draw_finetuned_forgotten, headroom, ratio_formula, seed_value,
+)
 from raysweep.analysis.registry import AnalysisResult, Skip, register
 
 METHOD_ORDER = ("random", "flipped", "gradient_ascent", "npo")
 
 
-def _conf_drop(c: Cell) -> float | None:
-    if c.conf_finetuned is None or c.conf_forgotten is None:
+def _conf_drop(c: Cell | dict) -> float | None:
+    if isinstance(c, dict):
+        ft, fg = c.get("conf_finetuned"), c.get("conf_forgotten")
+    else:
+        ft, fg = c.conf_finetuned, c.conf_forgotten
+    if ft is None or fg is None:
         return None
-    return c.conf_finetuned - c.conf_forgotten
+    return ft - fg
 
 
 def _acc_drop(c: Cell) -> float | None:
@@ -53,6 +60,47 @@ def pooled_ratio(cells: list[Cell]) -> float | None:
             lost += c.acc_finetuned - c.acc_forgotten
             headroom += c.acc_finetuned - base
     return lost / headroom if headroom > 0 else None
+
+
+def ratio_estimate(cells: list[Cell], resamples: int, key: tuple) -> tuple[float | None, float | None, float | None]:
+    """`pooled_ratio` with its 95% interval: with two or more seeds, pooled per seed and then
+    the mean and t-interval over seeds; with one, that seed's examples resampled cell by cell
+    and the pooled ratio recomputed on each resample."""
+    seeds = sorted({s for c in cells for s in c.per_seed})
+    if len(seeds) >= 2:
+        per = []
+        for s in seeds:
+            lost = head = 0.0
+            for c in cells:
+                v = c.per_seed.get(s)
+                if v is None or v["acc_finetuned"] is None or v["acc_forgotten"] is None:
+                    continue
+                h = headroom(v["acc_finetuned"], c.method)
+                if h is not None and h > 0:
+                    lost += v["acc_finetuned"] - v["acc_forgotten"]
+                    head += h
+            per.append(lost / head if head > 0 else None)
+        est = t_interval(per)
+        return est.value, est.lo, est.hi
+    value = pooled_ratio(cells)
+    if value is None:
+        return None, None, None
+    rng = rng_for(*key)
+    lost, head = np.zeros(resamples), np.zeros(resamples)
+    for c in cells:
+        if not c.trials or c.acc_finetuned is None or c.acc_forgotten is None:
+            continue
+        if (headroom(c.acc_finetuned, c.method) or 0.0) <= 0:
+            continue
+        ft, fg = draw_finetuned_forgotten(c.trials[0], rng, resamples)
+        if ft is None or fg is None:
+            continue
+        lost += ft - fg
+        head += 2.0 * ft - 1.0 if ratio_formula(c.method) == "flipped" else ft - 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        draws = np.where(head > 0, lost / np.where(head > 0, head, 1.0), np.nan)
+    lo, hi = percentile(draws)
+    return value, lo, hi
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -79,7 +127,10 @@ def _method_key(m: str) -> tuple[int, str]:
 COND = [("model", pa.string()), ("size", pa.int32())]
 METHODS_SCHEMA = pa.schema(
     COND + [("method", pa.string()), ("n_forget_tasks", pa.int32()), ("n_other_cells", pa.int32()),
-            ("ratio_own", pa.float64()), ("ratio_other", pa.float64()), ("ratio_spillover", pa.float64()),
+            ("n_seeds", pa.int32()), ("interval", pa.string()),
+            ("ratio_own", pa.float64()), ("ratio_own_lo", pa.float64()), ("ratio_own_hi", pa.float64()),
+            ("ratio_other", pa.float64()), ("ratio_other_lo", pa.float64()), ("ratio_other_hi", pa.float64()),
+            ("ratio_spillover", pa.float64()),
             ("acc_drop_own", pa.float64()), ("acc_drop_other", pa.float64()),
             ("conf_drop_own", pa.float64()), ("conf_drop_other", pa.float64()), ("conf_spillover", pa.float64())]
 )
@@ -88,7 +139,8 @@ TASKS_SCHEMA = pa.schema(
             ("ratio_own", pa.float64()), ("ratio_other", pa.float64()),
             ("conf_drop_own", pa.float64()), ("conf_drop_other", pa.float64())]
 )
-AGREEMENT_SCHEMA = pa.schema(COND + [("a", pa.string()), ("b", pa.string()), ("measure", pa.string())] + CORRELATION_FIELDS)
+AGREEMENT_SCHEMA = pa.schema(COND + [("a", pa.string()), ("b", pa.string()), ("measure", pa.string())]
+                             + CORRELATION_INTERVAL_FIELDS)
 
 
 @register("by_method", title="Forgetting by method: own task vs other tasks", figure="Beyond: methods")
@@ -108,11 +160,17 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         cond = {"model": model, "size": size}
         for method in sorted(by_method, key=_method_key):
             s = by_method[method]
-            own_ratio, other_ratio = pooled_ratio(s.own), pooled_ratio(s.other)
+            r = ctx.params.bootstrap_resamples
+            own_ratio, own_lo, own_hi = ratio_estimate(s.own, r, (model, size, method, "own"))
+            other_ratio, other_lo, other_hi = ratio_estimate(s.other, r, (model, size, method, "other"))
+            n_seeds = len({x for c in s.own + s.other for x in c.per_seed})
             own_conf, other_conf = _mean([_conf_drop(c) for c in s.own]), _mean([_conf_drop(c) for c in s.other])
             method_rows.append(
                 {**cond, "method": method, "n_forget_tasks": len({c.forget_task for c in s.own + s.other}), "n_other_cells": len(s.other),
-                 "ratio_own": own_ratio, "ratio_other": other_ratio, "ratio_spillover": _ratio(other_ratio, own_ratio),
+                 "n_seeds": n_seeds, "interval": SEEDS_T if n_seeds >= 2 else BOOTSTRAP,
+                 "ratio_own": own_ratio, "ratio_own_lo": own_lo, "ratio_own_hi": own_hi,
+                 "ratio_other": other_ratio, "ratio_other_lo": other_lo, "ratio_other_hi": other_hi,
+                 "ratio_spillover": _ratio(other_ratio, own_ratio),
                  "acc_drop_own": _mean([_acc_drop(c) for c in s.own]), "acc_drop_other": _mean([_acc_drop(c) for c in s.other]),
                  "conf_drop_own": own_conf, "conf_drop_other": other_conf, "conf_spillover": _ratio(other_conf, own_conf)}
             )
@@ -125,12 +183,10 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
                      "conf_drop_own": _mean([_conf_drop(c) for c in own]), "conf_drop_other": _mean([_conf_drop(c) for c in other])}
                 )
         for a, b in combinations(sorted(by_method, key=_method_key), 2):
-            for measure, value in (("forget_ratio", lambda c: c.forget_ratio), ("conf_drop", _conf_drop)):
-                va = {(c.forget_task, c.eval_task): value(c) for c in by_method[a].other}
-                vb = {(c.forget_task, c.eval_task): value(c) for c in by_method[b].other}
-                shared = sorted(set(va) & set(vb))
-                corr = correlate([va[k] for k in shared], [vb[k] for k in shared])
-                agree_rows.append({**cond, "a": a, "b": b, "measure": measure, **correlation_row(corr)})
+            for measure, value in (("forget_ratio", seed_value("forget_ratio")), ("conf_drop", _conf_drop)):
+                est = agreement(by_method[a].other, by_method[b].other, value, ctx.params.bootstrap_resamples,
+                                (model, size, a, b, measure))
+                agree_rows.append({**cond, "a": a, "b": b, "measure": measure, **est})
 
     methods_t = pa.Table.from_pylist(method_rows, schema=METHODS_SCHEMA)
     first = [r for r in method_rows if (r["model"], r["size"]) == min(groups)]

@@ -1,4 +1,4 @@
-"""Helpers shared by the analysis modules: the pooled cells, grouping by condition."""
+"""Helpers shared by the analysis modules: the cells, grouping by condition."""
 
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ def require_trials(ctx: AnalysisContext) -> None:
 
 def all_cells(ctx: AnalysisContext) -> list[Cell]:
     require_trials(ctx)
-    cells = cells_from_sums(ctx.accuracy_sums())
+    key = ("cells", ctx.params.split)
+    if key not in ctx._cells:
+        p = ctx.params
+        ctx._cells[key] = cells_from_sums(ctx.accuracy_sums(), ctx.paired_correct(), min_headroom=p.min_headroom,
+                                          denominator=p.denominator, resamples=p.bootstrap_resamples)
+    cells = ctx._cells[key]
     if not cells:
         raise Skip(f"no committed scores on the {ctx.params.split!r} split at the milestones")
     return cells

@@ -9,7 +9,7 @@ from itertools import combinations
 
 import pyarrow as pa
 
-from raysweep.analysis.measures import CORRELATION_FIELDS, Cell, cells_table, correlate, correlation_row
+from raysweep.analysis.measures import CORRELATION_INTERVAL_FIELDS, Cell, agreement, cells_table, seed_value
 from raysweep.analysis.registry import AnalysisResult, Skip
 
 AXES = ("model", "method", "size")
@@ -36,7 +36,8 @@ def _axis_value(c: Cell, axis: str) -> str:
     return str(getattr(c, axis))
 
 
-def compare(cells: list[Cell], cmp: Comparison, what: str) -> AnalysisResult:
+def compare(cells: list[Cell], cmp: Comparison, what: str, denominator: str = "trial",
+            resamples: int = 1000) -> AnalysisResult:
     groups: dict[tuple, dict[str, list[Cell]]] = defaultdict(lambda: defaultdict(list))
     for c in cells:
         v = _axis_value(c, cmp.axis)
@@ -59,25 +60,27 @@ def compare(cells: list[Cell], cmp: Comparison, what: str) -> AnalysisResult:
                 row[f"acc_finetuned[{v}]"] = diag.acc_finetuned if diag else None
                 row[f"acc_forgotten[{v}]"] = diag.acc_forgotten if diag else None
                 row[f"forget_ratio[{v}]"] = diag.forget_ratio if diag else None
+                lo, hi = diag.bounds.get("forget_ratio", (None, None)) if diag else (None, None)
+                row[f"forget_ratio_lo[{v}]"], row[f"forget_ratio_hi[{v}]"] = lo, hi
+                row[f"n_seeds[{v}]"] = diag.n_trials if diag else None
             summary_rows.append(row)
         for v in present:
             if v in g:
-                t = cells_table(g[v])
+                t = cells_table(g[v], denominator)
                 long_parts.append(t.append_column("compared", pa.array([v] * t.num_rows, pa.string())))
         for a, b in combinations([v for v in present if v in g], 2):
-            ra = {(c.forget_task, c.eval_task): c.forget_ratio for c in g[a]}
-            rb = {(c.forget_task, c.eval_task): c.forget_ratio for c in g[b]}
-            shared = sorted(set(ra) & set(rb))
-            corr = correlate([ra[k] for k in shared], [rb[k] for k in shared])
-            agree_rows.append({**{x: key[i] for i, x in enumerate(cmp.held)}, "a": a, "b": b, **correlation_row(corr)})
+            est = agreement(g[a], g[b], seed_value("forget_ratio"), resamples, (*key, a, b))
+            agree_rows.append({**{x: key[i] for i, x in enumerate(cmp.held)}, "a": a, "b": b, **est})
 
     held_types = {"model": pa.string(), "method": pa.string(), "size": pa.int32()}
     held_fields = [(a, held_types[a]) for a in cmp.held]
     summary_schema = pa.schema(
         held_fields + [("forget_task", pa.string())]
-        + [(f"{m}[{v}]", pa.float64()) for v in present for m in ("acc_finetuned", "acc_forgotten", "forget_ratio")]
+        + [(f"{m}[{v}]", pa.float64()) for v in present
+           for m in ("acc_finetuned", "acc_forgotten", "forget_ratio", "forget_ratio_lo", "forget_ratio_hi")]
+        + [(f"n_seeds[{v}]", pa.int32()) for v in present]
     )
-    agree_schema = pa.schema(held_fields + [("a", pa.string()), ("b", pa.string())] + CORRELATION_FIELDS)
+    agree_schema = pa.schema(held_fields + [("a", pa.string()), ("b", pa.string())] + CORRELATION_INTERVAL_FIELDS)
     tables = {
         "summary": pa.Table.from_pylist(summary_rows, schema=summary_schema),
         "cells": pa.concat_tables(long_parts),

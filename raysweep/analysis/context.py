@@ -15,13 +15,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysweep.analysis.engine import Engine, Scan, ScanFile, make_engine
-from raysweep.analysis.reducers import AccuracySums, CollectRows, FirstCrossing
+from raysweep.analysis.reducers import AccuracySums, CollectRows, FirstCrossing, PairedCorrect
 from raysweep.errors import BadInput
 from raysweep.store import Store
 
 MILESTONES = ("pretrained", "finetuned", "forgotten", "relearned")
 HIDDEN_CHUNK_BYTES = 256 * 1024**2
 SPLITS = ("train", "validation", "test")
+DENOMINATORS = ("trial", "own")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,17 @@ class AnalysisParams:
     variance_split: str = "train"
     # Fig 6.1: inverse regularisation strengths tried, chosen on the validation split.
     probe_cs: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    # Figs 4.1 and 6.1: the hidden-state layer read, a Python index into the model's hidden
+    # states (-5: the fifth-to-last, the paper's).
+    layer: int = -5
+    # Forget ratios whose headroom (acc_ft - 0.5; flipped labels: 2 acc_ft - 1) is below
+    # this are masked: a denominator near zero turns noise into ratios of +-10.
+    min_headroom: float = 0.05
+    # "trial": the forget run's own fine-tuned accuracy on the evaluated task; "own": the
+    # evaluated task's fine-tuned accuracy in its diagonal run (the trial that forgot it).
+    denominator: str = "trial"
+    # Single-seed intervals: resamples of the examples (seeded per cell, so reproducible).
+    bootstrap_resamples: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("split", "order_split", "variance_split"):
@@ -49,6 +61,12 @@ class AnalysisParams:
             raise BadInput("analysis: order_min_examples must be >= 0")
         if not self.probe_cs or any(c <= 0 for c in self.probe_cs):
             raise BadInput("analysis: probe_cs must be positive numbers")
+        if not 0 <= self.min_headroom < 0.5:
+            raise BadInput(f"analysis: min_headroom {self.min_headroom} must be in [0, 0.5)")
+        if self.denominator not in DENOMINATORS:
+            raise BadInput(f"analysis: denominator {self.denominator!r} is not one of {', '.join(DENOMINATORS)}")
+        if self.bootstrap_resamples < 10:
+            raise BadInput(f"analysis: bootstrap_resamples {self.bootstrap_resamples} must be >= 10")
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,8 @@ class _TrialsOnce(Store):
 class SweepIndex:
     root: Path
     trials: tuple[TrialInfo, ...]
+    # (trial_id, sweep) of copies left out: the same trial run in another sweep.
+    dropped: tuple[tuple[str, str], ...] = ()
 
     @staticmethod
     def build(store: Store, sweep: str | None) -> "SweepIndex":
@@ -109,12 +129,21 @@ class SweepIndex:
                 raise BadInput(f"sweep: {sweep!r} is not in the store (found: {', '.join(sweeps) or 'none'})")
             sweeps = [sweep]
         infos = []
+        kept: dict[str, str] = {}
+        dropped: list[tuple[str, str]] = []
+        # Trial ids name the parameters, not the sweep, and the shipped specs overlap: the
+        # same trial finished in two sweeps is one replicate, not two. The copy in the first
+        # sweep by name is kept (sweeps() is sorted), so the choice never depends on timing.
         for sw in sweeps:
             rows = {r["trial_id"]: r for r in store.trials(sw).to_pylist()}
             ms: dict[str, dict[str, EpochRef]] = {}
             for m in store.milestones(sw).to_pylist():
                 ms.setdefault(m["trial_id"], {})[m["milestone"]] = EpochRef(m["phase"], int(m["epoch"]))
             for tid in sorted(ms):
+                if tid in kept:
+                    dropped.append((tid, sw))
+                    continue
+                kept[tid] = sw
                 r = rows[tid]
                 committed = {ph: tuple(eps) for ph, eps in store.committed_epochs(sw, tid).items()}
                 infos.append(
@@ -130,7 +159,14 @@ class SweepIndex:
                         committed=committed,
                     )
                 )
-        return SweepIndex(store.root, tuple(infos))
+        return SweepIndex(store.root, tuple(infos), tuple(dropped))
+
+    def dropped_note(self) -> str:
+        if not self.dropped:
+            return ""
+        sweeps = sorted({sw for _, sw in self.dropped})
+        return (f"{len(self.dropped)} duplicate trial copy(ies) left out (same trial_id already in an earlier sweep; "
+                f"from {', '.join(sweeps)})")
 
     def milestone_table(self) -> pa.Table:
         """One row per (trial, milestone) with the trial's parameters: the join target that
@@ -192,6 +228,7 @@ class AnalysisContext:
     index: SweepIndex
     _engine: Engine | None = field(default=None, repr=False)
     _cache: dict[tuple, pa.Table] = field(default_factory=dict, repr=False)
+    _cells: dict[tuple, list] = field(default_factory=dict, repr=False)
 
     @property
     def engine(self) -> Engine:
@@ -238,7 +275,8 @@ class AnalysisContext:
             files = self.index.milestone_files("scores", ("pretrained", "finetuned", "forgotten"))
             scan = Scan(
                 files,
-                columns=("sweep", "trial_id", "phase", "epoch", "split", "example_idx", "gold", "confidence"),
+                columns=("sweep", "trial_id", "phase", "epoch", "split", "example_idx", "gold", "confidence",
+                         "correct"),
                 equals=(("split", split),) if split is not None else (),
                 trial_task=self.index.forget_task_keys(),
             )
@@ -259,20 +297,60 @@ class AnalysisContext:
             self._cache[key] = self.engine.reduce(scan, FirstCrossing(threshold=self.params.order_threshold))
         return self._cache[key]
 
-    def hidden_rows(self, milestones: tuple[str, ...], split: str | None, trials: tuple[TrialInfo, ...]) -> pa.Table:
-        """Hidden states of the trials' own forget task (all splits when `split` is None).
-        Callers pass trials of one model: the vector width is part of the file schema and
-        differs between models, so one scan cannot mix them."""
+    def hidden_rows(self, milestones: tuple[str, ...], split: str | None, trials: tuple[TrialInfo, ...],
+                    columns: tuple[str, ...] = ("hidden",)) -> pa.Table:
+        """Hidden states (the given vector columns) at `params.layer` of the trials' own forget
+        task (all splits when `split` is None). Callers pass trials of one model: the vector
+        width is part of the file schema and differs between models, so one scan cannot mix them."""
         files = self.index.milestone_files("hidden", milestones, trials)
         if not files:
             return pa.table({})
+        equals: tuple[tuple[str, str | int], ...] = (("layer", self.params.layer),)
         scan = Scan(
             files,
-            columns=("sweep", "trial_id", "phase", "epoch", "split", "example_idx", "hidden"),
-            equals=(("split", split),) if split is not None else (),
+            columns=("sweep", "trial_id", "phase", "epoch", "split", "example_idx", *columns),
+            equals=equals + ((("split", split),) if split is not None else ()),
             trial_task=self.index.forget_task_keys(trials),
         )
         return self.engine.reduce(scan, CollectRows(order=("sweep", "trial_id", "phase", "epoch", "split", "example_idx")))
+
+    def missing_layer(self, milestones: tuple[str, ...]) -> str | None:
+        """One line when the hidden states at these milestones hold no row of `params.layer`
+        (None when some do): a footer-and-column read of each file's `layer` column."""
+        import pyarrow.parquet as pq
+
+        layers: set[int] = set()
+        for t in self.trials_with_hidden(milestones):
+            for f in self.index.milestone_files("hidden", milestones, (t,)):
+                found = set(pc.unique(pq.read_table(f.path, columns=["layer"])["layer"]).to_pylist())
+                if self.params.layer in found:
+                    return None
+                layers |= found
+        if not layers:
+            return None
+        have = ", ".join(str(x) for x in sorted(layers))
+        return f"the store's hidden states hold layer(s) {have}, not layer {self.params.layer} (scoring.layers)"
+
+    def paired_correct(self, split: str | None = None) -> pa.Table:
+        """Per (sweep, trial_id, eval_task): examples scored at both the finetuned and the
+        forgotten milestone, split by (correct at finetuned, correct at forgotten). These four
+        counts are all a bootstrap over examples needs: resampling the examples is a
+        multinomial draw over them, and it keeps each example's two milestones together."""
+        split = split or self.params.split
+        key = ("paired_correct", split)
+        if key in self._cache:
+            return self._cache[key]
+        files = self.index.milestone_files("scores", ("finetuned", "forgotten"))
+        marks = []
+        for t in self.index.trials:
+            for i, m in enumerate(("finetuned", "forgotten")):
+                ref = t.milestones.get(m)
+                if ref is not None:
+                    marks.append((t.sweep, t.trial_id, ref.phase, ref.epoch, i))
+        cols = ("sweep", "trial_id", "phase", "epoch", "eval_task", "example_idx", "correct")
+        scan = Scan(files, columns=cols, equals=(("split", split),))
+        self._cache[key] = self.engine.reduce(scan, PairedCorrect(tuple(marks)))
+        return self._cache[key]
 
     def hidden_chunks(self, milestones: tuple[str, ...], budget_bytes: int = HIDDEN_CHUNK_BYTES) -> list[tuple[TrialInfo, ...]]:
         """Trials grouped by model (one vector width per scan) and cut so that each group's

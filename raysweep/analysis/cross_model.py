@@ -14,4 +14,5 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     models = sorted({c.model for c in cells})
     if len(models) < 2:
         raise Skip(f"one model only ({models[0]}): cross_model compares two or more models")
-    return compare(cells, Comparison("model", tuple(models)), "models")
+    return compare(cells, Comparison("model", tuple(models)), "models", ctx.params.denominator,
+                   ctx.params.bootstrap_resamples)

@@ -1,5 +1,6 @@
 """Fig 3.2: forget ratio of every eval task after forgetting every forget task, rows and
-columns ordered by UPGMA (average-linkage) clustering, one matrix per condition."""
+columns ordered by UPGMA (average-linkage) clustering, one matrix per condition. Cells whose
+fine-tuned accuracy leaves less headroom than `min_headroom` are masked (empty, `masked`)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         for i, r in enumerate(mat.row_order):
             for j, c in enumerate(mat.col_order):
                 pos[(mat.rows[r], mat.cols[c])] = (i, j)
-        t = cells_table(group)
+        t = cells_table(group, ctx.params.denominator)
         rp = [pos[(c.forget_task, c.eval_task)][0] for c in group]
         cp = [pos[(c.forget_task, c.eval_task)][1] for c in group]
         t = t.append_column("row_pos", pa.array(rp, pa.int32())).append_column("col_pos", pa.array(cp, pa.int32()))
@@ -43,18 +44,19 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         schema=schema,
     )
     n = len(groups)
-    return AnalysisResult(
-        {"matrix": wide, "cells": pa.concat_tables(long_parts)},
-        f"{n} condition(s); rows = forget task, columns = eval task, UPGMA-ordered; {ctx.params.split} split",
-    )
+    masked = sum(c.masked for c in cells)
+    p = ctx.params
+    msg = f"{n} condition(s); rows = forget task, columns = eval task, UPGMA-ordered; {p.split} split"
+    msg += f"; {masked} of {len(cells)} cell(s) masked (headroom below {p.min_headroom:g}, {p.denominator} denominator)"
+    return AnalysisResult({"matrix": wide, "cells": pa.concat_tables(long_parts)}, msg)
 
 
 class RatioMatrix:
     def __init__(self, rows: list[str], cols: list[str], values: np.ndarray):
         self.rows, self.cols, self.values = rows, cols, values
-        # Undefined cells (chance-level fine-tuning, missing runs) count as "nothing
-        # forgotten" for the clustering only; the tables keep them empty.
-        self.row_order, self.col_order = upgma_order(np.nan_to_num(values, nan=0.0))
+        # Masked cells (no headroom) and missing runs stay NaN: the clustering's distance
+        # skips them rather than reading them as "nothing forgotten".
+        self.row_order, self.col_order = upgma_order(values)
 
 
 def ratio_matrix(group: list[Cell]) -> RatioMatrix:

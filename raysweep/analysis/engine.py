@@ -56,7 +56,7 @@ class Scan:
     files: tuple[ScanFile, ...]
     columns: tuple[str, ...]
     # column == value conditions, pushed down into the Parquet read by both engines.
-    equals: tuple[tuple[str, str], ...] = ()
+    equals: tuple[tuple[str, str | int], ...] = ()
     # When set: keep only rows whose eval_task is the one given for their (sweep, trial_id),
     # i.e. a trial's own forget task. Not expressible as one static predicate cheaply.
     trial_task: tuple[tuple[str, str, str], ...] | None = None
@@ -119,6 +119,12 @@ def _sql_str(v: str) -> str:
     return "'" + v.replace("'", "''") + "'"
 
 
+def _sql_value(v: str | int) -> str:
+    # An integer column (the hidden states' layer) compared with a quoted string would make
+    # DuckDB cast per row; an int literal keeps the predicate pushed into the scan.
+    return str(int(v)) if isinstance(v, int) else _sql_str(v)
+
+
 class LocalEngine:
     """In-process: DuckDB reads the files (its Parquet reader prunes columns, pushes the
     predicates into the scan and decodes on all cores, about twice as fast as a pyarrow
@@ -135,7 +141,7 @@ class LocalEngine:
         paths = sorted({str(f.path) for f in scan.files})
         con = duckdb.connect()
         try:
-            where = " AND ".join(f"s.{c} = {_sql_str(v)}" for c, v in scan.equals) or "TRUE"
+            where = " AND ".join(f"s.{c} = {_sql_value(v)}" for c, v in scan.equals) or "TRUE"
             join = ""
             if scan.trial_task is not None:
                 keep = pa.table({k: [row[i] for row in scan.trial_task] for i, k in enumerate(("sweep", "trial_id", "eval_task"))})

@@ -15,4 +15,5 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     if not any(c.method == "flipped" for c in cells):
         methods = ", ".join(sorted({c.method for c in cells}))
         raise Skip(f"no flipped trials (methods in the sweep: {methods})")
-    return compare(cells, Comparison("method", ("flipped", "random"), anchor="flipped"), "flipped labels")
+    cmp = Comparison("method", ("flipped", "random"), anchor="flipped")
+    return compare(cells, cmp, "flipped labels", ctx.params.denominator, ctx.params.bootstrap_resamples)

@@ -1,10 +1,12 @@
 """Fig 4.1: what predicts the forget ratio.
 
 Task level (one point per forget task and condition): fine-tuned accuracy, total variance
-(trace of the covariance) of the forget task's hidden states at the finetuned milestone,
-and mean confidence in the correct response before forgetting (finetuned milestone), each
-against the forget ratio, with Pearson and Spearman r and p. Example level: each example's
-confidence before forgetting against its drop in confidence after forgetting.
+(trace of the covariance) of the forget task's last-prompt-token hidden states at layer
+`params.layer` on `params.variance_split` at the finetuned milestone, and mean confidence in
+the correct response before forgetting (finetuned milestone), each against the forget
+ratio, with Pearson and Spearman r and p and 95% intervals. Example level: each example's
+confidence before forgetting against its confidence after forgetting, and (over the
+examples right before forgetting) against being forgotten: point-biserial r and AUC.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import pyarrow.compute as pc
 
 from raysweep.analysis.common import all_cells, by_condition, diagonal, with_forgetting
 from raysweep.analysis.context import AnalysisContext
-from raysweep.analysis.measures import CORRELATION_FIELDS, correlate, correlation_row
+from raysweep.analysis.intervals import correlation_estimates
+from raysweep.analysis.measures import CORRELATION_INTERVAL_FIELDS
 from raysweep.analysis.registry import AnalysisResult, Skip, register
 
 PREDICTORS = ("acc_finetuned", "total_variance", "conf_finetuned")
@@ -57,7 +60,8 @@ def trial_variances(ctx: AnalysisContext) -> dict[tuple[str, str], float]:
             continue
         sweeps, trials = rows["sweep"].to_pylist(), rows["trial_id"].to_pylist()
         # Rows arrive sorted by (sweep, trial): each trial is one contiguous run.
-        starts = [0] + [i for i in range(1, len(trials)) if (sweeps[i], trials[i]) != (sweeps[i - 1], trials[i - 1])] + [len(trials)]
+        starts = [0] + [i for i in range(1, len(trials)) if (sweeps[i], trials[i]) != (sweeps[i - 1], trials[i - 1])]
+        starts.append(len(trials))
         for a, b in zip(starts[:-1], starts[1:]):
             v = total_variance(hidden_matrix(rows["hidden"].slice(a, b - a)))
             if v is not None:
@@ -69,52 +73,60 @@ def trial_variances(ctx: AnalysisContext) -> dict[tuple[str, str], float]:
 def run(ctx: AnalysisContext) -> AnalysisResult:
     cells = with_forgetting(diagonal(all_cells(ctx)))
     notes: list[str] = []
+    p = ctx.params
 
     variances = trial_variances(ctx)
     if not variances:
-        notes.append("no hidden states at the finetuned milestone: total variance left empty")
-    per_task_var: dict[tuple, list[float]] = defaultdict(list)
+        notes.append(ctx.missing_layer(("finetuned",)) or "no hidden states at the finetuned milestone")
+        notes[-1] += ": total variance left empty"
+    var_of: dict[tuple, float] = {}
     for t in ctx.index.trials:
         v = variances.get((t.sweep, t.trial_id))
         if v is not None:
-            per_task_var[(t.model, t.method, t.size, t.forget_task)].append(v)
+            var_of[(t.model, t.method, t.size, t.forget_task, t.seed)] = v
 
     task_rows, corr_rows = [], []
     groups = by_condition(cells)
     for (model, method, size), group in groups.items():
         cond = {"model": model, "method": method, "size": size}
-        vals: dict[str, list[float | None]] = {p: [] for p in PREDICTORS}
-        ratios = []
+        # seed -> predictor -> (x, ratio) over the condition's forget tasks
+        points: dict[str, dict[int, tuple[list, list]]] = {q: {} for q in PREDICTORS}
         for c in sorted(group, key=lambda c: c.forget_task):
-            tv = per_task_var.get((model, method, size, c.forget_task))
+            tv = [var_of[k] for k in var_of if k[:4] == (model, method, size, c.forget_task)]
             var = float(np.mean(tv)) if tv else None
-            task_rows.append({**cond, "forget_task": c.forget_task, "n_trials": c.n_trials, "forget_ratio": c.forget_ratio,
-                              "acc_finetuned": c.acc_finetuned, "total_variance": var, "conf_finetuned": c.conf_finetuned})
-            ratios.append(c.forget_ratio)
-            vals["acc_finetuned"].append(c.acc_finetuned)
-            vals["total_variance"].append(var)
-            vals["conf_finetuned"].append(c.conf_finetuned)
-        for p in PREDICTORS:
-            corr_rows.append({**cond, "predictor": p, **correlation_row(correlate(vals[p], ratios))})
+            task_rows.append({**cond, "forget_task": c.forget_task, "n_trials": c.n_trials, "layer": p.layer,
+                              "forget_ratio": c.forget_ratio, "acc_finetuned": c.acc_finetuned, "total_variance": var,
+                              "conf_finetuned": c.conf_finetuned})
+            for seed, sv in c.per_seed.items():
+                x_of = {"acc_finetuned": sv["acc_finetuned"], "conf_finetuned": sv["conf_finetuned"],
+                        "total_variance": var_of.get((model, method, size, c.forget_task, seed))}
+                for q in PREDICTORS:
+                    xs, ys = points[q].setdefault(seed, ([], []))
+                    xs.append(x_of[q])
+                    ys.append(sv["forget_ratio"])
+        for q in PREDICTORS:
+            est = correlation_estimates(points[q], p.bootstrap_resamples, (model, method, size, q))
+            corr_rows.append({**cond, "predictor": q, "layer": p.layer if q == "total_variance" else None, **est})
     most = max(len(g) for g in groups.values())
     if most < 3:
         notes.append(f"task-level correlations need 3+ forget tasks per condition (most: {most})")
 
     examples = example_table(ctx)
-    ex_corr = example_correlations(examples)
+    ex_corr = example_correlations(examples, p.bootstrap_resamples)
     if most < 3 and examples.num_rows == 0:
         raise Skip(f"needs 3+ forget tasks per condition (most: {most}) or per-example scores at both milestones")
 
-    task_schema = pa.schema(_COND + [("forget_task", pa.string()), ("n_trials", pa.int32()), ("forget_ratio", pa.float64())]
-                            + [(p, pa.float64()) for p in PREDICTORS])
-    corr_schema = pa.schema(_COND + [("predictor", pa.string())] + CORRELATION_FIELDS)
+    task_schema = pa.schema(_COND + [("forget_task", pa.string()), ("n_trials", pa.int32()), ("layer", pa.int16()),
+                                     ("forget_ratio", pa.float64())] + [(q, pa.float64()) for q in PREDICTORS])
+    corr_schema = pa.schema(_COND + [("predictor", pa.string()), ("layer", pa.int16())] + CORRELATION_INTERVAL_FIELDS)
     tables = {
         "correlations": pa.Table.from_pylist(corr_rows, schema=corr_schema),
         "tasks": pa.Table.from_pylist(task_rows, schema=task_schema),
         "examples": examples,
         "example_correlations": ex_corr,
     }
-    msg = f"{len(task_rows)} task(s) in {len(groups)} condition(s); {examples.num_rows} example(s)"
+    msg = (f"{len(task_rows)} task(s) in {len(groups)} condition(s); {examples.num_rows} example(s); "
+           f"total variance of layer {p.layer} on {p.variance_split}")
     if notes:
         msg += "; " + "; ".join(notes)
     return AnalysisResult(tables, msg)
@@ -122,13 +134,15 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
 
 EXAMPLE_SCHEMA = pa.schema(
     _COND + [("forget_task", pa.string()), ("sweep", pa.string()), ("trial_id", pa.string()), ("seed", pa.int32()),
-             ("example_idx", pa.int32()), ("conf_before", pa.float64()), ("conf_after", pa.float64()), ("conf_drop", pa.float64())]
+             ("example_idx", pa.int32()), ("conf_before", pa.float64()), ("conf_after", pa.float64()),
+             ("conf_drop", pa.float64()), ("correct_before", pa.bool_()), ("correct_after", pa.bool_()),
+             ("forgotten", pa.bool_())]
 )
 
 
 def example_table(ctx: AnalysisContext) -> pa.Table:
-    """Per (trial, example) of the forget task: confidence at the finetuned and the forgotten
-    milestones, and the drop between them."""
+    """Per (trial, example) of the forget task: confidence and correctness at the finetuned
+    and the forgotten milestones; `forgotten` = right at the first, wrong at the second."""
     rows = ctx.forget_task_scores(ctx.params.split)
     if rows.num_rows == 0:
         return EXAMPLE_SCHEMA.empty_table()
@@ -136,35 +150,72 @@ def example_table(ctx: AnalysisContext) -> pa.Table:
     tagged = rows.join(ms, keys=["sweep", "trial_id", "phase", "epoch"], join_type="inner")
     keys = ["sweep", "trial_id", "example_idx"]
 
-    def at(milestone: str, name: str) -> pa.Table:
-        t = tagged.filter(pc.equal(tagged["milestone"], milestone)).select([*keys, "confidence"])
-        return t.rename_columns([*keys, name])
+    def at(milestone: str, tag: str) -> pa.Table:
+        t = tagged.filter(pc.equal(tagged["milestone"], milestone)).select([*keys, "confidence", "correct"])
+        return t.rename_columns([*keys, f"conf_{tag}", f"correct_{tag}"])
 
-    j = at("finetuned", "conf_before").join(at("forgotten", "conf_after"), keys=keys, join_type="inner")
+    j = at("finetuned", "before").join(at("forgotten", "after"), keys=keys, join_type="inner")
     j = j.join(ctx.index.trial_table(), keys=["sweep", "trial_id"], join_type="inner")
     b = pc.cast(j["conf_before"], pa.float64())
     a = pc.cast(j["conf_after"], pa.float64())
     j = j.set_column(j.schema.get_field_index("conf_before"), "conf_before", b)
     j = j.set_column(j.schema.get_field_index("conf_after"), "conf_after", a)
     j = j.append_column("conf_drop", pc.subtract(b, a))
+    j = j.append_column("forgotten", pc.and_(j["correct_before"], pc.invert(j["correct_after"])))
     return j.select(EXAMPLE_SCHEMA.names).cast(EXAMPLE_SCHEMA).sort_by(
         [("model", "ascending"), ("method", "ascending"), ("size", "ascending"), ("forget_task", "ascending"),
          ("sweep", "ascending"), ("trial_id", "ascending"), ("example_idx", "ascending")]
     )
 
 
-def example_correlations(examples: pa.Table) -> pa.Table:
-    schema = pa.schema(_COND + [("forget_task", pa.string())] + CORRELATION_FIELDS)
+# What the confidence before forgetting is correlated with, example by example. Not the drop
+# (before - after): that contains `before` itself and correlates with it even when forgetting
+# ignores confidence. `forgotten` is read over the examples right before forgetting only, so
+# that being wrong already (low confidence) does not count as being forgotten.
+EXAMPLE_TARGETS = ("conf_after", "forgotten")
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """P(score of a positive > score of a negative), ties half: the Mann-Whitney U / (n1 n0)."""
+    from scipy.stats import rankdata
+
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if n1 == 0 or n0 == 0:
+        return None
+    r = rankdata(scores)
+    return float((r[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def example_correlations(examples: pa.Table, resamples: int = 1000) -> pa.Table:
+    schema = pa.schema(_COND + [("forget_task", pa.string()), ("target", pa.string())] + CORRELATION_INTERVAL_FIELDS
+                       + [("auc", pa.float64())])
     rows = []
     if examples.num_rows:
-        cols = {c: examples[c].to_pylist() for c in ("model", "method", "size", "forget_task", "conf_before", "conf_drop")}
+        names = ("model", "method", "size", "forget_task", "seed", "conf_before", "conf_after", "correct_before",
+                 "forgotten")
+        cols = {c: examples[c].to_pylist() for c in names}
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in range(examples.num_rows):
             cond = (cols["model"][i], cols["method"][i], cols["size"][i])
             groups[(*cond, cols["forget_task"][i])].append(i)
             groups[(*cond, ALL_TASKS)].append(i)
         for key in sorted(groups):
-            idx = groups[key]
-            c = correlate([cols["conf_before"][i] for i in idx], [cols["conf_drop"][i] for i in idx])
-            rows.append({"model": key[0], "method": key[1], "size": key[2], "forget_task": key[3], **correlation_row(c)})
+            for target in EXAMPLE_TARGETS:
+                idx = groups[key] if target == "conf_after" else [i for i in groups[key] if cols["correct_before"][i]]
+                by_seed: dict[int, tuple[list, list]] = {}
+                for i in idx:
+                    xs, ys = by_seed.setdefault(cols["seed"][i], ([], []))
+                    xs.append(cols["conf_before"][i])
+                    ys.append(float(cols[target][i]))
+                est = correlation_estimates(by_seed, resamples, (*key, target)) if by_seed else _empty_estimate()
+                a = None
+                if target == "forgotten" and idx:
+                    a = auc(np.array([cols["conf_before"][i] for i in idx]),
+                            np.array([cols["forgotten"][i] for i in idx]))
+                rows.append({"model": key[0], "method": key[1], "size": key[2], "forget_task": key[3], "target": target,
+                             **est, "auc": a})
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _empty_estimate() -> dict[str, object]:
+    return {"n": 0, "n_seeds": 0, "interval": None}

@@ -150,3 +150,56 @@ class CollectRows:
         types = {f.name: f.type for f in first}
         t = t.cast(pa.schema([(n, _KEY_TYPES.get(n, types[n])) for n in t.column_names]))
         return t.sort_by([(k, "ascending") for k in self.order])
+
+
+@dataclass(frozen=True)
+class PairedCorrect:
+    """Per (sweep, trial, eval task): examples right / wrong at the finetuned and at the
+    forgotten milestone, counted jointly. `milestones` names each trial's two epochs:
+    (sweep, trial_id, phase, epoch, 0 for finetuned | 1 for forgotten). Partials carry one
+    code per example (presence and correctness bits, summed: an example has one row per
+    milestone), so the combine is an integer sum whatever the batching; only examples seen
+    at both milestones are counted."""
+
+    milestones: tuple[tuple[str, str, str, int, int], ...]
+    keys: tuple[str, ...] = ("sweep", "trial_id", "eval_task", "example_idx")
+
+    def schema(self) -> pa.Schema:
+        return pa.schema([*_key_schema(self.keys[:2]), ("eval_task", pa.string()), ("example_idx", pa.int32()),
+                          ("code", pa.int64())])
+
+    def partial(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:
+            return self.schema().empty_table()
+        sep = "\x1f"
+        names = [f"{s}{sep}{t}{sep}{p}{sep}{e}" for s, t, p, e, _ in self.milestones]
+        which = pa.array([m for *_, m in self.milestones], pa.int64())
+        row_key = pc.binary_join_element_wise(batch["sweep"], batch["trial_id"], batch["phase"],
+                                              pc.cast(batch["epoch"], pa.string()), sep)
+        pos = pc.index_in(row_key, value_set=pa.array(names, pa.string()))
+        batch = batch.append_column("m", pc.take(which, pos)).filter(pc.is_valid(pos))
+        # finetuned: presence 4, right 1; forgotten: presence 8, right 2
+        right = pc.cast(batch["correct"], pa.int64())
+        code = pc.if_else(pc.equal(batch["m"], 0), pc.add(right, 4), pc.add(pc.multiply(right, 2), 8))
+        t = pa.table({**{k: batch[k] for k in self.keys}, "code": code})
+        g = t.group_by(list(self.keys), use_threads=False).aggregate([("code", "sum")])
+        return g.rename_columns([*self.keys, "code"]).cast(self.schema())
+
+    def combine(self, parts: list[pa.Table]) -> pa.Table:
+        out_schema = pa.schema([*_key_schema(self.keys[:2]), ("eval_task", pa.string()), ("n11", pa.int64()),
+                                ("n10", pa.int64()), ("n01", pa.int64()), ("n00", pa.int64())])
+        parts = [p.cast(self.schema()) for p in parts if p.num_rows]
+        if not parts:
+            return out_schema.empty_table()
+        t = pa.concat_tables(parts)
+        per_example = t.group_by(list(self.keys), use_threads=False).aggregate([("code", "sum")])
+        code = per_example["code_sum"]
+        both = per_example.filter(pc.greater_equal(code, 12))
+        bits = pc.subtract(both["code_sum"], 12)
+        cols = {}
+        for name, value in (("n11", 3), ("n10", 1), ("n01", 2), ("n00", 0)):
+            cols[name] = pc.cast(pc.equal(bits, value), pa.int64())
+        c = pa.table({"sweep": both["sweep"], "trial_id": both["trial_id"], "eval_task": both["eval_task"], **cols})
+        g = c.group_by(["sweep", "trial_id", "eval_task"], use_threads=False).aggregate([(n, "sum") for n in cols])
+        g = g.rename_columns(["sweep", "trial_id", "eval_task", *cols]).select(out_schema.names).cast(out_schema)
+        return g.sort_by([(k, "ascending") for k in ("sweep", "trial_id", "eval_task")])

@@ -115,7 +115,8 @@ def run_analyses(
             t0 = time.perf_counter()
             try:
                 result = registry.get(name).run(ctx)
-                out = AnalysisOutcome(name, "ok", one_line(result.message), dict(result.tables))
+                msg = "; ".join(m for m in (result.message, index.dropped_note()) if m)
+                out = AnalysisOutcome(name, "ok", one_line(msg), dict(result.tables))
             except registry.Skip as exc:
                 out = AnalysisOutcome(name, "skipped", one_line(str(exc)))
             except Exception as exc:  # noqa: BLE001 - one broken analysis must not stop the rest

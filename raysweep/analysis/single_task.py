@@ -1,16 +1,17 @@
 """Fig 3.1: per forget task, accuracy pretrained -> finetuned -> forgotten on the task's own
-evaluation split, the forget gap and the forget ratio."""
+evaluation split, the forget gap and the forget ratio, each with its 95% interval."""
 
 from __future__ import annotations
 
 from raysweep.analysis.common import all_cells, by_condition, diagonal, with_forgetting
 from raysweep.analysis.context import AnalysisContext
-from raysweep.analysis.measures import cells_table
+from raysweep.analysis.measures import WITH_INTERVALS, cells_table
 from raysweep.analysis.registry import AnalysisResult, Skip, register
 
 COLUMNS = [
-    "model", "method", "size", "forget_task", "n_trials", "n_examples", "acc_pretrained", "acc_finetuned",
-    "acc_forgotten", "forget_gap", "forget_ratio", "ratio_formula",
+    "model", "method", "size", "forget_task", "n_trials", "n_seeds", "n_examples",
+    *(f"{m}{x}" for m in WITH_INTERVALS for x in ("", "_lo", "_hi")),
+    "headroom", "masked", "ratio_formula", "denominator", "interval",
 ]
 
 
@@ -20,6 +21,10 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     if not cells:
         raise Skip("no trial evaluated its own forget task")
     cells = with_forgetting(cells)
-    table = cells_table(cells).select(COLUMNS)
+    table = cells_table(cells, ctx.params.denominator).select(COLUMNS)
     n_cond = len(by_condition(cells))
-    return AnalysisResult({"tasks": table}, f"{len(cells)} forget task(s) in {n_cond} condition(s), {ctx.params.split} split")
+    masked = sum(c.masked for c in cells)
+    msg = f"{len(cells)} forget task(s) in {n_cond} condition(s), {ctx.params.split} split"
+    if masked:
+        msg += f"; {masked} forget ratio(s) masked (headroom below {ctx.params.min_headroom:g})"
+    return AnalysisResult({"tasks": table}, msg)
