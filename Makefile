@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv install test-deps demo test clean
+.PHONY: venv install test-deps demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/raysweep run specs/quickstart.yaml --store storage/demo
+
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check raysweep tests scripts
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests

@@ -140,10 +140,11 @@ def fig_single_task(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         for key, col, label in (("gap", "forget_gap", "forget gap"), ("ratio", "forget_ratio", "forget ratio")):
             a = axes[key]
             a.bar(x, [_num(r[col]) for r in rs], yerr=yerr(rs, col), capsize=3, color=RED if key == "ratio" else BLUE)
-            label += f" ({_interval_label(rs)})" if _interval_label(rs) else ""
+            # Two panels share a row: the interval's name goes on a second line to fit.
+            label += f"\n({_interval_label(rs)})" if _interval_label(rs) else ""
             a.set_xticks(x, [r["forget_task"] for r in rs], rotation=45, ha="right", fontsize=8)
             a.axhline(0, color="black", lw=0.8)
-            a.set_title(label)
+            a.set_title(label, fontsize=9)
         figs.append((f"single-task forgetting {_cond_label(rs[0])}", fig))
     return figs
 

@@ -73,7 +73,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
     store = tmp_path / "store"
     r = _cli("run", str(spec), "--store", str(store))
     assert r.returncode == 2
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "phases.finetune.lr" in lines[0]
     assert not store.exists()
 

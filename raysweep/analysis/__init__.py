@@ -14,9 +14,9 @@ from raysweep.analysis.context import AnalysisParams
 from raysweep.analysis.engine import ENGINES, choose_engine
 from raysweep.analysis.registry import AnalysisResult, Skip, register
 from raysweep.analysis.render import outcome_table
+from raysweep.analysis.runner import AnalysisOutcome, load_outcomes, outputs_dir, run_analyses, store_fingerprint
 
 render_outcome = outcome_table  # the name the CLI uses
-from raysweep.analysis.runner import AnalysisOutcome, load_outcomes, outputs_dir, run_analyses, store_fingerprint
 
 ANALYSIS_MODULES = (
     "single_task",
@@ -27,7 +27,7 @@ ANALYSIS_MODULES = (
     "predictors",
     "order",
     "probes",
-    # Beyond the paper (issue 7): Jin & Ren's association matrix and its predictors, methods.
+    # Beyond the paper: Jin & Ren's association matrix and its predictors, methods.
     "association",
     "prediction",
     "by_method",
