@@ -31,10 +31,13 @@ from transformers import (
 )
 
 from raysweep.errors import BadInput
+from raysweep.reproducible import pin_cpu_numerics
 from raysweep.spec import ModelSpec, locate_gguf
 
 # Bump when the tokenizer recipe, tiny configs or pretraining recipe change: it keys the cache.
-BUILTIN_RECIPE = 3
+BUILTIN_RECIPE = 4
+# Above this size the built-in pretraining may use a GPU (and its weights depend on the machine).
+_CPU_PRETRAIN_MAX_PARAMS = 20_000_000
 EOS = "<|endoftext|>"
 BOS = "<s>"
 
@@ -139,9 +142,25 @@ def pretrain_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sp
         answer = wrong if rng.random() < cfg.label_noise else right
         docs.append((f"{prompt} {answer}{EOS}", len(prompt)))
     docs += [(t + EOS, 0) for t in texts]
-    # A GPT-2-sized "tiny" model (the GPU check) would take minutes on a CPU.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Small models train on one CPU thread: the cache key names no device or machine, so the
+    # weights must come out bit-identical everywhere (GPU kernels and thread counts each sum
+    # in their own order). A GPT-2-sized "tiny" model (the GPU check) would take minutes on a
+    # CPU, and goes to the GPU where there is one.
+    large = sum(p.numel() for p in model.parameters()) > _CPU_PRETRAIN_MAX_PARAMS
+    device = "cuda" if large and torch.cuda.is_available() else "cpu"
     model.to(device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain_loop(model, tokenizer, docs, cfg, rng, device, seed)
+    finally:
+        torch.set_num_threads(threads)
+        model.to("cpu")
+        model.eval()
+
+
+def _pretrain_loop(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docs: list[tuple[str, int]], cfg,
+                   rng: random.Random, device: str, seed: int) -> float:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     model.train()
@@ -158,13 +177,14 @@ def pretrain_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sp
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_val = float(out.loss.detach())
-    model.to("cpu")
-    model.eval()
     return loss_val
 
 
 def ensure_builtin(spec: ModelSpec, models_dir: Path) -> Path:
     """Build, pretrain and cache a built-in model once; later calls return the cached path."""
+    # Every process that trains or scores a built-in model comes through here (trials via
+    # load_model) before its first tensor arithmetic.
+    pin_cpu_numerics()
     target = Path(models_dir) / builtin_key(spec)
     if (target / "READY").exists():
         return target

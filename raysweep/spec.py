@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,6 +27,12 @@ from raysweep.errors import BadInput
 
 SPLITS = ("train", "validation", "test")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+# Names become directory names (the store's, Tune's, whose own paths add more): far below 255.
+MAX_NAME = 100
+# Seeds are stored as int32: a larger one would pass here and fail when its first row is written.
+Seed = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+Name = Annotated[str, Field(pattern=_NAME, max_length=MAX_NAME)]
+MAX_SPEC_BYTES = 2**20
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -33,7 +40,9 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 class _Strict(BaseModel):
     # Unknown keys are almost always typos of real ones; refusing them beats silently ignoring.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan pass "greater than 0" (or fail it with a puzzling message) and only surface
+    # as a diverged trial after the store is written: no spec number may be either.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def locate_gguf(ref: str) -> Path:
@@ -56,6 +65,31 @@ def locate_gguf(ref: str) -> Path:
     raise ValueError(f"{ref!r} is neither a file nor a file inside an installed package")
 
 
+def _check_local_model_dir(path: str, trust_remote_code: bool) -> None:
+    """A path that can only mean a local directory must be one, and must load without running
+    code it carries unless the spec allows that; otherwise the trials would find out, each
+    one after the store is written. Other strings are hub names, resolved when loaded."""
+    if not path.startswith(("/", "./", "../", "~")):
+        return
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ValueError(f"path: no such directory {path!r}")
+    if not folder.is_dir():
+        raise ValueError(f"path: {path!r} is not a directory (a local model is a folder with config.json)")
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue  # absent or unreadable: loading the model reports it with the model's name
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise ValueError(
+                f"path: {path!r} needs remote code ({name} has an auto_map); "
+                "set trust_remote_code: true only if you trust it"
+            )
+
+
 class PretrainConfig(_Strict):
     """Short language-model pretraining of a built-in tiny model on a mixture of the
     built-in tasks, so that it starts with partial skill as a real pretrained model does."""
@@ -74,7 +108,8 @@ class TinySize(_Strict):
     hidden: PositiveInt = 64
     heads: PositiveInt = 4
     vocab: Annotated[int, Field(ge=300)] = 1024
-    max_positions: Annotated[int, Field(ge=64)] = 256
+    # The position table is allocated up front: 10**12 positions would exhaust memory in a trial.
+    max_positions: Annotated[int, Field(ge=64, le=1_000_000)] = 256
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "TinySize":
@@ -86,7 +121,7 @@ class TinySize(_Strict):
 class ModelSpec(_Strict):
     """A model axis value: a built-in tiny architecture, or a hub name / local directory."""
 
-    name: Annotated[str, Field(pattern=_NAME)]
+    name: Name
     arch: Literal["gpt2", "gptj", "llama"] | None = None
     path: str | None = None
     # A GGUF file: a local path, or `package/file.gguf` inside an installed Python package.
@@ -107,6 +142,8 @@ class ModelSpec(_Strict):
             if not self.gguf.endswith(".gguf"):
                 raise ValueError(f"gguf: {self.gguf!r} does not name a .gguf file")
             locate_gguf(self.gguf)  # found before anything runs, not inside a trial
+        if self.path is not None:
+            _check_local_model_dir(self.path, self.trust_remote_code)
         return self
 
     @property
@@ -231,7 +268,7 @@ class DataConfig(_Strict):
 
 
 class SweepSpec(_Strict):
-    name: Annotated[str, Field(pattern=_NAME)]
+    name: Name
     description: str = ""
     models: list[ModelSpec] = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
@@ -239,7 +276,7 @@ class SweepSpec(_Strict):
     eval_tasks: list[str] | None = None
     methods: list[Literal["random", "flipped", "gradient_ascent", "npo"]] = ["random"]
     sizes: list[PositiveInt] = [1000]
-    seeds: list[int] = [0]
+    seeds: list[Seed] = [0]
     phases: Phases = Phases()
     train: TrainEngine = TrainEngine()
     scoring: ScoringConfig = ScoringConfig()
@@ -255,8 +292,8 @@ class SweepSpec(_Strict):
             return v
         if len(v) == 0:
             raise ValueError("axis is empty")
-        keys = [m.name if isinstance(m, ModelSpec) else m for m in v]
-        dup = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        counts = Counter(m.name if isinstance(m, ModelSpec) else m for m in v)
+        dup = sorted((k for k, n in counts.items() if n > 1), key=str)
         if dup and info.field_name == "models":
             raise ValueError(f"model name(s) {dup} used more than once: the name identifies a model in the store")
         if dup:
@@ -425,6 +462,8 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = "required, but missing"
     elif kind == "too_short" and isinstance(value, list) and not value:
         msg = "axis is empty"
+    elif kind == "string_too_long" and isinstance(value, str):
+        msg = f"{msg} (got {len(value)} characters: {value[:20]!r}...)"
     elif kind == "string_pattern_mismatch":
         msg = f"{value!r} is not a valid name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
     elif isinstance(value, (str, int, float, bool)) and not kind.startswith("value_error"):
@@ -434,9 +473,10 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-class _SafeNoDupLoader(yaml.SafeLoader):
+class _SafeNoDupLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """Safe loader (no object construction, so a spec can never execute code) that also
-    refuses duplicate keys, which plain YAML silently resolves to the last value."""
+    refuses duplicate keys, which plain YAML silently resolves to the last value. The C parser
+    where PyYAML has it: the pure-Python one takes seconds over a long axis (100,000 seeds)."""
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
@@ -475,8 +515,16 @@ def parse_spec(text: str, origin: str = "spec") -> SweepSpec:
 
 def load_spec(path: str | Path) -> SweepSpec:
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise BadInput(f"spec: {str(p)!r} is a directory, not a spec file")
+    if not p.exists():
         raise BadInput(f"spec: no such file {str(p)!r}")
+    if not p.is_file():
+        # A device or a pipe: /dev/zero would be read forever.
+        raise BadInput(f"spec: {str(p)!r} is not a regular file")
+    size = p.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise BadInput(f"spec: {str(p)!r} is {size / 2**20:.1f} MB; a spec is a small YAML file (at most 1 MB)")
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as exc:

@@ -108,6 +108,9 @@ def _init_ray(address: str | None, dashboard: bool, dashboard_host: str = "127.0
         import torch
 
         ctx = ray.init(
+            # "local" always starts a fresh cluster: without it Ray joins whatever `ray start`
+            # last recorded in its temp dir, even a cluster that has since died.
+            address="local",
             num_cpus=os.cpu_count(),
             num_gpus=torch.cuda.device_count(),
             include_dashboard=dashboard,

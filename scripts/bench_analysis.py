@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from raysweep.analysis import AnalysisParams, registered_analyses, run_analyses  # noqa: E402
 from raysweep.analysis.context import SweepIndex  # noqa: E402
 from raysweep.analysis.measures import upgma_order  # noqa: E402
-from raysweep.analysis.probes import PROBE_MILESTONES, ProbeJob, fit_probe  # noqa: E402
+from raysweep.analysis.probes import PROBE_MILESTONES, Pairs, ProbeJob, fit_probe  # noqa: E402
 from raysweep.store import EPOCHS_SCHEMA, SCORES_SCHEMA, EpochKey, EpochRecord, Store, hidden_schema  # noqa: E402
 
 SWEEP = "bench"
@@ -178,22 +178,43 @@ def _scores(key: EpochKey, eval_col, split_col, idx_col, gold: np.ndarray, conf:
     )
 
 
+# The layer the analyses read by default, and one more that they must filter out.
+PROBE_LAYER = AnalysisParams().layer
+OTHER_LAYER = -2
+
+
 def _hidden(key: EpochKey, task: str, n: int, gold: np.ndarray, dim: int, resist: float, rng, phase: str) -> pa.Table:
-    """The forget task's states only (what the analyses read): a gold direction that stays
-    decodable after forgetting, and a task-dependent spread for the variance predictor."""
+    """The forget task's states only (what the analyses read), as scoring writes them: one row
+    per (example, layer). At the probed layer the correct answer's state leans along a direction
+    that the distractor's does not, and stays so after forgetting; the last prompt token's state
+    has a task-dependent spread for the variance predictor. The other layer is noise, so an
+    analysis that mixes layers disagrees with the reference."""
     m = len(gold)
     signal = 0.0 if phase == "pretrained" else 1.0
-    x = rng.normal(0, 0.5 + resist, (m, dim))
-    x[:, 0] += signal * (2 * gold.astype(np.float64) - 1)
-    return pa.table(
-        {
-            "sweep": [key.sweep] * m, "trial_id": [key.trial_id] * m, "phase": [key.phase] * m,
-            "epoch": pa.array(np.full(m, key.epoch, np.int32)), "eval_task": [task] * m,
-            "split": np.repeat(np.array(SPLITS), n), "example_idx": pa.array(np.tile(np.arange(n, dtype=np.int32), len(SPLITS))),
-            "hidden": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), dim),
-        },
-        schema=hidden_schema(dim),
-    )
+
+    def vec(x: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), dim)
+
+    parts = []
+    for layer in (PROBE_LAYER, OTHER_LAYER):
+        spread = 0.5 + resist if layer == PROBE_LAYER else 3.0
+        prompt = rng.normal(0, spread, (m, dim))
+        correct, distractor = prompt + rng.normal(0, 0.5, (m, dim)), prompt + rng.normal(0, 0.5, (m, dim))
+        if layer == PROBE_LAYER:
+            correct[:, 0] += signal
+            distractor[:, 0] -= signal
+        parts.append(pa.table(
+            {
+                "sweep": [key.sweep] * m, "trial_id": [key.trial_id] * m, "phase": [key.phase] * m,
+                "epoch": pa.array(np.full(m, key.epoch, np.int32)), "eval_task": [task] * m,
+                "split": np.repeat(np.array(SPLITS), n),
+                "example_idx": pa.array(np.tile(np.arange(n, dtype=np.int32), len(SPLITS))),
+                "layer": pa.array(np.full(m, layer, np.int16)),
+                "hidden": vec(prompt), "hidden_correct": vec(correct), "hidden_distractor": vec(distractor),
+            },
+            schema=hidden_schema(dim),
+        ))
+    return pa.concat_tables(parts)
 
 
 # ---- measurement ---------------------------------------------------------------------------
@@ -382,7 +403,8 @@ class DuckRef:
         h = self._q(
             f"SELECT h.sweep, h.trial_id, h.hidden FROM read_parquet({_files_sql(hidden)}, union_by_name = true) h "
             f"JOIN trials t ON h.sweep = t.sweep AND h.trial_id = t.trial_id AND h.eval_task = t.forget_task "
-            f"WHERE h.split = '{self.params.variance_split}' ORDER BY h.sweep, h.trial_id, h.example_idx"
+            f"WHERE h.split = '{self.params.variance_split}' AND h.layer = {self.params.layer} "
+            f"ORDER BY h.sweep, h.trial_id, h.example_idx"
         )
         tids = h["trial_id"].to_pylist()
         starts = [0] + [i for i in range(1, len(tids)) if tids[i] != tids[i - 1]] + [len(tids)]
@@ -438,19 +460,21 @@ class DuckRef:
             by_model.setdefault(t.model, []).append(t)
         for model, trials in sorted(by_model.items()):
             hidden = [f.path for f in self.index.milestone_files("hidden", PROBE_MILESTONES, tuple(trials))]
-            scores = [f.path for f in self.index.milestone_files("scores", PROBE_MILESTONES, tuple(trials))]
             t = self._q(
-                f"""SELECT h.sweep, h.trial_id, ms.milestone, h.split, h.example_idx, s.gold, h.hidden
+                f"""SELECT h.sweep, h.trial_id, ms.milestone, h.split, h.example_idx,
+                       h.hidden_correct, h.hidden_distractor
                 FROM read_parquet({_files_sql(hidden)}) h
                 JOIN trials t ON h.sweep = t.sweep AND h.trial_id = t.trial_id AND h.eval_task = t.forget_task
                 JOIN ms ON h.sweep = ms.sweep AND h.trial_id = ms.trial_id AND h.phase = ms.phase AND h.epoch = ms.epoch
-                JOIN read_parquet({_files_sql(scores)}) s ON s.sweep = h.sweep AND s.trial_id = h.trial_id AND s.phase = h.phase
-                     AND s.epoch = h.epoch AND s.eval_task = h.eval_task AND s.split = h.split AND s.example_idx = h.example_idx
+                WHERE h.layer = {self.params.layer}
                 ORDER BY h.sweep, h.trial_id, ms.milestone, h.split, h.example_idx"""
             )
-            arr = t["hidden"].combine_chunks()
-            x_all = arr.flatten().to_numpy().reshape(len(arr), -1).astype(np.float64)
-            y_all = t["gold"].to_numpy().astype(np.int64)
+
+            def matrix(col: str) -> np.ndarray:
+                arr = t[col].combine_chunks()
+                return arr.flatten().to_numpy().reshape(len(arr), -1).astype(np.float64)
+
+            xc, xd = matrix("hidden_correct"), matrix("hidden_distractor")
             keys = list(zip(t["trial_id"].to_pylist(), t["milestone"].to_pylist(), t["split"].to_pylist()))
             groups: dict[tuple, list[int]] = {}
             for i, k in enumerate(keys):
@@ -458,8 +482,9 @@ class DuckRef:
             for tr in trials:
                 for m in PROBE_MILESTONES:
                     parts = {s: np.array(groups.get((tr.trial_id, m, s), []), dtype=np.int64) for s in SPLITS}
-                    job = ProbeJob(tr.sweep, tr.trial_id, m, x_all[parts["train"]], y_all[parts["train"]], x_all[parts["validation"]],
-                                   y_all[parts["validation"]], x_all[parts["test"]], y_all[parts["test"]], self.params.probe_cs)
+                    pairs = [Pairs(xc[parts[s]], xd[parts[s]]) for s in ("train", "validation", "test")]
+                    job = ProbeJob(tr.sweep, tr.trial_id, m, *pairs, self.params.probe_cs,
+                                   self.params.bootstrap_resamples)
                     out.append(fit_probe(job))
         return pa.Table.from_pylist([asdict(f) for f in out])
 

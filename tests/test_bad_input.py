@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from raysweep.cli import app
@@ -57,7 +59,8 @@ def test_corpus_is_large_and_every_file_has_an_expected_message():
 
 
 @pytest.mark.parametrize("name", sorted(n for n, r in TABLE.items() if r["stage"] == "spec"))
-def test_malformed_spec_is_refused_by_the_parser_naming_the_field(name):
+def test_malformed_spec_is_refused_by_the_parser_naming_the_field(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # a few cases name folders of the corpus relative to the repository
     with pytest.raises(BadInput) as exc:
         load_spec(BAD / name)
     msg = str(exc.value)
@@ -65,7 +68,8 @@ def test_malformed_spec_is_refused_by_the_parser_naming_the_field(name):
 
 
 @pytest.mark.parametrize("name", sorted(n for n, r in TABLE.items() if r["stage"] in ("spec", "data")))
-def test_malformed_spec_through_the_cli_exits_2_with_one_line_and_writes_nothing(name, tmp_path):
+def test_malformed_spec_through_the_cli_exits_2_with_one_line_and_writes_nothing(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
     store = tmp_path / "store"
     r = _cli_in_process("run", str(BAD / name), "--store", str(store), "--no-dashboard")
     _assert_refused(r.exit_code, r.stdout, r.stderr, TABLE[name]["field"], TABLE[name]["problem"])
@@ -154,8 +158,16 @@ def test_remote_code_in_a_model_folder_is_not_run_unless_the_spec_says_so(tmp_pa
     # A model whose class exists only in code shipped with it: loading needs that code run.
     (folder / "config.json").write_text(json.dumps({"model_type": "raysweep_remote", "auto_map": {"AutoConfig": "remote.Cfg", "AutoModelForCausalLM": "remote.Model"}}))
     (folder / "remote.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
-    spec = ModelSpec(name="remote", path=str(folder))
-    assert spec.trust_remote_code is False  # off by default
+    # The spec refuses it before anything runs (the trials would only find out one by one).
+    with pytest.raises(ValidationError, match="needs remote code"):
+        ModelSpec(name="remote", path=str(folder))
+    refused = _spec_with_model(tmp_path, f"{{name: remote, path: {folder}}}")
+    r = _cli_in_process("run", str(refused), "--store", str(tmp_path / "st"))
+    _assert_refused(r.exit_code, r.stdout, r.stderr, "models.0", "needs remote code (config.json has an auto_map)")
+    assert not (tmp_path / "st").exists()
+    # The loader's own guard still holds for a spec built past validation (model_copy does not validate).
+    trusted = ModelSpec(name="remote", path=str(folder), trust_remote_code=True)
+    spec = trusted.model_copy(update={"trust_remote_code": False})
     with pytest.raises(BadInput, match="custom code"):
         load_model(spec, tmp_path / "models")
     assert not sentinel.exists()
@@ -178,8 +190,67 @@ def test_remote_code_in_a_model_folder_is_not_run_unless_the_spec_says_so(tmp_pa
     with pytest.raises(Stop):
         load_model(spec, tmp_path / "models")
     assert seen == [True, False]
-    parsed = parse_spec("name: t\nmodels: [{name: m, path: /x}]\ntasks: [sentiment]\n")
+    parsed = parse_spec(f"name: t\nmodels: [{{name: m, path: {tmp_path}}}]\ntasks: [sentiment]\n")
     assert parsed.models[0].trust_remote_code is False
+
+
+def _spec_with_model(tmp_path: Path, model: str) -> Path:
+    spec = tmp_path / "model.yaml"
+    spec.write_text(f"name: t\nmodels: [{model}]\ntasks: [sentiment]\n")
+    return spec
+
+
+def test_model_paths_that_can_only_be_local_must_exist_while_hub_names_wait_for_loading(tmp_path):
+    for path in ("/nonexistent/raysweep-model", "./no-such-model", "../no-such-model", "~/no-such-model"):
+        with pytest.raises(BadInput, match=f"models.0: path: no such directory '{re.escape(path)}'"):
+            parse_spec(_spec_with_model(tmp_path, f"{{name: m, path: '{path}'}}").read_text())
+    a_file = tmp_path / "weights.bin"
+    a_file.write_bytes(b"x")
+    with pytest.raises(BadInput, match="is not a directory"):
+        parse_spec(_spec_with_model(tmp_path, f"{{name: m, path: {a_file}}}").read_text())
+    # A hub name is resolved by the loader (cache, network); an existing directory is accepted.
+    hub = parse_spec(_spec_with_model(tmp_path, "{name: m, path: meta-llama/Llama-2-7b-hf}").read_text())
+    assert hub.models[0].path == "meta-llama/Llama-2-7b-hf"
+    local = parse_spec(_spec_with_model(tmp_path, f"{{name: m, path: {tmp_path}}}").read_text())
+    assert local.models[0].path == str(tmp_path)
+    # A folder whose config needs remote code: refused, unless the spec allows it.
+    (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoConfig": "remote.Cfg"}}))
+    with pytest.raises(BadInput, match="needs remote code"):
+        parse_spec(_spec_with_model(tmp_path, f"{{name: m, path: {tmp_path}}}").read_text())
+    parse_spec(_spec_with_model(tmp_path, f"{{name: m, path: {tmp_path}, trust_remote_code: true}}").read_text())
+
+
+def test_spec_path_that_is_not_a_small_regular_file_says_what_it_is(tmp_path):
+    with pytest.raises(BadInput, match="is a directory"):
+        load_spec(tmp_path)
+    with pytest.raises(BadInput, match="'/dev/zero' is not a regular file"):
+        load_spec("/dev/zero")
+    with pytest.raises(BadInput, match="no such file"):
+        load_spec(tmp_path / "missing.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_text(tiny_spec_text(name="big") + "description: " + "x" * 2**21 + "\n")
+    with pytest.raises(BadInput, match=r"is 2\.\d MB; a spec is a small YAML file"):
+        load_spec(big)
+    for path in ("/dev/zero", str(big)):
+        r = _cli_in_process("run", path, "--store", str(tmp_path / "st"), "--no-dashboard")
+        problem = "is not a regular file" if path == "/dev/zero" else "MB; a spec is a small YAML file"
+        _assert_refused(r.exit_code, r.stdout, r.stderr, "spec:", problem)
+    assert not (tmp_path / "st").exists()
+
+
+def test_a_hundred_thousand_seeds_validate_in_linear_time():
+    import time
+
+    from raysweep.spec import SweepSpec
+
+    raw = {"name": "s", "models": [{"name": "m", "arch": "gpt2"}], "tasks": ["sentiment"],
+           "seeds": list(range(100_000))}
+    t0 = time.perf_counter()
+    SweepSpec.model_validate(raw)
+    # The quadratic duplicate check took minutes here; linear takes well under a second.
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(ValidationError, match=r"duplicate value\(s\) \[7\]"):
+        SweepSpec.model_validate({**raw, "seeds": [*range(100_000), 7]})
 
 
 def test_dashboard_binds_to_localhost_unless_told_otherwise(monkeypatch, tmp_path):

@@ -8,12 +8,13 @@ trial of a sweep shares, counting what each preparation step kept.
 from __future__ import annotations
 
 import hashlib
+import operator
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from raysweep.errors import BadInput
+from raysweep.errors import BadInput, TaskLoadError
 
 SPLITS = ("train", "validation", "test")
 
@@ -137,6 +138,15 @@ def _uid(task: str, prompt: str, choices: tuple[str, str]) -> str:
     return hashlib.sha1(f"{task}\x1f{prompt}\x1f{choices[0]}\x1f{choices[1]}".encode()).hexdigest()[:16]
 
 
+def _label_index(value: object, where: str) -> int:
+    """A record's gold label as a choice index. int() would read "1" as 1 and 0.5 as 0 without
+    a word; a label of either kind means the wrong file or column, so it is refused instead."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TaskLoadError(f"{where} has label {value!r}; a label must be an integer choice index") from None
+
+
 def binarise(task: str, split: str, i: int, choices: list[str], gold: int, seed: int) -> tuple[tuple[str, str], int] | None:
     """Keep gold and one distractor drawn by a seeded draw, in their original relative order.
     A choice with the gold answer's very text is no distractor (MathQA and SciQ have some):
@@ -202,10 +212,12 @@ def prepare_task(
                 # Decontaminated when it was prepared; the full pair as key drops nothing more.
                 pair = (str(rec["choice_0"]), str(rec["choice_1"]))
                 prompt = str(rec["prompt"])
-                out.append(_Rendered(prompt, pair, int(rec["gold"]), "\x1f".join((prompt, *pair))))
+                gold = _label_index(rec["gold"], f"task {name}: {source_desc} {split} record {i}")
+                out.append(_Rendered(prompt, pair, gold, "\x1f".join((prompt, *pair))))
                 continue
             prompt, choices, gold = task.render(rec)
-            binary = binarise(name, split, i, list(choices), int(gold), seed)
+            gold = _label_index(gold, f"task {name}: {source_desc} {split} record {i}")
+            binary = binarise(name, split, i, list(choices), gold, seed)
             out.append(None if binary is None else _Rendered(prompt, binary[0], binary[1], task.question_key(rec, prompt)))
         counts[split].rendered = len(out)
         out = [r for r in out if r is not None]

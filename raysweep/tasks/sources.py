@@ -43,7 +43,16 @@ def _read_records(path: Path) -> list[dict]:
         return list(json.loads(text))
     # JSON lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 and other
     # separators that JSON allows unescaped inside a string (real abstracts contain them).
-    return [json.loads(line) for line in text.split("\n") if line.strip()]
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            # json counts within the one line it was given: name the file's line instead.
+            raise ValueError(f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    return records
 
 
 def _find_split_file(root: Path, names: Sequence[str]) -> Path | None:

@@ -1,0 +1,46 @@
+"""The built-in model comes out bit-identical whatever machine builds it: one thread-count,
+hash-seed and core-count difference between two fresh processes must change nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+BUILD = """
+import hashlib, json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+from raysweep.models import ensure_builtin
+from raysweep.spec import ModelSpec
+spec = ModelSpec(name="repro", arch="gpt2", tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400},
+                 pretrain={"steps": 25, "batch_size": 8, "examples_per_task": 40})
+path = ensure_builtin(spec, Path(sys.argv[1]))
+from safetensors.torch import load_file
+w = load_file(str(path / "model.safetensors"))
+print(json.dumps({"weights": hashlib.sha256(b"".join(w[k].numpy().tobytes() for k in sorted(w))).hexdigest(),
+                  "tokenizer": hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest(),
+                  "loss": json.loads((path / "READY").read_text())["pretrain_loss"],
+                  "threads_after": torch.get_num_threads(), "isa": torch.backends.cpu.get_cpu_capability()}))
+"""
+
+
+def _build(folder, threads: int, hash_seed: str) -> dict:
+    pinned = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "RAYSWEEP_MODEL_CACHE")
+    env = {k: v for k, v in os.environ.items() if k not in pinned}
+    env.update(PYTHONHASHSEED=hash_seed, RAYON_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-c", BUILD, str(folder), str(threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_builtin_model_is_identical_across_thread_counts_and_processes(tmp_path):
+    one = _build(tmp_path / "a", threads=1, hash_seed="1")
+    two = _build(tmp_path / "b", threads=2, hash_seed="2")
+    assert one["tokenizer"] == two["tokenizer"]
+    assert (one["weights"], one["loss"]) == (two["weights"], two["loss"])
+    # The caller's thread setting is restored; the kernels are pinned below AVX-512.
+    assert (one["threads_after"], two["threads_after"]) == (1, 2)
+    assert one["isa"] in ("AVX2", "DEFAULT") and two["isa"] == one["isa"]
