@@ -350,6 +350,11 @@ def make_bad_inputs(work: Path) -> list[dict]:
         spec = work / f"{name}.yaml"
         spec.write_text(spec_text(name="badcase").replace("data: {cap: 24}", f"data: {{cap: 24, sources: {{sentiment: {folder}}}}}"))
         cases.append({"name": name, "spec": spec, "store": work / f"store-{name}", "field": "data.sources.sentiment", "problem": problem})
+    # Spec files no corpus can hold: a device that never ends, and one too large to be a spec.
+    cases.append({"name": "spec_is_dev_zero", "spec": Path("/dev/zero"), "store": work / "store-dev-zero", "field": "spec:", "problem": "is not a regular file"})
+    huge = work / "huge.yaml"
+    huge.write_text(spec_text(name="badcase") + "description: " + "x" * (2 << 20) + "\n")
+    cases.append({"name": "spec_too_large", "spec": huge, "store": work / "store-huge", "field": "spec:", "problem": "MB; a spec is a small YAML file"})
     return cases
 
 
