@@ -287,3 +287,12 @@ def test_unreadable_folder_error_names_the_spec_field(tmp_path):
     spec = apply_data_root(parse_spec(spec_for(["cola"], ["cola"]), origin="t.yaml"), tmp_path)
     with pytest.raises(TaskLoadError, match=r"^data\.sources\.cola: cannot read '.*train\.jsonl': "):
         prepare_sweep_tasks(spec)
+
+
+def test_data_root_through_a_symbolic_link_keeps_the_path_given(tmp_path):
+    """The trials must read the path the user named (the one every node mounts), not where
+    a link on the driver's machine happens to point."""
+    link = tmp_path / "tasks-link"
+    link.symlink_to(require_shared_tasks(), target_is_directory=True)
+    got = data_root_sources(["cola"], link, {})
+    assert got == {"cola": str(link / "cola")}

@@ -201,11 +201,12 @@ def data_root_sources(tasks: Sequence[str], root: str | os.PathLike, explicit: M
     folder `root/<task>`; tasks with neither keep their default source (the hub).
 
     The root is made absolute: trials may run with another working directory, on another node.
+    Symbolic links stay as given: the path the user named is the one every node must see.
     """
     base = Path(root).expanduser()
     if not base.is_dir():
         raise BadInput(f"--data-root: {str(root)!r} is not a directory")
-    base = base.resolve()
+    base = Path(os.path.abspath(base))
     found = {name: str(base / name) for name in tasks if (base / name).is_dir()}
     if not found:
         raise BadInput(f"--data-root: {str(root)!r} holds no folder named after any of the tasks {', '.join(tasks)}")
