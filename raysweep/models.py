@@ -191,12 +191,17 @@ def ensure_builtin(spec: ModelSpec, models_dir: Path) -> Path:
     tokenizer = train_tokenizer(spec.tiny.vocab, add_bos=spec.arch == "llama")
     model = build_tiny(spec, tokenizer)
     loss = pretrain_tiny(model, tokenizer, spec)
-    # Build in a private folder then rename, so concurrent builders never see half a model.
+    return _publish(model, tokenizer, target, {"pretrain_loss": loss})
+
+
+def _publish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, ready: dict) -> Path:
+    """Save into a private folder, then rename it to `target`, so that concurrent builders
+    never see half a model; READY (with `ready` in it) is written last."""
     tmp = target.parent / f"_{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "READY").write_text(json.dumps({"pretrain_loss": loss}))
+    (tmp / "READY").write_text(json.dumps(ready))
     try:
         os.replace(tmp, target)
     except OSError:
@@ -237,16 +242,7 @@ def ensure_gguf(spec: ModelSpec, models_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.parent / f"_{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "READY").write_text(json.dumps({"gguf": str(source), "sha256": digest}))
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race: use its copy
-    return target
+    return _publish(model, tokenizer, target, {"gguf": str(source), "sha256": digest})
 
 
 def ensure_model(spec: ModelSpec, models_dir: Path) -> None:
