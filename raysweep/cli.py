@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a trial or command failed, 2 bad input (one line naming
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -40,9 +41,11 @@ def _fail(code: int, message: str) -> None:
 def _guard(fn):
     """Map the project's error types onto exit codes with one clear line."""
     import functools
+    import time
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        started = time.time()
         try:
             return fn(*args, **kwargs)
         except (BadInput, StoreError) as exc:
@@ -51,8 +54,65 @@ def _guard(fn):
             raise
         except KeyboardInterrupt:
             _fail(1, "interrupted; run the same command again to resume")
+        except Exception as exc:
+            root = kwargs.get("store_root")
+            if root is None or not _out_of_space(exc, Path(root)):
+                raise
+            code, message = _after_disk_full(Path(root), started, exc)
+            _fail(code, message)
 
     return wrapper
+
+
+# Below this much free space an error that hides its errno is taken for a full disk: torch
+# reports a short write as "unexpected pos", Ray reads back its own half-written files as
+# EOFError, and neither says ENOSPC.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _out_of_space(exc: BaseException, root: Path) -> bool:
+    from raysweep.errors import is_no_space
+
+    if is_no_space(exc):
+        return True
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
+
+
+def _after_disk_full(root: Path, started: float, exc: BaseException) -> tuple[int, str]:
+    """Clean up after a command the store's full disk stopped: temporary files go, trials
+    this run left `running` are marked failed with the reason. Exit code 1 if trials had
+    started, 2 if it stopped before any trial started."""
+    import contextlib
+
+    from raysweep.errors import DiskFull, no_space_where
+    from raysweep.store import Store
+
+    store = Store(root)
+    full = DiskFull(store.root, no_space_where(exc, store.root))
+    for kind in ("scores", "hidden", "epochs", "commits", "checkpoints", "trials", "sweeps", "examples", "prep", "analysis"):
+        base = store.path(kind)
+        for tmp in base.rglob("_*.tmp-*") if base.is_dir() else []:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    ran = False
+    with contextlib.suppress(Exception):
+        ray_dir = store.ray_dir
+        ran = ray_dir.is_dir() and any(p.stat().st_mtime >= started for p in ray_dir.iterdir())
+        for row in store.trials().to_pylist():
+            if (row["updated_at"] or 0) < started or row["status"] not in ("running", "failed", "done"):
+                continue
+            ran = True
+            if row["status"] == "running":
+                with contextlib.suppress(Exception):
+                    store.write_trial_row({**row, "status": "failed", "error": f"DiskFull: {full}"})
+    return (1 if ran else 2), f"{full}; free some space and run the same command again (committed epochs are kept)"
 
 
 def _fmt(x: float | None) -> str:
@@ -156,11 +216,46 @@ def run(
         if live is not None:
             live.stop()
             console.print()
+    if outcome.interrupted:
+        done = outcome.already_done + outcome.done
+        err.print(
+            f"interrupted by {outcome.interrupted}: {done}/{outcome.total} trials done, {outcome.committed_epochs} epoch(s) of the "
+            "unfinished ones committed and kept in the store; run the same command again to resume",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(1)
     console.print(_summary_table(summarize(store, spec.name), f"{spec.name}: accuracy on each forget task's test split"))
     console.print(f"{outcome.done} trials ran, {outcome.already_done} were already complete, {len(outcome.failed)} failed · {outcome.seconds:.0f} s")
     for tid, reason in outcome.failed.items():
         err.print(f"[red]failed[/] {tid}: {reason}", highlight=False)
     raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+@_guard
+def plan(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="YAML sweep spec."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Estimate time on this GPU kind (h100, h200, a100, l40s, a10g, v100); default: this CPU, calibrated by a short timed pass."),
+    gpus: int = typer.Option(1, "--gpus", help="GPUs in the cluster (with --gpu)."),
+    mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation assumed on the GPU."),
+    expect_epochs: Optional[str] = typer.Option(None, "--expect-epochs", help="Expected epochs per phase, e.g. finetune=40,forget=40 (default: the store's finished trials, else 40% of max_epochs)."),
+    store_root: Path = STORE_OPT,
+    data_root: Optional[Path] = DATA_ROOT_OPT,
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Count tokens with this tokenizer where a model's own cannot be loaded here."),
+) -> None:
+    """Say what SPEC will cost before anything runs: trials, tokens, FLOPs, time, store and checkpoint disk."""
+    from raysweep.planning import parse_expected, plan_sweep, render_plan
+    from raysweep.spec import load_spec
+    from raysweep.store import Store
+
+    spec = load_spec(spec_path)
+    if data_root is not None:
+        from raysweep.tasks.sources import apply_data_root
+
+        spec = apply_data_root(spec, data_root)
+    result = plan_sweep(spec, Store(store_root), gpu=gpu, gpus=gpus, mfu=mfu, expected=parse_expected(expect_epochs), tokenizer=tokenizer)
+    for line in render_plan(result):
+        console.print(line, highlight=False)
 
 
 @app.command()
@@ -183,10 +278,15 @@ def status(store_root: Path = STORE_OPT, sweep: Optional[str] = typer.Option(Non
     sweeps = [sweep] if sweep else store.sweeps()
     for name in sweeps:
         rows = summarize(store, name)
-        console.print(_summary_table(rows, f"sweep {name}: {sum(r.status == 'done' for r in rows)}/{len(rows)} trials done"))
-        for r in rows:
-            if r.status == "failed":
-                err.print(f"[red]failed[/] {r.trial_id}: {r.error}", highlight=False)
+        # The sweep as it is now: trials of its earlier versions are counted, not listed.
+        plan = store.current_plan(name)
+        current = [r for r in rows if (r.trial_id in plan["trial_ids"] if plan is not None else r.status != "superseded")]
+        console.print(_summary_table(current, f"sweep {name}: {sum(r.status == 'done' for r in current)}/{len(current)} trials done"))
+        if len(rows) > len(current):
+            console.print(f"{len(rows) - len(current)} trial(s) of earlier versions of this sweep are kept in the store (superseded); analyses leave them out", highlight=False)
+        for r in current:
+            if r.status in ("failed", "interrupted"):
+                err.print(f"[red]{r.status}[/] {r.trial_id}: {r.error}", highlight=False)
 
 
 @app.command()
@@ -295,7 +395,8 @@ def report(
 @app.command()
 @_guard
 def repair(store_root: Path = STORE_OPT) -> None:
-    """Move unreadable Parquet files to the store's quarantine/; their epochs rerun on resume."""
+    """Move unreadable Parquet files, commit markers and resume files to the store's
+    quarantine/; the epochs they held rerun on resume."""
     from raysweep.store import Store
 
     store = Store(store_root)

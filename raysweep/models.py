@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -35,7 +36,9 @@ from raysweep.reproducible import pin_cpu_numerics
 from raysweep.spec import ModelSpec, locate_gguf
 
 # Bump when the tokenizer recipe, tiny configs or pretraining recipe change: it keys the cache.
-BUILTIN_RECIPE = 4
+BUILTIN_RECIPE = 5
+# Fraction of the pretraining steps over which the learning rate warms up before its cosine decay.
+_PRETRAIN_WARMUP = 0.05
 # Above this size the built-in pretraining may use a GPU (and its weights depend on the machine).
 _CPU_PRETRAIN_MAX_PARAMS = 20_000_000
 EOS = "<|endoftext|>"
@@ -163,6 +166,11 @@ def _pretrain_loop(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
                    rng: random.Random, device: str, seed: int) -> float:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # At a constant rate the skills a batch-8 run has just picked up come and go from one
+    # few hundred steps to the next (sentiment 0.54, 0.99, 0.59 at steps 600, 900, 1200), and
+    # a skill caught on its way up is one the first fine-tuning epochs knock over again.
+    # `lr_schedule: cosine` decays to zero and lands on a settled model.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: pretrain_lr_factor(i, cfg.steps)) if cfg.lr_schedule == "cosine" else None
     model.train()
     loss_val = float("nan")
     for step in range(cfg.steps):
@@ -175,9 +183,17 @@ def _pretrain_loop(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad(set_to_none=True)
         loss_val = float(out.loss.detach())
     return loss_val
+
+
+def pretrain_lr_factor(step: int, steps: int) -> float:
+    """Multiplier of the pretraining learning rate at `step` (0-based): linear warm-up, then cosine to zero."""
+    warm = max(1, int(steps * _PRETRAIN_WARMUP))
+    return min(1.0, (step + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
 def ensure_builtin(spec: ModelSpec, models_dir: Path) -> Path:

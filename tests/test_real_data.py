@@ -196,9 +196,13 @@ def test_apply_data_root_changes_sources_not_trial_ids(tmp_path):
     in_a = tmp_path / "a" / "data"
     assert a.data.sources == {"cola": str(in_a / "cola"), "wic": str(in_a / "wic")}
     assert b.data.sources == {"cola": str(tmp_path / "b" / "data" / "cola")}
-    ids = [p.trial_id for p in spec.trials()]
-    assert [p.trial_id for p in a.trials()] == ids == [p.trial_id for p in b.trials()]
     assert spec.data.sources == {}  # the original is untouched
+    # Trial ids hash the prepared examples, not the folder: the same files under two roots.
+    real, copy = require_shared_tasks(), tmp_path / "copy"
+    for task in ("cola", "wic"):
+        shutil.copytree(real / task, copy / task)
+    ids = [p.trial_id for p in apply_data_root(spec, real).trials()]
+    assert [p.trial_id for p in apply_data_root(spec, copy).trials()] == ids
 
 
 # -- --data-root through the CLI ----------------------------------------------------------------
@@ -213,11 +217,14 @@ def one_line_error(result) -> str:
 def test_cli_run_dry_run_with_data_root(tmp_path):
     root = require_shared_tasks()
     spec = tmp_path / "s.yaml"
-    spec.write_text(spec_for(["cola", "wic", "compare"], ["cola"]) + "data: {sources: {cola: /mine/cola}}\n")
+    # A dry run prepares the data (trial ids hash it): the spec's own folder must be real.
+    mine = tmp_path / "mine" / "cola"
+    shutil.copytree(root / "cola", mine)
+    spec.write_text(spec_for(["cola", "wic", "compare"], ["cola"]) + f"data: {{sources: {{cola: {mine}}}}}\n")
     args = ["run", str(spec), "--dry-run", "--data-root", str(root), "--store", str(tmp_path / "st")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "data: cola <- /mine/cola" in result.output and f"data: wic <- {root / 'wic'}" in result.output
+    assert f"data: cola <- {mine}" in result.output and f"data: wic <- {root / 'wic'}" in result.output
     assert "compare <-" not in result.output
     assert not (tmp_path / "st").exists()
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,80 @@ def test_dry_run_of_a_large_plan_lists_every_trial_as_plain_lines(tmp_path, monk
     monkeypatch.setattr(cli, "DRY_RUN_TABLE_MAX", 500)
     r = CliRunner().invoke(cli.app, ["run", str(spec), "--store", str(tmp_path / "st"), "--dry-run"])
     assert r.exit_code == 0 and "┃ trial_id" in r.stdout and "\t" not in r.stdout
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL whatever is left of a driver we started in its own session (its Ray cluster)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
+def _statuses(store: Path) -> dict[str, tuple[str, str | None]]:
+    import pyarrow.parquet as pq
+
+    rows = [pq.read_table(f).to_pylist()[0] for f in sorted((store / "trials" / "sig").glob("*.parquet"))]
+    return {r["trial_id"]: (r["status"], r["error"]) for r in rows}
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_stop_the_driver_mark_trials_interrupted_and_a_rerun_completes(tmp_path):
+    from tests.conftest import tiny_spec_text
+
+    # Budgets that run out (no early stop), so each trial is mid-way when the signal comes.
+    text = tiny_spec_text(name="sig", forget_tasks=("sentiment", "word_order"), ft_epochs=5, fg_epochs=4)
+    text = text.replace("max_epochs: 5}", "max_epochs: 5, stop_train_acc: 1.0}").replace("max_epochs: 4}", "max_epochs: 4, stop_test_acc: 0.01}")
+    spec = tmp_path / "sig.yaml"
+    spec.write_text(text)
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store), "--no-dashboard"]
+
+    def commits() -> int:
+        base = store / "commits" / "sig"
+        return sum(1 for _ in base.rglob("e*.json")) if base.is_dir() else 0
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        start = commits()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while commits() < start + 3:
+                assert proc.poll() is None, proc.communicate()
+                assert time.time() < deadline
+                time.sleep(0.1)
+            os.kill(proc.pid, sig)
+            t0 = time.time()
+            out, err = proc.communicate(timeout=90)
+            stopped_in = time.time() - t0
+        finally:
+            _kill_session(proc.pid)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 1, (sig, proc.returncode, err[-3000:])
+        assert stopped_in < 60, stopped_in
+        last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
+        assert last.startswith(f"interrupted by {sig.name}: 0/2 trials done, ") and "run the same command again to resume" in last, err[-3000:]
+        states = _statuses(store)
+        assert {s for s, _ in states.values()} == {"interrupted"}, states
+        # A trial that had not started again before the second signal keeps the first reason.
+        assert all(e.startswith(("interrupted by SIGTERM", "interrupted by SIGINT")) for _, e in states.values()), states
+        assert any(e.startswith(f"interrupted by {sig.name}") for _, e in states.values()), states
+
+    status = subprocess.run([sys.executable, "-m", "raysweep.cli", "status", "--store", str(store)], cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
+    assert status.returncode == 0 and "0/2 trials done" in status.stdout
+    assert status.stderr.count("interrupted") >= 2
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=600, start_new_session=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {s for s, _ in _statuses(store).values()} == {"done"}
+    import pyarrow.dataset as ds
+
+    scores = ds.dataset(str(store / "scores" / "sig"), format="parquet").to_table(columns=["trial_id", "phase", "epoch", "eval_task", "split", "example_idx"])
+    keys = list(zip(*(scores[c].to_pylist() for c in scores.column_names)))
+    assert len(keys) == len(set(keys)), "an interrupted epoch's rows were written twice"
+    assert {(k[1], k[2]) for k in keys} >= {("finetune", 5), ("forget", 4)}

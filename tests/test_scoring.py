@@ -132,3 +132,57 @@ def test_layers_out_of_range_are_refused(lm):
     exs = prepare_task("capital", seed=9, cap=2, max_chars=2048).split("test")
     with pytest.raises(ValueError, match="out of range"):
         score_examples(model, tok, exs, layers=(-(model.config.num_hidden_layers + 2),))
+
+
+def test_hooked_states_equal_output_hidden_states_at_every_layer(lm):
+    """The states are gathered by hooks on the blocks, never by asking the model for every
+    layer's output: at each index (embeddings 0, a middle block, the normalised last), they
+    equal the model's own `output_hidden_states` at the same positions."""
+    model, tok = lm
+    exs = prepare_task("capital", seed=11, cap=6, max_chars=2048).split("test")
+    n = model.config.num_hidden_layers
+    layers = (0, 1, n // 2, -2, -1)
+    base = getattr(model, model.base_model_prefix)
+    asked = []
+    real_forward = base.forward
+
+    def spy(*args, **kwargs):
+        asked.append(bool(kwargs.get("output_hidden_states")))
+        return real_forward(*args, **kwargs)
+
+    base.forward = spy
+    try:
+        res = score_examples(model, tok, exs, batch_size=4, layers=layers)
+    finally:
+        del base.forward
+    assert asked and not any(asked)
+    for i, ex in enumerate(exs):
+        _, _, h = reference(model, tok, ex, layers)
+        np.testing.assert_allclose(res.hidden[i], h, atol=1e-5)
+
+
+def test_rows_pack_several_examples_without_changing_results(lm):
+    """Short examples fill the room a long one leaves in its row; each still sees only
+    itself, so results equal each example scored on its own."""
+    from raysweep.scoring import _pack_rows
+
+    lengths = [40, 12, 5, 30, 7, 9, 3, 35]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = _pack_rows(lengths, order, batch_size=2)
+    placed = sorted(i for _, rows in batches for row in rows for i in row)
+    assert placed == list(range(len(lengths)))
+    assert all(len(rows) <= 2 and all(sum(lengths[i] for i in row) <= width for row in rows) for width, rows in batches)
+    assert batches[0][0] == 40 and any(len(row) > 1 for row in batches[0][1])
+    # Fewer positions than one padded row per example.
+    assert sum(width * len(rows) for width, rows in batches) < sum(
+        lengths[order[k]] * len(order[k : k + 2]) for k in range(0, len(order), 2))
+
+    model, tok = lm
+    exs = prepare_task("capital", seed=13, cap=6, max_chars=2048).split("test")
+    exs.append(Example(idx=90, uid="a", prompt="Question: which one is it?\nAnswer:", choices=("a much longer answer here", "no"), gold=0))
+    exs.append(Example(idx=91, uid="b", prompt="Q:", choices=("yes", "no"), gold=1))
+    packed = score_examples(model, tok, exs, batch_size=2)
+    for i, ex in enumerate(exs):
+        ll, _, h = reference(model, tok, ex)
+        np.testing.assert_allclose(packed.ll_sum[i], ll, atol=1e-4)
+        np.testing.assert_allclose(packed.hidden[i], h, atol=1e-5)

@@ -3,7 +3,7 @@
 import pytest
 
 from raysweep.errors import BadInput
-from raysweep.spec import SweepSpec, expand, load_spec, parse_spec
+from raysweep.spec import SweepSpec, expand, grid, load_spec, parse_spec
 
 BASE = """
 name: t
@@ -93,6 +93,8 @@ def test_python_tags_never_execute():
 def test_shipped_specs_validate():
     from pathlib import Path
 
+    # The grid, not the plan: trial ids hash prepared data, and most shipped specs read hub
+    # datasets this machine may not reach.
     for path in sorted((Path(__file__).parents[1] / "specs").glob("*.yaml")):
         spec = load_spec(path)
-        assert isinstance(spec, SweepSpec) and spec.trials(), path
+        assert isinstance(spec, SweepSpec) and grid(spec), path
