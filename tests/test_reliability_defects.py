@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from scripts.reliability import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,16 +103,6 @@ def test_dry_run_of_a_large_plan_lists_every_trial_as_plain_lines(tmp_path, monk
     assert r.exit_code == 0 and "┃ trial_id" in r.stdout and "\t" not in r.stdout
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL whatever is left of a driver we started in its own session (its Ray cluster)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            continue
-
-
 def _statuses(store: Path) -> dict[str, tuple[str, str | None]]:
     import pyarrow.parquet as pq
 
@@ -150,7 +141,7 @@ def test_sigterm_and_sigint_stop_the_driver_mark_trials_interrupted_and_a_rerun_
             out, err = proc.communicate(timeout=90)
             stopped_in = time.time() - t0
         finally:
-            _kill_session(proc.pid)
+            kill_session(proc.pid)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from raysweep.spec import parse_spec
 from raysweep.store import Store
 from raysweep.tasks.prepare import prepare_to_folder
 from tests.conftest import tiny_spec_text
+from scripts.reliability import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,19 +150,9 @@ def test_analyses_read_only_the_current_version(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.Popen:
-    # Its own session: the local Ray cluster a driver starts stays in it (see _kill_session).
+    # Its own session: the local Ray cluster a driver starts stays in it (see kill_session).
     return subprocess.Popen([sys.executable, "-m", "raysweep.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, start_new_session=True)
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL a driver we started and the cluster it started (every process of its session)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            continue
 
 
 def _one_line(stderr: str) -> str:
@@ -209,7 +199,7 @@ def test_a_second_driver_of_another_version_refuses_while_the_first_runs(tmp_pat
         assert Store(store).current_plan("ver")["trial_ids"] == [v1_id]
     finally:
         # A crash of the first driver and its cluster: the kernel drops its lock.
-        _kill_session(first.pid)
+        kill_session(first.pid)
         first.wait()
 
     later = _cli("run", str(v2), "--store", str(store), "--no-dashboard")
