@@ -240,13 +240,18 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def gguf_cache_dir(source: Path, digest: str, models_dir: Path) -> Path:
+    """Where a GGUF file's dequantised copy lives: keyed by content, not by path."""
+    return Path(models_dir) / f"gguf-{source.stem}-{digest[:12]}"
+
+
 def ensure_gguf(spec: ModelSpec, models_dir: Path) -> Path:
     """Dequantise a GGUF model once into a float32 checkpoint under the store's models/,
     keyed by the file's content hash: transformers spends most of a minute dequantising a
     135M-parameter file, which every trial would otherwise repeat."""
     source = find_gguf(spec.gguf)
     digest = file_digest(source)
-    target = Path(models_dir) / f"gguf-{source.stem}-{digest[:12]}"
+    target = gguf_cache_dir(source, digest, models_dir)
     if (target / "READY").exists():
         return target
     try:

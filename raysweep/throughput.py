@@ -242,11 +242,11 @@ def _load_for_timing(spec: ModelSpec, models_dir: Path):
     dequantised in memory only (planning writes nothing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raysweep.models import file_digest, find_gguf, load_model
+    from raysweep.models import file_digest, find_gguf, gguf_cache_dir, load_model
 
     if spec.gguf is not None:
         path = find_gguf(spec.gguf)
-        if not (Path(models_dir) / f"gguf-{path.stem}-{file_digest(path)[:12]}" / "READY").exists():
+        if not (gguf_cache_dir(path, file_digest(path), models_dir) / "READY").exists():
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
             if tok.pad_token_id is None:
