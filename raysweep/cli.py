@@ -34,7 +34,10 @@ DATA_ROOT_OPT = typer.Option(
 
 
 def _fail(code: int, message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # Messages quote user input and install hints (`raysweep[mlflow]`): never markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -194,7 +197,9 @@ def run(
         nonlocal live
         console.print(f"sweep [bold]{spec.name}[/]: {total} trials, {pending} to run · store {store.root}")
         if url:
-            console.print(f"Ray dashboard: {url}")
+            from raysweep.sweep import auth_note
+
+            console.print(f"Ray dashboard: {url} · {auth_note()}")
         if pending == 0:
             console.print("nothing to do: every trial of this sweep is already complete in the store")
 
@@ -314,6 +319,9 @@ def analyze(
     store = Store(store_root)
     if not store.exists():
         raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
+    results = store.root / "analysis"
+    if not os.access(results if results.is_dir() else store.root, os.W_OK):
+        raise BadInput(f"store: {str(results)!r} is not writable; `analyze` stores its results there (`raysweep report --out DIR` writes only to DIR)")
     bad = store.verify()
     if bad:
         for path, reason in bad:
@@ -385,10 +393,18 @@ def report(
     params = AnalysisParams(**{k: v for k, v in given.items() if v is not None}) if any(
         v is not None for v in given.values()) else None
 
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out: {str(out)!r} is a file; --out names the directory the report goes into")
     store = Store(store_root)
     if not store.exists():
         raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
-    path = write_report(store, out, sweep=sweep, params=params)
+    try:
+        path = write_report(store, out, sweep=sweep, params=params)
+    except OSError as exc:
+        where, target = Path(exc.filename or "/").absolute(), out.absolute()
+        if where != target and where not in target.parents and target not in where.parents:
+            raise  # not about --out
+        raise BadInput(f"--out: cannot write the report into {str(out)!r} ({exc.strerror or exc})") from None
     console.print(f"report written to {path}")
 
 
@@ -407,6 +423,27 @@ def repair(store_root: Path = STORE_OPT) -> None:
     for src, dest in zip(bad, moved):
         console.print(f"quarantined {src[0]} -> {dest} ({src[1]})", highlight=False)
     console.print(f"{len(moved)} file(s) quarantined" + ("; trials that lost epochs rerun them with the next `raysweep run`" if moved else ""))
+
+
+@app.command()
+@_guard
+def diff(
+    store_a: Path = typer.Argument(..., metavar="STORE_A", help="First store root."),
+    store_b: Path = typer.Argument(..., metavar="STORE_B", help="Second store root."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Compare two stores' trials of the same id: lineage fields that differ, and how far the
+    headline accuracies moved (B minus A)."""
+    import json
+
+    from raysweep.lineage import diff_stores, render_diff
+
+    result = diff_stores(store_a, store_b)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=1, default=str) + "\n")
+        return
+    for item in render_diff(result):
+        console.print(item, highlight=False)
 
 
 @tasks_app.command("list")

@@ -1,4 +1,4 @@
-"""Report figures of the analyses beyond the paper (issue 7): the association heatmap, the
+"""Report figures of the analyses beyond the paper: the association heatmap, the
 prediction scores and the method comparison. Drawn from the analysis tables alone, like the
 paper's figures in `raysweep.report`, which maps the analysis names to these functions."""
 

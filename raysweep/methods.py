@@ -2,7 +2,8 @@
 
 A method decides two things for the `forget` phase: which response each training example is
 trained towards in a given epoch, and the loss formed from the model's response
-log-probabilities. Adding a method is one class with @register_method.
+log-probabilities. Adding a method is one class with @register_method; any state it keeps
+across epochs is its own (`state_dict` / `load_state_dict`, saved in the trial's resume points).
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ class ForgetMethod(ABC):
     # aim at the mirror image of the fine-tuned accuracy.
     ratio_formula: ClassVar[str] = "random"
 
-    def __init__(self, beta: float = 0.1):
-        self.beta = beta
-
     @abstractmethod
     def targets(self, examples: Sequence[Example], epoch: int, rng: random.Random) -> list[int]:
         """Index of the response (0/1) each example is trained on this epoch."""
@@ -43,6 +41,13 @@ class ForgetMethod(ABC):
 
     def loss(self, model, batch: TrainBatch) -> BatchLoss:
         return nll_loss(model, batch)
+
+    def state_dict(self) -> dict:
+        """What the method must carry across a resume (plain values, saved with the weights)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
 
 
 _METHODS: dict[str, type[ForgetMethod]] = {}
@@ -107,7 +112,7 @@ class NPO(ForgetMethod):
     name = "npo"
 
     def __init__(self, beta: float = 0.1):
-        super().__init__(beta)
+        self.beta = beta  # inverse temperature of the preference term
         self._ref: dict[int, float] = {}
 
     def targets(self, examples, epoch, rng):
@@ -128,3 +133,11 @@ class NPO(ForgetMethod):
         ref = torch.tensor([self._ref[i] for i in batch.example_idx.tolist()], device=lp.device)
         per_example = (2.0 / self.beta) * -F.logsigmoid(-self.beta * (lp - ref))
         return BatchLoss(per_example.sum(), torch.tensor(float(len(per_example)), device=lp.device))
+
+    def state_dict(self) -> dict:
+        # The reference log-probs, taken once from the fine-tuned model: a resumed forget
+        # phase no longer has that model to take them again.
+        return {"reference": dict(self._ref)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ref = {int(k): v for k, v in state.get("reference", {}).items()}

@@ -50,14 +50,16 @@ class Section:
 
 def fresh_outcomes(store: Store, sweep: str | None = None,
                    params: AnalysisParams | None = None) -> list[AnalysisOutcome]:
-    """Stored outcomes that still describe the store; the rest are rerun. With `params`
-    every analysis is rerun with them (stored outcomes may have used others)."""
+    """Stored outcomes that still describe the store; the rest are rerun, in memory: a
+    report writes only its page (the store may be read-only, or someone else's), and
+    `raysweep analyze` is what stores outcomes. With `params` every analysis is rerun with
+    them (stored outcomes may have used others)."""
     fp = store_fingerprint(store, sweep)
     have = {o.name: o for o in load_outcomes(store, sweep)}
     stale = [n for n in registered_analyses()
              if params is not None or n not in have or have[n].fingerprint != fp or have[n].status == "failed"]
     if stale:
-        for o in run_analyses(store, only=stale, engine="local", sweep=sweep, params=params):
+        for o in run_analyses(store, only=stale, engine="local", sweep=sweep, params=params, write=False):
             have[o.name] = o
     return [have[n] for n in registered_analyses() if n in have]
 

@@ -1,7 +1,7 @@
 """Sweep specs: YAML -> validated typed objects -> a plan of trials.
 
-Nothing runs before a spec validates. Every default below is the paper's (PAPER.md section 3)
-unless the comment says otherwise; a spec overrides any of them.
+Nothing runs before a spec validates. Every default below is the paper's (its experimental
+set-up) unless the comment says otherwise; a spec overrides any of them.
 """
 
 from __future__ import annotations
@@ -275,6 +275,26 @@ class DataConfig(_Strict):
     sources: dict[str, str] = {}
 
 
+class MlflowTracking(_Strict):
+    # None: $MLFLOW_TRACKING_URI, checked before the sweep starts.
+    tracking_uri: str | None = None
+    # None: the sweep's name.
+    experiment: str | None = Field(default=None, min_length=1, max_length=500)
+
+
+class WandbTracking(_Strict):
+    project: str = Field(min_length=1, max_length=128)
+    mode: Literal["offline", "online"] = "offline"
+
+
+class TrackingConfig(_Strict):
+    """Where Ray Tune's logger callbacks send each trial's params and per-epoch metrics. Not
+    part of any trial's identity: turning tracking on or off never renames a trial."""
+
+    mlflow: MlflowTracking | None = None
+    wandb: WandbTracking | None = None
+
+
 class SweepSpec(_Strict):
     name: Name
     description: str = ""
@@ -292,6 +312,7 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     max_concurrent_trials: PositiveInt | None = None
     max_failures: Annotated[int, Field(ge=0)] = 1
+    tracking: TrackingConfig | None = None
 
     @field_validator("models", "tasks", "methods", "sizes", "seeds", "forget_tasks", "eval_tasks")
     @classmethod
@@ -380,16 +401,6 @@ class TrialPlan(_Strict):
         ident["world_size"] = self.resources.n_workers
         ident["device"] = "cuda" if self.resources.gpu > 0 else "cpu"
         return ident
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "trial_id": self.trial_id,
-            "model": self.model.name,
-            "forget_task": self.forget_task,
-            "method": self.method,
-            "size": self.size,
-            "seed": self.seed,
-        }
 
 
 def examples_digest(task: "PreparedTask") -> str:

@@ -44,7 +44,6 @@ import pyarrow.parquet as pq
 from raysweep.errors import BadInput, StoreError, is_no_space
 
 SCHEMA_VERSION = 2
-PHASES = ("pretrained", "finetune", "forget", "relearn")
 # Errors a trial records when its process is stopped (Ctrl+C, Tune stopping its actor),
 # not when the trial itself fails: such a trial is `interrupted` and resumes on the next run.
 INTERRUPT_ERRORS = ("KeyboardInterrupt", "SystemExit")
@@ -91,6 +90,21 @@ TRIALS_SCHEMA = pa.schema(
         ("last_relearn_epoch", pa.int32()),
         ("updated_at", pa.float64()),
         ("plan_json", pa.string()),
+        # Lineage: what produced the row's results besides its plan (see raysweep/lineage.py).
+        # Rows written before these columns existed read them as null.
+        ("raysweep_version", pa.string()),
+        ("git_commit", pa.string()),
+        ("torch_version", pa.string()),
+        ("transformers_version", pa.string()),
+        ("ray_version", pa.string()),
+        ("deepspeed_version", pa.string()),
+        ("lm_eval_version", pa.string()),
+        ("model_revision", pa.string()),
+        ("data_digest", pa.string()),  # JSON: task -> content hash of its prepared examples
+        ("device", pa.string()),
+        ("dtype", pa.string()),
+        ("precision", pa.string()),
+        ("world_size", pa.int32()),
     ]
 )
 
@@ -464,7 +478,10 @@ class Store:
         if not files:
             return None
         try:
-            return ds.dataset([str(f) for f in files], format="parquet")
+            # Trials rows from before the lineage columns would otherwise set the schema
+            # for all rows (a dataset takes its first file's) and drop those columns.
+            schema = TRIALS_SCHEMA if kind == "trials" else None
+            return ds.dataset([str(f) for f in files], format="parquet", schema=schema)
         except (pa.ArrowInvalid, OSError) as exc:
             raise StoreError(f"store: cannot open {kind} files ({exc}); run `raysweep repair` to quarantine bad files") from None
 

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -113,19 +113,67 @@ def _init_ray(address: str | None, dashboard: bool, dashboard_host: str = "127.0
     else:
         import torch
 
-        ctx = ray.init(
-            # "local" always starts a fresh cluster: without it Ray joins whatever `ray start`
-            # last recorded in its temp dir, even a cluster that has since died.
-            address="local",
-            num_cpus=os.cpu_count(),
-            num_gpus=torch.cuda.device_count(),
-            include_dashboard=dashboard,
-            dashboard_host=dashboard_host,  # 127.0.0.1 unless asked: never exposed beyond this machine by default
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        # Token auth stays on unless the user turned it off: Ray turns it on for a local
+        # cluster when RAY_AUTH_MODE is unset, and announces that in a warning line that
+        # would come before any one-line error of ours (the dashboard line names the token).
+        ensure_auth_token()
+        # Ray serves Prometheus metrics on every interface without asking for the token (three
+        # ports); nothing of ours reads them. RAY_enable_metrics_collection=1 brings them back.
+        os.environ.setdefault("RAY_enable_metrics_collection", "0")
+        announce = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = announce.level
+        announce.setLevel(logging.ERROR)
+        try:
+            ctx = ray.init(
+                # "local" always starts a fresh cluster: without it Ray joins whatever `ray start`
+                # last recorded in its temp dir, even a cluster that has since died.
+                address="local",
+                num_cpus=os.cpu_count(),
+                num_gpus=torch.cuda.device_count(),
+                include_dashboard=dashboard,
+                dashboard_host=dashboard_host,  # 127.0.0.1 unless asked: never exposed beyond this machine by default
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        finally:
+            announce.setLevel(level)
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def ensure_auth_token() -> None:
+    """The token a new local cluster is started with, made once, first writer wins.
+
+    Ray writes a missing ~/.ray/auth_token in place: two drivers starting at once (two
+    sweeps, two users of one account) could each write their own, and the workers one cluster
+    starts later would then present the other's token and be refused."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    if path.exists():
+        return
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".auth_token.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))  # Ray's own format: 256 random bits in hex
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)  # atomic and never replaces: a token already there wins
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def auth_note() -> str:
+    """How this driver's cluster checks who talks to it, for the line under the dashboard's."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        where = os.environ.get("RAY_AUTH_TOKEN_PATH") or ("$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "~/.ray/auth_token")
+        return f"token auth on (token in {where})"
+    return "token auth OFF (RAY_AUTH_MODE=disabled): anyone who can reach this machine's Ray ports can run code"
 
 
 def _check_resources(spec: SweepSpec) -> None:
@@ -164,6 +212,7 @@ def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir:
     """Runs inside a Ray worker: one trial, resuming from the store if it ran before."""
     import torch
 
+    from raysweep.tracking import report_metrics
     from raysweep.trial import TrialRunner
 
     plan = TrialPlan.model_validate_json(plans[config["trial_id"]])
@@ -174,11 +223,15 @@ def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir:
         _run_workers(plan, store, models_dir, faults, attempts + 1)
         return
     torch.set_num_threads(max(1, int(plan.resources.cpu)))
-    runner = TrialRunner(plan, store, Path(models_dir), reporter=lambda rep: tune.report(asdict(rep)), faults=faults or "")
+    runner = TrialRunner(plan, store, Path(models_dir), reporter=lambda rep: tune.report(report_metrics(rep)), faults=faults or "")
     try:
         runner.run(attempt=attempts + 1)
-    except DiskFull:
-        return  # recorded as failed; a retry on a full disk would only fail the same way
+    except DiskFull as exc:
+        # Recorded as failed; a retry on a full disk would only fail the same way, so the
+        # trial ends normally and says how it ended in its last result (the live view's).
+        from raysweep.trial import failure_reason
+
+        tune.report({FAILED_KEY: failure_reason(exc)})
 
 
 def _run_workers(plan: TrialPlan, store: Store, models_dir: str, faults: str | None, attempt: int) -> None:
@@ -227,6 +280,7 @@ def _trial_worker(config: dict) -> None:
     from ray.train.torch import get_device
 
     from raysweep.distributed import Group
+    from raysweep.tracking import report_metrics
     from raysweep.trial import TrialRunner
 
     plan = TrialPlan.model_validate_json(config["plan"])
@@ -237,7 +291,7 @@ def _trial_worker(config: dict) -> None:
         torch.cuda.set_device(device)
     store = Store(config["store_root"])
     runner = TrialRunner(
-        plan, store, Path(config["models_dir"]), reporter=lambda rep: ray.train.report(asdict(rep)), device=str(device), faults=config["faults"], group=group
+        plan, store, Path(config["models_dir"]), reporter=lambda rep: ray.train.report(report_metrics(rep)), device=str(device), faults=config["faults"], group=group
     )
     if group.is_main:
         # Where each attempt's ranks ran, for the person reading a failed trial's logs.
@@ -246,6 +300,10 @@ def _trial_worker(config: dict) -> None:
         with open(runner.ckpt_dir / "workers.jsonl", "a") as fh:
             fh.write(json.dumps(info) + "\n")
     runner.run(attempt=config["attempt"])
+
+
+# A trial's last result carries this key when it ended failed without raising.
+FAILED_KEY = "trial_failed"
 
 
 class _ProgressCallback(tune.Callback):
@@ -272,6 +330,10 @@ class _ProgressCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         v = self.views[self._tid(trial)]
+        if FAILED_KEY in result:
+            v.status = "failed"
+            self._push()
+            return
         v.status, v.phase, v.epoch = "running", result.get("phase", ""), result.get("epoch", 0)
         v.forget_train_acc = result.get("forget_train_acc")
         v.forget_test_acc = result.get("forget_test_acc")
@@ -279,7 +341,7 @@ class _ProgressCallback(tune.Callback):
         self._push()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.views[self._tid(trial)].status = "done"
+        self.views[self._tid(trial)].status = "failed" if FAILED_KEY in (trial.last_result or {}) else "done"
         self._push()
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -299,6 +361,9 @@ def run_sweep(
     dashboard_host: str = "127.0.0.1",
 ) -> SweepOutcome:
     t0 = time.time()
+    from raysweep import tracking
+
+    tracking.check_available(spec.tracking)
     Store.check_writable(store.root)
     data = prepare_sweep_data(spec)
     _check_sizes(spec, data)
@@ -348,6 +413,8 @@ def run_sweep(
             on_ready(dashboard_url, len(plans), len(pending))
         if pending:
             _run_pending(spec, store, pending, faults, sink, outcome)
+            if not outcome.interrupted:
+                tracking.log_sweep(spec.tracking, store, spec.name)
         outcome.seconds = time.time() - t0
         return outcome
 
@@ -486,9 +553,13 @@ def _tune_pending(spec: SweepSpec, store: Store, pending: list[TrialPlan], fault
         tune.with_parameters(_trainable, plans={p.trial_id: p.model_dump_json() for p in pending}, store_root=str(store.root), models_dir=str(models_dir), faults=faults),
         trial_resources,
     )
+    from raysweep import tracking
+
+    # With tracking on, each trial's params ride in its Tune config for the loggers to record.
+    tracked = tracking.enabled(spec.tracking)
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial_id": tune.grid_search([p.trial_id for p in pending])},
+        param_space=tracking.param_space(pending) if tracked else {"trial_id": tune.grid_search([p.trial_id for p in pending])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent,
             trial_dirname_creator=lambda t: t.config["trial_id"],
@@ -498,16 +569,26 @@ def _tune_pending(spec: SweepSpec, store: Store, pending: list[TrialPlan], fault
             name=f"{spec.name}-{int(time.time())}",
             storage_path=str(store.ray_dir),
             verbose=0,
-            callbacks=[_ProgressCallback(views, sink)],
+            callbacks=[_ProgressCallback(views, sink), *tracking.callbacks(spec.tracking, store, spec.name)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         ),
     )
     tuner.fit()
+    _account(store, spec.name, pending, outcome)
 
-    final = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
+
+def _account(store: Store, sweep: str, pending: list[TrialPlan], outcome: SweepOutcome) -> None:
+    """How each trial this driver ran ended, from the trials table; a trial left `running`
+    is marked failed, unless another live process holds it (a second driver on the same
+    sweep, whose trial this one gave up waiting for): that row is the other process's."""
+    from raysweep.resume import lock_held
+
+    final = {r["trial_id"]: r for r in store.trials(sweep).to_pylist()}
     for p in pending:
         row = final.get(p.trial_id, {})
-        if row.get("status") == "done":
+        if row.get("status") == "running" and lock_held(store.path("checkpoints", sweep, p.trial_id)):
+            outcome.failed[p.trial_id] = "being run by another process (another driver on this store); left to it"
+        elif row.get("status") == "done":
             outcome.done += 1
         elif row.get("status") == "superseded":
             outcome.failed[p.trial_id] = "superseded by another version of this sweep while it ran"

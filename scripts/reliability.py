@@ -97,7 +97,7 @@ def spec_text(name: str = SWEEP, ft: int = 3, fg: int = 3, relearn: bool = True,
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("RAYSWEEP_MODEL_CACHE", str(ROOT / ".cache" / "test-models"))
     env.pop("RAYSWEEP_FAULT", None)
     return {**env, **(extra or {})}
@@ -363,6 +363,30 @@ def make_bad_inputs(work: Path) -> list[dict]:
     return cases
 
 
+def _bad_analysis_commands(work: Path) -> list[dict]:
+    """`analyze` and `report` on stores and outputs they cannot use: one line, exit 2, and the
+    paths involved unchanged."""
+    work.mkdir(parents=True, exist_ok=True)
+    empty, missing, page = work / "empty-store", work / "no-store", work / "page.html"
+    empty.mkdir(exist_ok=True)
+    page.write_text("someone else's page\n")
+    cases = [
+        ("analyze_missing_store", ("analyze", "--store", str(missing), "--engine", "local"), "store:", "no raysweep store"),
+        ("analyze_empty_dir", ("analyze", "--store", str(empty), "--engine", "local"), "store:", "no raysweep store"),
+        ("report_missing_store", ("report", "--store", str(missing), "--out", str(work / "out")), "store:", "no raysweep store"),
+        ("report_out_is_a_file", ("report", "--store", str(empty), "--out", str(page)), "--out:", "is a file"),
+    ]
+    results = []
+    for name, args, field_, problem in cases:
+        before = (snapshot(work), page.read_text())
+        r = raysweep(*args, timeout=300)
+        line = one_error_line(r.stderr)
+        same = (snapshot(work), page.read_text()) == before
+        ok = r.returncode == 2 and line is not None and field_ in line and problem in line and same and not r.stdout.strip()
+        results.append({"case": name, "returncode": r.returncode, "message": line or r.stderr.strip()[-300:], "nothing_written": same, "ok": ok})
+    return results
+
+
 def bad_input_scenario(work: Path) -> dict:
     t0 = time.time()
     table = expected_rejections()
@@ -382,6 +406,7 @@ def bad_input_scenario(work: Path) -> dict:
         after = snapshot(store) if store.is_dir() else ("file" if store.exists() else None)
         ok = r.returncode == 2 and line is not None and c["field"] in line and c["problem"] in line and before == after and not r.stdout.strip()
         results.append({"case": c["name"], "returncode": r.returncode, "message": line or r.stderr.strip()[-300:], "nothing_written": before == after, "ok": ok})
+    results += _bad_analysis_commands(work / "analysis")
     return {
         "scenario": "bad-input",
         "seconds": round(time.time() - t0, 1),

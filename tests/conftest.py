@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAYSWEEP_MODEL_CACHE", str(REPO / ".cache" / "test-models"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's token auth stays on, as it is for users (the token is made once, see below).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 # DeepSpeed JIT-builds a CPU communication op on first use (about a minute): build it once.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
@@ -62,6 +63,14 @@ def tiny_spec_file(tmp_path):
         return p
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_auth_token():
+    """One token before any cluster starts: tests start clusters in several processes."""
+    from raysweep.sweep import ensure_auth_token
+
+    ensure_auth_token()
 
 
 @pytest.fixture(scope="session")

@@ -138,7 +138,9 @@ def test_subprocess_newer_store_schema_is_refused_by_run_and_status(tmp_path):
 def test_subprocess_unmeetable_gpu_request_is_refused_after_ray_starts_and_writes_nothing(tmp_path):
     name = "resources_gpu_unmeetable.yaml"
     store = tmp_path / "store"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # As a user runs it: no RAY_AUTH_MODE, so Ray's token auth is on by default, and still the
+    # refusal is the only line (Ray announces default token auth in a warning of its own).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     r = subprocess.run([sys.executable, "-m", "raysweep.cli", "run", str(BAD / name), "--store", str(store), "--no-dashboard"],
                        capture_output=True, text=True, timeout=300, cwd=REPO, env=env, start_new_session=True)
     _assert_refused(r.returncode, r.stdout, r.stderr, TABLE[name]["field"], TABLE[name]["problem"])
@@ -307,9 +309,83 @@ def test_checkpoints_load_without_unpickling_code(tmp_path):
 
     with open(runner.ckpt_dir / "latest.pt", "wb") as fh:
         pickle.dump({"progress": Payload()}, fh)
-    runner.attempt = 1
-    runner.lm = None  # never reached: the payload is refused before any weights are touched
-    progress, opt = runner._load_resume()
+    # No model: the payload is refused before any weights are touched.
+    progress, opt, _ = runner.resume.load(None, reload=lambda: None)
     assert progress.phase == "pretrained" and opt is None and not sentinel.exists()
     assert not (runner.ckpt_dir / "latest.pt").exists()
     assert "unreadable resume point" in (runner.ckpt_dir / "restarts.log").read_text()
+
+
+# ---- analyze and report on stores they may not write -------------------------------------
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A read-only view of a directory: a read-only bind mount as root (root writes through
+    permission bits), the permission bits otherwise."""
+    made: list[tuple[str, Path]] = []
+
+    def make(src: Path) -> Path:
+        if os.geteuid() != 0:
+            for p in [src, *src.rglob("*")]:
+                if p.is_dir():
+                    p.chmod(0o555)
+            made.append(("chmod", src))
+            return src
+        view = tmp_path / f"ro-{src.name}"
+        view.mkdir()
+        for cmd in (["mount", "--bind", str(src), str(view)], ["mount", "-o", "remount,ro,bind", str(view)]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot make a read-only bind mount here: {r.stderr.strip()}")
+        made.append(("mount", view))
+        return view
+
+    yield make
+    for kind, p in made:
+        if kind == "mount":
+            subprocess.run(["umount", "-l", str(p)], check=False)
+        else:
+            for q in [p, *p.rglob("*")]:
+                if q.is_dir():
+                    q.chmod(0o755)
+
+
+def test_analyze_refuses_a_read_only_store_in_one_line(tmp_path, read_only):
+    from tests.analysis_helpers import build_minimal_store
+
+    src = build_minimal_store(tmp_path / "store").root
+    before = snapshot(src)
+    r = _cli_in_process("analyze", "--store", str(read_only(src)), "--engine", "local")
+    _assert_refused(r.exit_code, r.stdout, r.stderr, "store:", "is not writable")
+    assert snapshot(src) == before
+
+
+def test_report_writes_only_its_page_even_on_a_read_only_store(tmp_path, read_only):
+    from tests.analysis_helpers import build_minimal_store
+
+    src = build_minimal_store(tmp_path / "store").root
+    before = snapshot(src)
+    out = tmp_path / "out"
+    r = _cli_in_process("report", "--store", str(read_only(src)), "--out", str(out))
+    assert r.exit_code == 0, r.output[-2000:]
+    assert [p.name for p in out.iterdir()] == ["report.html"]
+    assert snapshot(src) == before  # analyses the store lacked were computed for the page only
+
+
+def test_report_refuses_an_out_that_is_a_file_or_cannot_be_written(tmp_path, read_only):
+    from tests.analysis_helpers import build_minimal_store
+
+    store = build_minimal_store(tmp_path / "store").root
+    before = snapshot(store)
+    existing = tmp_path / "report.html"
+    existing.write_text("someone's page")
+    r = _cli_in_process("report", "--store", str(store), "--out", str(existing))
+    _assert_refused(r.exit_code, r.stdout, r.stderr, "--out:", "is a file")
+    assert existing.read_text() == "someone's page"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    view = read_only(locked)
+    r = _cli_in_process("report", "--store", str(store), "--out", str(view / "rep"))
+    _assert_refused(r.exit_code, r.stdout, r.stderr, "--out:", "cannot write the report")
+    assert not list(locked.iterdir()) and snapshot(store) == before

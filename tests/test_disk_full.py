@@ -9,6 +9,7 @@ needs root to mount; it is skipped with the reason where there is none).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -20,11 +21,11 @@ import pytest
 import torch
 import typer
 
-import raysweep.trial as trial_mod
+import raysweep.resume as resume
 from raysweep.cli import _guard
 from raysweep.errors import DiskFull, is_no_space
 from raysweep.spec import parse_spec
-from raysweep.store import Store
+from raysweep.store import EpochKey, Store
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner
 from scripts.reliability import compare_stores, raysweep
@@ -38,7 +39,7 @@ needs_dev_full = pytest.mark.skipif(not DEV_FULL.exists(), reason="no /dev/full 
 def test_a_short_torch_write_is_reported_as_a_full_disk_naming_the_file(tmp_path):
     target = tmp_path / "latest.pt"
     with open(DEV_FULL, "wb", buffering=0) as fh, pytest.raises(OSError) as info:
-        trial_mod._torch_write({"w": torch.zeros(4096)}, fh, target)
+        resume.torch_write({"w": torch.zeros(4096)}, fh, target)
     # torch alone says "RuntimeError: ... unexpected pos N vs M" and loses the errno.
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
     assert is_no_space(info.value)
@@ -50,9 +51,9 @@ def test_a_trial_that_runs_out_of_space_fails_with_the_reason_in_words(tmp_path,
 
     def save_to_full_disk(obj, path: Path) -> None:
         with open(DEV_FULL, "wb") as fh:
-            trial_mod._torch_write(obj, fh, path)
+            resume.torch_write(obj, fh, path)
 
-    monkeypatch.setattr(trial_mod, "_atomic_torch_save", save_to_full_disk)
+    monkeypatch.setattr(resume, "atomic_torch_save", save_to_full_disk)
     store = Store(tmp_path / "store")
     store.ensure()
     plan = parse_spec(tiny_spec_text(name="df", ft_epochs=1, fg_epochs=1)).trials()[0]
@@ -64,7 +65,7 @@ def test_a_trial_that_runs_out_of_space_fails_with_the_reason_in_words(tmp_path,
     (row,) = store.trials().to_pylist()
     assert row["status"] == "failed" and row["error"] == f"DiskFull: {expected}"
     assert not list(store.root.rglob("_*.tmp-*"))
-    assert store.is_committed(trial_mod.EpochKey("df", plan.trial_id, "pretrained", 0))  # what was committed stays
+    assert store.is_committed(EpochKey("df", plan.trial_id, "pretrained", 0))  # what was committed stays
 
 
 @needs_dev_full
@@ -159,3 +160,21 @@ def test_a_sweep_on_a_full_disk_fails_cleanly_and_completes_once_space_is_freed(
     assert again.returncode == 0, again.stderr[-3000:]
     cmp = compare_stores(root, reference)
     assert cmp["lost"] == 0 and cmp["duplicated"] == 0 and cmp["extra"] == 0 and cmp["ok"], cmp
+
+
+@pytest.mark.slow
+def test_the_live_view_shows_a_trial_that_ran_out_of_space_as_failed(tmp_path, small_tmpfs):
+    """The trial ends without raising (a retry would fail the same way), so Tune calls it
+    complete: the live view must still say failed."""
+    from raysweep.errors import DiskFull
+    from raysweep.sweep import run_sweep
+
+    root = small_tmpfs / "store"
+    _fill(small_tmpfs, 300 << 10)
+    spec = parse_spec(SPEC)
+    seen: list[dict[str, str]] = []
+    with contextlib.suppress(DiskFull):
+        run_sweep(spec, SPEC, Store(root), dashboard=False, sink=lambda views: seen.append({k: v.status for k, v in views.items()}))
+    rows = Store(root).trials("dfull").to_pylist()
+    assert rows and all(r["status"] == "failed" for r in rows), rows
+    assert seen and set(seen[-1].values()) == {"failed"}, seen[-3:]

@@ -15,6 +15,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from raysweep.cli import app
@@ -79,25 +80,21 @@ def test_fault_hook_parses_and_refuses_nonsense():
 def test_best_weights_land_before_the_resume_point_that_names_them(tmp_path, monkeypatch):
     """A resume point saying "best epoch 3" must never be on disk before epoch 3's weights,
     else a crash between the two writes resumes forgetting from the wrong model."""
-    import raysweep.trial as trial
+    import raysweep.resume as resume
+    from raysweep.resume import Progress
     from raysweep.sweep import models_dir_for
-    from raysweep.trial import Progress, TrialRunner
+    from raysweep.trial import TrialRunner
 
     store = Store(tmp_path / "store")
     runner = TrialRunner(parse_spec(SPEC).trials()[0], store, models_dir_for(store))
     order = []
-    monkeypatch.setattr(trial, "_atomic_torch_save", lambda obj, path: (order.append(path.name), path.write_bytes(b"x")))
-
-    class LM:
-        class model:
-            state_dict = staticmethod(dict)
-
-    runner.lm = LM
-    runner._save_resume(Progress(phase="finetune", epoch=3, best_epoch=3), None, {"w": 1})
+    monkeypatch.setattr(resume, "atomic_torch_save", lambda obj, path: (order.append(path.name), path.write_bytes(b"x")))
+    model = torch.nn.Linear(2, 2)
+    runner.resume.save(Progress(phase="finetune", epoch=3, best_epoch=3), model, None, {"w": 1})
     assert order == ["best_finetune-e0003.pt", "latest.pt"]
-    runner._save_resume(Progress(phase="finetune", epoch=4, best_epoch=4), None, {"w": 2})
+    runner.resume.save(Progress(phase="finetune", epoch=4, best_epoch=4), model, None, {"w": 2})
     assert sorted(p.name for p in runner.ckpt_dir.glob("best_*")) == ["best_finetune-e0004.pt"]  # older best pruned
-    runner._save_resume(Progress(phase="finetune", epoch=5, best_epoch=4, phase_done=True), None, None)
+    runner.resume.save(Progress(phase="finetune", epoch=5, best_epoch=4, phase_done=True), model, None, None)
     assert not list(runner.ckpt_dir.glob("best_*"))  # latest.pt holds the best weights from here on
 
 
@@ -149,7 +146,7 @@ def test_a_trial_runs_in_one_process_at_a_time(tmp_path):
     store = Store(tmp_path / "store")
     store.ensure()
     runner = TrialRunner(parse_spec(SPEC).trials()[0], store, models_dir_for(store))
-    runner.lock_timeout = 1.0
+    runner.resume.lock_timeout = 1.0
     runner.ckpt_dir.mkdir(parents=True)
     store.write_trial_row({"sweep": runner.plan.sweep, "trial_id": runner.plan.trial_id, "status": "running", "attempts": 1})
     with open(runner.ckpt_dir / "lock", "a+") as held:
@@ -266,3 +263,29 @@ def test_corrupt_files_are_named_refused_quarantined_and_recomputed(reference, t
     again = _run(spec, store)
     assert again.returncode == 0 and "2 trials, 1 to run" in again.stdout, again.stderr[-3000:]
     _assert_same_as_reference(store, ref)
+
+
+def test_a_driver_leaves_a_trial_another_live_process_holds_to_it(tmp_path):
+    """A second driver on the same sweep gives up waiting for a trial the first is running:
+    its end-of-sweep accounting must not mark that trial failed under the first's feet."""
+    import fcntl
+
+    from raysweep.sweep import SweepOutcome, _account
+
+    store = Store(tmp_path / "store")
+    store.ensure()
+    plan = parse_spec(SPEC).trials()[0]
+    row = {"sweep": plan.sweep, "trial_id": plan.trial_id, "status": "running", "attempts": 1}
+    store.write_trial_row(row)
+    lock = store.path("checkpoints", plan.sweep, plan.trial_id, "lock")
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first driver's trial, alive
+        outcome = SweepOutcome(sweep=plan.sweep, total=1, already_done=0)
+        _account(store, plan.sweep, [plan], outcome)
+        assert _trials_in(store)[plan.trial_id]["status"] == "running"
+        assert "another process" in outcome.failed[plan.trial_id] and outcome.exit_code == 1
+    # Once nobody holds it, a trial left `running` did not finish: it is marked failed.
+    outcome = SweepOutcome(sweep=plan.sweep, total=1, already_done=0)
+    _account(store, plan.sweep, [plan], outcome)
+    assert _trials_in(store)[plan.trial_id]["status"] == "failed"

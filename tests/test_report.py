@@ -13,7 +13,7 @@ import time
 import pytest
 from analysis_helpers import SWEEP, build_minimal_store, build_rich_store
 
-from raysweep.analysis import outputs_dir, registered_analyses
+from raysweep.analysis import outputs_dir, registered_analyses, run_analyses
 from raysweep.report import fresh_outcomes, write_report
 
 PAPER = ["single_task", "cross_task", "dataset_size", "flipped", "cross_model", "predictors", "order", "probes"]
@@ -47,7 +47,8 @@ def test_report_runs_missing_analyses_and_is_self_contained(rich_report):
     store, path = rich_report
     assert path.name == "report.html" and path.is_file()
     for name in registered_analyses():
-        assert (outputs_dir(store, None, name) / "outcome.json").is_file()
+        # Computed for the page; storing outcomes is `analyze`'s job, not the report's.
+        assert not (outputs_dir(store, None, name) / "outcome.json").exists()
     page = path.read_text()
     srcs = re.findall(r'<img[^>]* src="([^"]+)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
@@ -59,19 +60,26 @@ def test_report_runs_missing_analyses_and_is_self_contained(rich_report):
         assert "<table>" in section, name
 
 
-def test_report_reuses_fresh_outputs_and_refreshes_stale_ones(rich_report):
-    store, _ = rich_report
+def test_report_reuses_fresh_outputs_and_recomputes_stale_ones_without_storing_them(tmp_path, monkeypatch):
+    import raysweep.report as report
+
+    store = build_rich_store(tmp_path / "store")
+    run_analyses(store, only=["single_task"], engine="local")
     meta = outputs_dir(store, None, "single_task") / "outcome.json"
-    before = json.loads(meta.read_text())["written_at"]
+    stored = meta.read_text()
+    reran: list[list[str]] = []
+    real = report.run_analyses
+    monkeypatch.setattr(report, "run_analyses", lambda *a, **kw: reran.append(kw["only"]) or real(*a, **kw))
     # fresh_outcomes is what write_report uses to decide; it skips drawing the figures.
-    fresh_outcomes(store)
-    assert json.loads(meta.read_text())["written_at"] == before
+    fresh = {o.name: o for o in fresh_outcomes(store)}
+    assert "single_task" not in reran[-1] and fresh["single_task"].status == "ok"
     # Rewriting a trial row (as a resumed sweep does) makes the outputs stale.
     trial = next((store.root / "trials" / SWEEP).glob("t0-random-n100-s0.parquet"))
     time.sleep(0.01)
     os.utime(trial)
-    fresh_outcomes(store, None)
-    assert json.loads(meta.read_text())["written_at"] > before
+    fresh = {o.name: o for o in fresh_outcomes(store, None)}
+    assert "single_task" in reran[-1] and fresh["single_task"].fingerprint != json.loads(stored)["fingerprint"]
+    assert meta.read_text() == stored
 
 
 def test_report_lists_skipped_analyses(tmp_path):

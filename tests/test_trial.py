@@ -136,7 +136,7 @@ def test_optimizer_state_in_resume_points_follows_model_size_by_default(tmp_path
         plan = spec.trials()[0]
         runner = TrialRunner(plan, store, models_dir_for(store))
         # Stop after the first fine-tuning resume point, as a crash would.
-        monkeypatch.setattr(runner, "_fault_point", lambda point, phase, epoch: (_ for _ in ()).throw(KeyboardInterrupt) if (phase, epoch, point) == ("finetune", 1, "resume") else None)
+        monkeypatch.setattr(runner, "fault_point", lambda point, phase, epoch: (_ for _ in ()).throw(KeyboardInterrupt) if (phase, epoch, point) == ("finetune", 1, "resume") else None)
         try:
             runner.run()
         except KeyboardInterrupt:

@@ -104,17 +104,13 @@ class AssociationMatrix:
                                  self.values[:, keep], self.conf_before[:, keep])
 
 
-def _cached(ctx: AnalysisContext, key: tuple, build: Callable[[], pa.Table]) -> pa.Table:
-    # The association and prediction analyses read the same rows: one scan per run.
-    return ctx.memo(key, build)
-
-
 def association_long(ctx: AnalysisContext) -> pa.Table:
     """Per (run, example) of the analysis split: confidence and loss of the correct response
     at the finetuned and forgotten milestones, and the forgetting between them."""
     require_trials(ctx)
     split = ctx.params.split
-    return _cached(ctx, ("association_long", split), lambda: _read_long(ctx, split))
+    # The association and prediction analyses read the same rows: one scan per run.
+    return ctx.memo(("association_long", split), lambda: _read_long(ctx, split))
 
 
 def _read_long(ctx: AnalysisContext, split: str) -> pa.Table:

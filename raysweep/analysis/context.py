@@ -19,7 +19,6 @@ from raysweep.analysis.reducers import AccuracySums, CollectRows, FirstCrossing,
 from raysweep.errors import BadInput
 from raysweep.store import Store
 
-MILESTONES = ("pretrained", "finetuned", "forgotten", "relearned")
 HIDDEN_CHUNK_BYTES = 256 * 1024**2
 SPLITS = ("train", "validation", "test")
 DENOMINATORS = ("trial", "own")

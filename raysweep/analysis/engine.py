@@ -194,7 +194,12 @@ class RayEngine:
 
         self._started = False
         if not ray.is_initialized():
-            ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+            address = address or os.environ.get("RAY_ADDRESS")
+            if not address:
+                # As for `run`: a cluster of its own, never whatever `ray start` last left
+                # recorded on this machine, and token auth on unless the user turned it off.
+                os.environ.setdefault("RAY_AUTH_MODE", "token")
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
             self._started = True
         import ray.data
 

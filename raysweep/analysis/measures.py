@@ -384,6 +384,3 @@ def seed_value(name: str):
 def correlation_row(c: Correlation) -> dict[str, float | int | None]:
     return {"n": c.n, "pearson_r": c.pearson_r, "pearson_p": c.pearson_p, "spearman_r": c.spearman_r, "spearman_p": c.spearman_p}
 
-
-def condition_key(model: str, method: str, size: int) -> str:
-    return f"{model} / {method} / n={size}"

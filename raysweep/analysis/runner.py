@@ -97,10 +97,12 @@ def run_analyses(
     sweep: str | None = None,
     *,
     params: AnalysisParams | None = None,
+    write: bool = True,
 ) -> list[AnalysisOutcome]:
-    """Run the registered analyses (all, or those named in `only`, in registry order) and
-    write their tables under the store's analysis directory. An analysis whose inputs the
-    sweep lacks is 'skipped', one that raises is 'failed'; either way the others still run."""
+    """Run the registered analyses (all, or those named in `only`, in registry order) and,
+    with `write`, put their tables under the store's analysis directory. An analysis whose
+    inputs the sweep lacks is 'skipped', one that raises is 'failed'; either way the others
+    still run."""
     names = _check_names(only)
     if not store.root.is_dir():
         raise BadInput(f"store: {str(store.root)!r} does not exist")
@@ -122,7 +124,7 @@ def run_analyses(
             except Exception as exc:  # noqa: BLE001 - one broken analysis must not stop the rest
                 out = AnalysisOutcome(name, "failed", one_line(f"{type(exc).__name__}: {exc}"))
             out.engine, out.seconds, out.fingerprint = choice.name, time.perf_counter() - t0, fingerprint
-            out.paths = _write(store, sweep, out, ctx.params)
+            out.paths = _write(store, sweep, out, ctx.params) if write else []
             outcomes.append(out)
     finally:
         ctx.close()

@@ -1,0 +1,225 @@
+"""What a trial writes to the store: each epoch's scores as Arrow tables (hidden states at the
+milestones), the epoch's summary row, drops of stale epochs, and the trial's status row.
+
+The tables are built here; where they go is the store's business (`Store.commit_epoch`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from raysweep.distributed import Group
+from raysweep.lineage import lineage_fields
+from raysweep.models import LoadedModel, model_source
+from raysweep.resume import Progress
+from raysweep.scoring import PAIR_0, PAIR_1, PROMPT, ScoreResult, score_examples
+from raysweep.spec import ScoringConfig, TrialPlan
+from raysweep.store import EPOCH_KINDS, INTERRUPT_ERRORS, EpochKey, EpochRecord, Store, hidden_schema
+from raysweep.tasks import Example
+
+Accuracies = dict[tuple[str, str], float]  # (eval task, split) -> accuracy
+
+
+@dataclass
+class EvalSlice:
+    task: str
+    split: str
+    examples: list[Example]
+
+
+def score_all(lm: LoadedModel, slices: list[EvalSlice], scoring: ScoringConfig, group: Group) -> ScoreResult | None:
+    """Every example of every slice scored; with several ranks each scores every world-th
+    example (interleaved, so lengths balance) and rank 0 gathers the whole result."""
+    flat = [ex for sl in slices for ex in sl.examples]
+    mine = flat[group.rank :: group.world]
+    part = score_examples(
+        lm.model, lm.tokenizer, mine, batch_size=scoring.batch_size,
+        capture_hidden=scoring.hidden_states != "none", layers=scoring.layers,
+    )
+    if group.world == 1:
+        return part
+    parts = group.gather(part)
+    return _interleave(parts, len(flat)) if group.is_main else None
+
+
+def accuracies(slices: list[EvalSlice], res: ScoreResult) -> Accuracies:
+    gold = np.array([ex.gold for sl in slices for ex in sl.examples])
+    correct = res.prediction() == gold
+    out, start = {}, 0
+    for sl in slices:
+        n = len(sl.examples)
+        out[(sl.task, sl.split)] = float(correct[start : start + n].mean()) if n else float("nan")
+        start += n
+    return out
+
+
+def epoch_tables(plan: TrialPlan, slices: list[EvalSlice], phase: str, epoch: int, res: ScoreResult, with_hidden: bool) -> tuple[pa.Table, pa.Table | None]:
+    """The scores table of one epoch (one row per scored example) and, when asked and
+    captured, its hidden-states table."""
+    flat = [ex for sl in slices for ex in sl.examples]
+    n = len(flat)
+    gold = np.array([ex.gold for ex in flat], dtype=np.int64)
+    rows = np.arange(n)
+    mean, total = res.ll_mean, res.ll_sum
+    pred = res.prediction()
+    common = {
+        "sweep": pa.array([plan.sweep] * n, pa.string()),
+        "trial_id": pa.array([plan.trial_id] * n, pa.string()),
+        "phase": pa.array([phase] * n, pa.string()),
+        "epoch": pa.array(np.full(n, epoch, dtype=np.int32)),
+        "eval_task": pa.array([sl.task for sl in slices for _ in sl.examples], pa.string()),
+        "split": pa.array([sl.split for sl in slices for _ in sl.examples], pa.string()),
+        "example_idx": pa.array(np.array([ex.idx for ex in flat], dtype=np.int32)),
+    }
+    scores = pa.table(
+        {
+            **common,
+            "gold": pa.array(gold.astype(np.int8)),
+            "ll_sum_correct": pa.array(total[rows, gold].astype(np.float32)),
+            "ll_sum_distractor": pa.array(total[rows, 1 - gold].astype(np.float32)),
+            "ll_mean_correct": pa.array(mean[rows, gold].astype(np.float32)),
+            "ll_mean_distractor": pa.array(mean[rows, 1 - gold].astype(np.float32)),
+            "n_tokens_correct": pa.array(res.n_tokens[rows, gold].astype(np.int16)),
+            "n_tokens_distractor": pa.array(res.n_tokens[rows, 1 - gold].astype(np.int16)),
+            "confidence": pa.array(res.confidence(gold).astype(np.float32)),
+            "prediction": pa.array(pred),
+            "correct": pa.array(pred == gold),
+        }
+    )
+    hidden = _hidden_table(common, res, gold) if with_hidden and res.hidden is not None else None
+    return scores, hidden
+
+
+def trial_row(plan: TrialPlan) -> dict:
+    return {
+        "sweep": plan.sweep,
+        "trial_id": plan.trial_id,
+        "model": plan.model.name,
+        "model_source": model_source(plan.model),
+        "forget_task": plan.forget_task,
+        "method": plan.method,
+        "size": plan.size,
+        "seed": plan.seed,
+        "plan_json": plan.model_dump_json(),
+        # Where each write happens (the driver's pending row, then the trial's own process).
+        **lineage_fields(plan),
+    }
+
+
+class TrialRecords:
+    """The store writes of one trial (only its rank 0 makes them)."""
+
+    def __init__(self, store: Store, plan: TrialPlan):
+        self.store = store
+        self.plan = plan
+
+    def commit(self, slices: list[EvalSlice], phase: str, epoch: int, res: ScoreResult, acc: Accuracies, train_loss: float, seconds: float, phase_end: bool) -> None:
+        """One epoch's scores, summary row and (by the spec's policy) hidden states, marker last."""
+        p = self.plan
+        policy = p.scoring.hidden_states
+        with_hidden = policy == "every_epoch" or (policy == "phase_end" and phase_end)
+        scores, hidden = epoch_tables(p, slices, phase, epoch, res, with_hidden)
+        ft = p.forget_task
+        summary = pa.table(
+            {
+                "sweep": [p.sweep],
+                "trial_id": [p.trial_id],
+                "phase": [phase],
+                "epoch": pa.array([epoch], pa.int32()),
+                "train_loss": pa.array([train_loss], pa.float32()),
+                "forget_train_acc": pa.array([acc.get((ft, "train"), float("nan"))], pa.float32()),
+                "forget_validation_acc": pa.array([acc[(ft, "validation")]], pa.float32()),
+                "forget_test_acc": pa.array([acc[(ft, "test")]], pa.float32()),
+                "seconds": pa.array([seconds], pa.float32()),
+            }
+        )
+        self.store.commit_epoch(EpochRecord(EpochKey(p.sweep, p.trial_id, phase, epoch), scores, summary, hidden))
+
+    def add_best_hidden(self, slices: list[EvalSlice], epoch: int, res: ScoreResult | None) -> None:
+        """The fine-tuned milestone is the best-validation epoch, known only when the phase
+        ends: its hidden states are kept in memory until then and written beside its scores."""
+        if self.plan.scoring.hidden_states != "phase_end" or res is None:
+            return
+        _, hidden = epoch_tables(self.plan, slices, "finetune", epoch, res, with_hidden=True)
+        if hidden is not None:
+            self.store.add_to_commit(EpochKey(self.plan.sweep, self.plan.trial_id, "finetune", epoch), "hidden", hidden)
+
+    def drop_stale(self, phase: str, last: int, milestone: int | None) -> None:
+        """Called when a phase ends at epoch `last`. An earlier attempt of this trial may have
+        gone further (or kept hidden states of another epoch) before it died: a rerun that is
+        not bit-identical (GPU kernels) can stop at a different epoch. Those rows belong to no
+        trajectory, so they go; with deterministic reruns there is never anything to drop."""
+        s, t = self.plan.sweep, self.plan.trial_id
+        on_disk = set(self.store.committed_epochs(s, t).get(phase, []))
+        for kind in EPOCH_KINDS:
+            on_disk |= set(self.store.epoch_files(kind, s, t, phase))
+        for e in sorted(e for e in on_disk if e > last):
+            self.store.uncommit(EpochKey(s, t, phase, e))
+        if self.plan.scoring.hidden_states == "phase_end":
+            for e in self.store.epoch_files("hidden", s, t, phase):
+                if e <= last and e != milestone:
+                    self.store.uncommit(EpochKey(s, t, phase, e), kinds=("hidden",))
+
+    def write_status(self, status: str, progress: Progress, attempts: int, error: str | None = None) -> None:
+        """The trial's status row, with its milestones so far."""
+        p = self.plan
+        now = self.store.read_trial_row(p.sweep, p.trial_id)
+        if now is not None and now["status"] == "superseded":
+            # Another version of the sweep replaced this trial while it ran: its own status
+            # would put it back among the current trials and pool the two versions. It stops
+            # (a failure it cannot record is left unrecorded).
+            if status == "failed":
+                return
+            raise RuntimeError(f"trial {p.trial_id} was superseded by another version of sweep {p.sweep!r}; it stops without recording {status!r}")
+        if status == "failed" and (error or "").startswith(INTERRUPT_ERRORS):
+            status = "interrupted"  # stopped from outside (Ctrl+C, Tune stopping it): it resumes
+        if status in ("failed", "interrupted") and now is not None and now["status"] == "interrupted":
+            return  # the driver stopped the sweep and recorded why: a dying process adds nothing
+        # Always the current attempt: a row without it would restart the count.
+        self.store.write_trial_row(
+            {
+                **trial_row(p),
+                "status": status,
+                "error": error,
+                "attempts": attempts,
+                "best_finetune_epoch": progress.best_epoch,
+                "last_forget_epoch": progress.last_forget_epoch,
+                "last_relearn_epoch": progress.last_relearn_epoch,
+            }
+        )
+
+
+def _hidden_table(common: dict[str, pa.Array], res: ScoreResult, gold: np.ndarray) -> pa.Table:
+    """One row per (example, layer), example-major; the pair states reordered from choice
+    order to (correct, distractor)."""
+    n, n_layers, _, d = res.hidden.shape
+    rows = np.arange(n)
+
+    def vectors(states: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(states.reshape(-1).astype(np.float32)), d)
+
+    take = np.repeat(rows, n_layers)
+    columns = {k: v.take(pa.array(take)) for k, v in common.items()}
+    columns["layer"] = pa.array(np.tile(np.array(res.layers, dtype=np.int16), n))
+    columns["hidden"] = vectors(res.hidden[:, :, PROMPT])
+    columns["hidden_correct"] = vectors(res.hidden[rows, :, PAIR_0 + gold])
+    columns["hidden_distractor"] = vectors(res.hidden[rows, :, PAIR_1 - gold])
+    return pa.table(columns, schema=hidden_schema(d))
+
+
+def _interleave(parts: list[ScoreResult], n: int) -> ScoreResult:
+    """Undo the interleaved split of `score_all`: rank r scored examples r, r + world, ..."""
+    world = len(parts)
+    ll_sum = np.zeros((n, 2), dtype=np.float64)
+    n_tokens = np.zeros((n, 2), dtype=np.int64)
+    with_hidden = all(p.hidden is not None for p in parts)
+    hidden = np.zeros((n, *parts[0].hidden.shape[1:]), dtype=np.float32) if with_hidden and n else None
+    for rank, part in enumerate(parts):
+        ll_sum[rank::world] = part.ll_sum
+        n_tokens[rank::world] = part.n_tokens
+        if hidden is not None:
+            hidden[rank::world] = part.hidden
+    return ScoreResult(ll_sum=ll_sum, n_tokens=n_tokens, hidden=hidden, layers=parts[0].layers)
