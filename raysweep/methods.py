@@ -15,7 +15,7 @@ from typing import ClassVar, Sequence
 import torch
 import torch.nn.functional as F
 
-from raysweep.errors import BadInput
+from raysweep.registry import Registry
 from raysweep.tasks.base import Example
 from raysweep.train import BatchLoss, TrainBatch, response_logprobs
 
@@ -50,23 +50,19 @@ class ForgetMethod(ABC):
         """Restore what `state_dict` returned."""
 
 
-_METHODS: dict[str, type[ForgetMethod]] = {}
+METHODS: Registry[type[ForgetMethod]] = Registry("forgetting method", field="methods")
 
 
 def register_method(cls: type[ForgetMethod]) -> type[ForgetMethod]:
-    _METHODS[cls.name] = cls
-    return cls
+    return METHODS.add(cls.name, cls)
 
 
 def get_method(name: str, **kwargs) -> ForgetMethod:
-    try:
-        return _METHODS[name](**kwargs)
-    except KeyError:
-        raise BadInput(f"methods: unknown forgetting method {name!r} (known: {sorted(_METHODS)})") from None
+    return METHODS.get(name)(**kwargs)
 
 
 def registered_methods() -> list[str]:
-    return sorted(_METHODS)
+    return sorted(METHODS)
 
 
 @register_method

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -39,8 +40,26 @@ Name = Annotated[str, Field(pattern=_NAME, max_length=MAX_NAME)]
 MAX_SPEC_BYTES = 2**20
 
 PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+# Counts with a ceiling: an absurd one (max_epochs: 1000000000000) validates as a positive int
+# and then runs for ever or allocates without end; no real sweep comes near these.
+Epochs = Annotated[int, Field(gt=0, le=10_000)]
+BatchSize = Annotated[int, Field(gt=0, le=65_536)]
+ExampleCount = Annotated[int, Field(gt=0, le=10_000_000)]
 
+
+
+def _known_method(name: str) -> str:
+    # Imported here, not above: the methods (and torch) import the training code, which
+    # imports this module.
+    from raysweep.methods import METHODS
+
+    if name not in METHODS:
+        raise ValueError(METHODS.unknown(name))
+    return name
+
+
+# A forgetting method by its registered name: a new method is one class, not a spec edit too.
+MethodName = Annotated[str, AfterValidator(_known_method)]
 
 class _Strict(BaseModel):
     # Unknown keys are almost always typos of real ones; refusing them beats silently ignoring.
@@ -98,10 +117,10 @@ class PretrainConfig(_Strict):
     """Short language-model pretraining of a built-in tiny model on a mixture of the
     built-in tasks, so that it starts with partial skill as a real pretrained model does."""
 
-    steps: PositiveInt = 600
+    steps: Annotated[int, Field(gt=0, le=10_000_000)] = 600
     lr: PositiveFloat = 3e-3
-    batch_size: PositiveInt = 32
-    examples_per_task: PositiveInt = 400
+    batch_size: BatchSize = 32
+    examples_per_task: ExampleCount = 400
     # Fraction of pretraining examples whose answer is replaced by the distractor: keeps the
     # pretrained model's skill partial, so fine-tuning has something to add.
     label_noise: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
@@ -112,10 +131,10 @@ class PretrainConfig(_Strict):
 
 
 class TinySize(_Strict):
-    layers: Annotated[int, Field(ge=5)] = 6  # >= 5 so the fifth-to-last layer is a real block
-    hidden: PositiveInt = 64
-    heads: PositiveInt = 4
-    vocab: Annotated[int, Field(ge=300)] = 1024
+    layers: Annotated[int, Field(ge=5, le=1024)] = 6  # >= 5 so the fifth-to-last layer is a real block
+    hidden: Annotated[int, Field(gt=0, le=65_536)] = 64
+    heads: Annotated[int, Field(gt=0, le=1024)] = 4
+    vocab: Annotated[int, Field(ge=300, le=1_000_000)] = 1024
     # The position table is allocated up front: 10**12 positions would exhaust memory in a trial.
     max_positions: Annotated[int, Field(ge=64, le=1_000_000)] = 256
 
@@ -162,8 +181,8 @@ class ModelSpec(_Strict):
 class PhaseConfig(_Strict):
     lr: PositiveFloat
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    batch_size: PositiveInt = 3
-    max_epochs: PositiveInt = 100
+    batch_size: BatchSize = 3
+    max_epochs: Epochs = 100
     grad_clip: PositiveFloat | None = 1.0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
 
@@ -173,7 +192,7 @@ class FinetuneConfig(PhaseConfig):
     # Stop once train accuracy reaches this; the best-validation checkpoint is kept either way.
     stop_train_acc: Annotated[float, Field(gt=0, le=1)] = 0.99
     # Epochs without a new best validation accuracy before stopping; None runs to max_epochs.
-    patience: PositiveInt | None = None
+    patience: Epochs | None = None
 
 
 class ForgetConfig(PhaseConfig):
@@ -207,7 +226,7 @@ class Resources(_Strict):
     gpu: Annotated[float, Field(ge=0)] = 0
     # Data-parallel processes per trial (Ray Train workers inside the Tune trial). Defaults
     # to one per GPU; set it to run several CPU workers (gloo).
-    workers: PositiveInt | None = None
+    workers: Annotated[int, Field(gt=0, le=4096)] | None = None
 
     @property
     def n_workers(self) -> int:
@@ -245,7 +264,7 @@ class TrainEngine(_Strict):
 
 
 class ScoringConfig(_Strict):
-    batch_size: PositiveInt = 32
+    batch_size: BatchSize = 32
     splits: list[Literal["train", "validation", "test"]] = list(SPLITS)
     # Hidden states are wide (4096 floats for a 7B model): keep them at phase ends by default,
     # which is what the variance predictor and the probes read.
@@ -266,8 +285,8 @@ class ScoringConfig(_Strict):
 
 class DataConfig(_Strict):
     # Each split is capped at this many examples by seeded subsampling (paper: 1000).
-    cap: PositiveInt = 1000
-    max_chars: PositiveInt = 2048
+    cap: ExampleCount = 1000
+    max_chars: Annotated[int, Field(gt=0, le=10_000_000)] = 2048
     # Seed of data preparation (distractor draw, subsampling): shared by all trials so that
     # every trial sees the same examples and rows line up across trials.
     seed: int = 1234
@@ -302,15 +321,15 @@ class SweepSpec(_Strict):
     tasks: list[str] = Field(min_length=1)
     forget_tasks: list[str] | None = None
     eval_tasks: list[str] | None = None
-    methods: list[Literal["random", "flipped", "gradient_ascent", "npo"]] = ["random"]
-    sizes: list[PositiveInt] = [1000]
+    methods: list[MethodName] = ["random"]
+    sizes: list[ExampleCount] = [1000]
     seeds: list[Seed] = [0]
     phases: Phases = Phases()
     train: TrainEngine = TrainEngine()
     scoring: ScoringConfig = ScoringConfig()
     data: DataConfig = DataConfig()
     resources: Resources = Resources()
-    max_concurrent_trials: PositiveInt | None = None
+    max_concurrent_trials: Annotated[int, Field(gt=0, le=100_000)] | None = None
     max_failures: Annotated[int, Field(ge=0)] = 1
     tracking: TrackingConfig | None = None
 

@@ -229,15 +229,22 @@ def _state(pid: int) -> str:
         return ""
 
 
-def _alive_nodes(address: str) -> dict[str, bool]:
-    """node id -> alive, as the cluster's GCS sees it now."""
+def _alive_nodes(address: str, dead_node: str, wait_s: float = 90.0) -> dict[str, bool]:
+    """node id -> alive, as the cluster's GCS sees it, once it has marked `dead_node` dead or
+    after `wait_s`. The GCS marks a node dead only when its health checks have failed several
+    times in a row (tens of seconds), and a sweep on tiny models can finish sooner than that."""
     import logging
 
     import ray
 
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     try:
-        return {n["NodeID"]: bool(n["Alive"]) for n in ray.nodes()}
+        deadline = time.time() + wait_s
+        while True:
+            alive = {n["NodeID"]: bool(n["Alive"]) for n in ray.nodes()}
+            if alive.get(dead_node) is False or time.time() > deadline:
+                return alive
+            time.sleep(1.0)
     finally:
         ray.shutdown()
 
@@ -254,7 +261,7 @@ def cmd_summary(args) -> int:
     cmp = compare_stores(killed_store, reference)
     alive = {}
     try:
-        alive = _alive_nodes(args.address)
+        alive = _alive_nodes(args.address, nodes["worker"]["node_id"])
     except Exception as exc:  # the verdict below needs it; say why it is missing
         alive = {"error": repr(exc)}
     moved_attempts = kill_place["trials"].get(moved, []) if moved else []

@@ -17,7 +17,7 @@
 # It never runs `ray stop` (that stops every Ray on the machine): each `ray start` runs in a
 # session of its own, and on exit, failure included, exactly those sessions are killed and
 # the work dir removed (--keep leaves the work dir, for its logs). RAY_AUTH_MODE is taken
-# from the environment as it is. Exit 0 when every check passed, 1 otherwise, 2 bad usage.
+# from the environment (token when unset). Exit 0 when every check passed, 1 otherwise, 2 bad usage.
 set -euo pipefail
 OUT_FILE=""
 KEEP=0
@@ -36,6 +36,13 @@ HELPER="$PY $ROOT/scripts/cluster_check.py"
 
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 export RAYSWEEP_MODEL_CACHE=${RAYSWEEP_MODEL_CACHE:-$ROOT/.cache/test-models}
+# Token auth, as `raysweep run` starts its own clusters, unless the caller says otherwise. Left
+# unset, Ray 2.60 turns it on for `ray start --head` when a token file exists but not for
+# `ray start --address`, whose join the head then refuses.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+if [ "$RAY_AUTH_MODE" = token ]; then
+  "$PY" -c "from raysweep.sweep import ensure_auth_token; ensure_auth_token()"
+fi
 
 # Short on purpose: a node's Unix sockets live under its temp dir, and a socket path must
 # fit in 107 bytes.
@@ -51,6 +58,8 @@ finish() {
   if [ -f "$WORK/summary.json" ]; then
     if [ -n "$OUT_FILE" ]; then cp "$WORK/summary.json" "$OUT_FILE"; else cat "$WORK/summary.json"; echo; fi
     [ $rc -eq 0 ] && ! grep -q '"ok": false' "$WORK/summary.json" || rc=1
+    $PY -c 'import json, sys; s = json.load(open(sys.argv[1])); bad = [k for k, ok in s.get("checks", {}).items() if not ok]
+if bad: print("cluster_check: failed checks: " + ", ".join(bad), file=sys.stderr)' "$WORK/summary.json"
   fi
   if [ $KEEP -eq 1 ]; then echo "cluster_check: work dir kept at $WORK" >&2; else rm -rf "$WORK"; fi
   exit $rc

@@ -26,8 +26,20 @@ Scenarios:
                   `analyze` name them and refuse; `repair` quarantines; a rerun restores.
   driver-signal   SIGTERM, then SIGINT, to the `raysweep run` process mid-sweep: it stops within
                   seconds, marks the running trials interrupted, exit 1; a rerun completes.
+  two-drivers     two `raysweep run` of one spec on one new store, started at the same moment:
+                  one refuses in one line (or both finish); every row exactly once.
   two-versions    a second driver of the same sweep with another spec version (and one with
                   the same) while the first runs: refused with exit 2, the first undisturbed.
+  edited-spec     a finished sweep rerun under its name with another learning rate: new trial
+                  ids, the old trials superseded and their rows kept as they were.
+  corrupt-resume  truncated weights and empty or cut commit markers of a trial's resume
+                  point: it falls back (and logs why), or `repair` quarantines them.
+  disk-full       the store on a small full tmpfs (root only): one line naming the store and
+                  the cause, nothing half-committed; a rerun once space is freed completes.
+  dead-node       scripts/cluster_check.sh: the worker node of a real two-node cluster is
+                  killed mid-trial; the trial is retried on the head and resumes.
+  network-exposure every TCP port a `raysweep run` opens, where it listens and what it
+                  answers without the token.
   rerun-finished  `raysweep run` on a finished store: nothing to do, nothing written.
   bad-input       every malformed spec of tests/bad_specs/ plus bad stores and data folders:
                   exit code 2, one line naming the field, nothing written.
@@ -44,16 +56,20 @@ import os
 import platform
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +152,14 @@ def session_alive(sid: int) -> list[int]:
     return alive
 
 
+def stop_session(proc: subprocess.Popen) -> None:
+    """Kill whatever the driver `proc` left in its session, then the driver if still alive."""
+    kill_session(proc.pid)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def raysweep(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """`raysweep ARGS` in its own session; whatever it leaves running is killed after."""
     proc = subprocess.Popen(
@@ -182,10 +206,7 @@ def run_and_kill_driver(spec: Path, store: Path, after_commits: int, timeout: fl
         time.sleep(1.0)
         leftovers = session_alive(proc.pid)
     finally:
-        kill_session(proc.pid)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_session(proc)
     time.sleep(0.5)
     return {
         "killed": killed, "sid": proc.pid, "commits_before": start, "commits_at_kill": at_kill, "returncode": proc.returncode,
@@ -226,12 +247,20 @@ def _num(col: str) -> str:
     return f"(case when {col} is null or isnan({col}) then -1 else {col} end)"
 
 
-def compare_stores(store: Path, reference: Path, atol: float = 1e-6) -> dict:
+def _only(table: pa.Table | None, trials: set[str] | None) -> pa.Table | None:
+    if table is None or trials is None:
+        return table
+    return table.filter(pc.is_in(table.column("trial_id"), value_set=pa.array(sorted(trials), pa.string())))
+
+
+def compare_stores(store: Path, reference: Path, atol: float = 1e-6, trials: set[str] | None = None) -> dict:
     """Exactly-once and equality of `store` against `reference`: counts of lost, duplicated
     and extra score rows, largest confidence / log-likelihood / hidden-state differences,
-    and whether per-epoch summaries and trial milestones agree."""
+    and whether per-epoch summaries and trial milestones agree. With `trials`, only those
+    trials' rows are compared, and their status is left out (a superseded trial's rows
+    stay as they were)."""
     con = duckdb.connect()
-    s, r = _read(data_files(store, "scores")), _read(data_files(reference, "scores"))
+    s, r = (_only(_read(data_files(root, "scores")), trials) for root in (store, reference))
     con.register("s", s if s is not None else pa.table({k: [] for k in KEY}))
     con.register("r", r)
     keys = ", ".join(KEY)
@@ -252,7 +281,7 @@ def compare_stores(store: Path, reference: Path, atol: float = 1e-6) -> dict:
     out["max_loglik_diff"] = float(max(diffs[1] or 0.0, diffs[2] or 0.0))
     out["prediction_mismatches"] = int(diffs[3] or 0)
 
-    hs, hr = _read(data_files(store, "hidden")), _read(data_files(reference, "hidden"))
+    hs, hr = (_only(_read(data_files(root, "hidden")), trials) for root in (store, reference))
     if hr is None:
         out["hidden_equal"], out["max_hidden_diff"] = hs is None, 0.0
     elif hs is None or hs.num_rows != hr.num_rows:
@@ -266,7 +295,7 @@ def compare_stores(store: Path, reference: Path, atol: float = 1e-6) -> dict:
         out["max_hidden_diff"] = float(np.max(np.abs(a - b))) if same_keys and a.shape == b.shape else float("inf")
         out["hidden_equal"] = same_keys and out["max_hidden_diff"] <= atol
 
-    es, er = _read(data_files(store, "epochs")), _read(data_files(reference, "epochs"))
+    es, er = (_only(_read(data_files(root, "epochs")), trials) for root in (store, reference))
     con.register("es", es)
     con.register("er", er)
     ekeys = "sweep, trial_id, phase, epoch"
@@ -280,12 +309,13 @@ def compare_stores(store: Path, reference: Path, atol: float = 1e-6) -> dict:
     )
 
     def milestones(root: Path) -> dict:
-        t = _read(data_files(root, "trials"))
-        cols = ("status", "best_finetune_epoch", "last_forget_epoch", "last_relearn_epoch")
+        t = _only(_read(data_files(root, "trials")), trials)
+        cols = ("status",) * (trials is None) + ("best_finetune_epoch", "last_forget_epoch", "last_relearn_epoch")
         return {row["trial_id"]: tuple(row[c] for c in cols) for row in (t.to_pylist() if t is not None else [])}
 
     ms, mr = milestones(store), milestones(reference)
-    out["trials_done"] = sum(v[0] == "done" for v in ms.values())
+    statuses = {row["trial_id"]: row["status"] for row in (_only(_read(data_files(store, "trials")), trials) or pa.table({"trial_id": [], "status": []})).to_pylist()}
+    out["trials_done"] = sum(v == "done" for v in statuses.values())
     out["trials_equal"] = ms == mr
     facts = store_facts(store)
     out["uncommitted_files"] = len(facts["uncommitted_files"])
@@ -358,12 +388,25 @@ def make_bad_inputs(work: Path) -> list[dict]:
     # Spec files no corpus can hold: a device that never ends, and one too large to be a spec.
     cases.append({"name": "spec_is_dev_zero", "spec": Path("/dev/zero"), "store": work / "store-dev-zero", "field": "spec:", "problem": "is not a regular file"})
     huge = work / "huge.yaml"
-    huge.write_text(spec_text(name="badcase") + "description: " + "x" * (2 << 20) + "\n")
+    huge.write_text(spec_text(name="badcase") + "description: " + "x" * (50 << 20) + "\n")
     cases.append({"name": "spec_too_large", "spec": huge, "store": work / "store-huge", "field": "spec:", "problem": "MB; a spec is a small YAML file"})
     return cases
 
 
-def _bad_analysis_commands(work: Path) -> list[dict]:
+def read_only_view(src: Path, view: Path) -> Callable[[], None]:
+    """Make `view` a read-only view of directory `src` (a read-only bind mount as root, who
+    writes through permission bits; the permission bits otherwise); returns its undo."""
+    if os.geteuid() != 0:
+        src.chmod(0o555)
+        view.symlink_to(src)
+        return lambda: src.chmod(0o755)
+    view.mkdir(parents=True, exist_ok=True)
+    for cmd in (["mount", "--bind", str(src), str(view)], ["mount", "-o", "remount,ro,bind", str(view)]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    return lambda: subprocess.run(["umount", "-l", str(view)], check=False)
+
+
+def _bad_analysis_commands(work: Path, reference: Path | None, undo: list) -> list[dict]:
     """`analyze` and `report` on stores and outputs they cannot use: one line, exit 2, and the
     paths involved unchanged."""
     work.mkdir(parents=True, exist_ok=True)
@@ -376,6 +419,17 @@ def _bad_analysis_commands(work: Path) -> list[dict]:
         ("report_missing_store", ("report", "--store", str(missing), "--out", str(work / "out")), "store:", "no raysweep store"),
         ("report_out_is_a_file", ("report", "--store", str(empty), "--out", str(page)), "--out:", "is a file"),
     ]
+    if reference is not None:
+        copy = work / "finished-store"
+        if not copy.exists():
+            shutil.copytree(reference, copy, ignore=shutil.ignore_patterns("ray"))
+        undo.append(read_only_view(copy, work / "finished-store-ro"))
+        cases.append(("analyze_read_only_store", ("analyze", "--store", str(work / "finished-store-ro"), "--engine", "local"), "store:", "is not writable"))
+        # A store that can be read, so that the refusal is the output's.
+        locked = work / "locked"
+        locked.mkdir(exist_ok=True)
+        undo.append(read_only_view(locked, work / "locked-ro"))
+        cases.append(("report_out_not_writable", ("report", "--store", str(copy), "--out", str(work / "locked-ro" / "rep")), "--out:", "cannot write the report"))
     results = []
     for name, args, field_, problem in cases:
         before = (snapshot(work), page.read_text())
@@ -387,14 +441,27 @@ def _bad_analysis_commands(work: Path) -> list[dict]:
     return results
 
 
-def bad_input_scenario(work: Path) -> dict:
+def bad_input_scenario(work: Path, reference: Path | None = None) -> dict:
     t0 = time.time()
+    undo: list[Callable[[], None]] = []
+    try:
+        return _bad_input_scenario(work, reference, undo, t0)
+    finally:
+        for u in reversed(undo):
+            u()
+
+
+def _bad_input_scenario(work: Path, reference: Path | None, undo: list, t0: float) -> dict:
     table = expected_rejections()
     cases = [
         {"name": f, "spec": BAD_SPECS / f, "store": work / f"store-{Path(f).stem}", "field": row["field"], "problem": row["problem"]}
         for f, row in sorted(table.items())
     ]
     cases += make_bad_inputs(work / "inputs")
+    (work / "inputs" / "ro-dir").mkdir(parents=True, exist_ok=True)
+    undo.append(read_only_view(work / "inputs" / "ro-dir", work / "inputs" / "ro-view"))
+    cases.append({"name": "store_in_read_only_dir", "spec": work / "inputs" / "good.yaml", "store": work / "inputs" / "ro-view" / "store",
+                  "field": "store:", "problem": "not writable"})
     sentinel = Path("/tmp/raysweep-pwned-by-spec")
     sentinel.unlink(missing_ok=True)
     results = []
@@ -406,7 +473,7 @@ def bad_input_scenario(work: Path) -> dict:
         after = snapshot(store) if store.is_dir() else ("file" if store.exists() else None)
         ok = r.returncode == 2 and line is not None and c["field"] in line and c["problem"] in line and before == after and not r.stdout.strip()
         results.append({"case": c["name"], "returncode": r.returncode, "message": line or r.stderr.strip()[-300:], "nothing_written": before == after, "ok": ok})
-    results += _bad_analysis_commands(work / "analysis")
+    results += _bad_analysis_commands(work / "analysis", reference, undo)
     return {
         "scenario": "bad-input",
         "seconds": round(time.time() - t0, 1),
@@ -422,8 +489,8 @@ def bad_input_scenario(work: Path) -> dict:
 # ---- the scenarios --------------------------------------------------------------------------
 
 
-def _finish(name: str, store: Path, reference: Path, faults: int, t0: float, extra: dict | None = None) -> dict:
-    cmp = compare_stores(store, reference)
+def _finish(name: str, store: Path, reference: Path, faults: int, t0: float, extra: dict | None = None, trials: set[str] | None = None) -> dict:
+    cmp = compare_stores(store, reference, trials=trials)
     res = {"scenario": name, "faults_injected": faults, "seconds": round(time.time() - t0, 1), **cmp, **(extra or {})}
     res["ok"] = cmp["ok"] and all(v for k, v in (extra or {}).items() if k.startswith("check_"))
     return res
@@ -544,6 +611,19 @@ def corrupt_file(work: Path, reference: Path) -> dict:
     })
 
 
+def damage_tensor_bytes(path: Path) -> None:
+    """Flip the exponent bits of a few float32 values inside the largest tensor of a torch
+    file, as a bad disk sector would: the zip structure stays intact."""
+    with zipfile.ZipFile(path) as zf:
+        info = max(zf.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    for k in range(8):
+        data[start + 4 * k + 3] ^= 0x3F  # high byte of a little-endian float32
+    path.write_bytes(bytes(data))
+
+
 def corrupt_resume(work: Path, spec: Path, reference: Path) -> dict:
     """Damaged resume points and commit markers. An unfinished trial meets them on resume
     and falls back (a fresh start, logged in its restarts.log); in a finished store
@@ -557,6 +637,7 @@ def corrupt_resume(work: Path, spec: Path, reference: Path) -> dict:
     ckpt = next((store / "checkpoints" / SWEEP).glob("sentiment-*"))
     best = next(ckpt.glob("best_finetune-e*.pt"))
     best.write_bytes(best.read_bytes()[:1000])  # truncated
+    damage_tensor_bytes(ckpt / "latest.pt")  # weights of the last resume point: bits flipped, the zip intact
     marker = store / "commits" / SWEEP / ckpt.name / "pretrained" / "e0000.json"
     marker.write_bytes(b"")  # empty
     second = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
@@ -572,8 +653,10 @@ def corrupt_resume(work: Path, spec: Path, reference: Path) -> dict:
     third = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
     return _finish("corrupt-resume", store, reference, len(fault_log(store)) + 4, t0, {
         "check_first_run_failed_the_killed_trial": first.returncode == 1,
-        # The marker is looked at first: its lost epoch alone sends the trial back to the start.
-        "check_trial_fell_back_and_said_so": second.returncode == 0 and f"{marker}: commit marker is empty" in log and "restarting it from the pretrained model" in log,
+        # The marker is looked at first (quarantined, its epoch recomputed), then the resume
+        # point, whose damaged weights only the CRC of its members shows: a fresh start.
+        "check_trial_fell_back_and_said_so": (second.returncode == 0 and f"{marker}: commit marker is empty" in log and "unreadable resume point" in log
+                                              and "CRC" in log and "restarting it from the pretrained model" in log),
         "check_status_names_resume_file_and_marker": status.returncode == 2 and str(latest) in status.stderr and str(garbage) in status.stderr,
         "check_repair_quarantines": repair.returncode == 0 and "2 file(s) quarantined" in repair.stdout and status_after.returncode == 0,
         "check_rerun_exit_0": third.returncode == 0,
@@ -607,10 +690,7 @@ def _signal_driver(spec: Path, store: Path, sig: signal.Signals, after_commits: 
         stopped_in = round(time.time() - sent_at, 1) if sent_at is not None and proc.poll() is not None else None
         left = len(session_alive(proc.pid))
     finally:
-        kill_session(proc.pid)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_session(proc)
     lines = [ln for ln in err_file.read_text().splitlines() if ln.strip()]
     statuses = sorted(r["status"] for r in _read(data_files(store, "trials")).to_pylist())
     return {"signal": sig.name, "sent": sent_at is not None, "returncode": proc.returncode, "stopped_in_s": stopped_in,
@@ -642,30 +722,32 @@ def two_versions(work: Path, spec: Path, reference: Path) -> dict:
     store = work / "two-versions"
     other = work / "spec-other-forget-lr.yaml"
     other.write_text(spec.read_text().replace("forget: {optimizer: adamw, lr: 2.0e-3", "forget: {optimizer: adamw, lr: 3.0e-3"))
+    # The first run is kept going long enough for two more drivers to start beside it (each
+    # takes seconds to import torch and Ray): its workers are killed once in relearning and
+    # Tune retries them from their resume points, which leaves the rows as they were
+    # (worker-kill); without this the 25-second sweep could end before they look.
+    slow = "action=kill,phase=relearn,epoch=1,point=commit,trial=sentiment,attempt=1;action=kill,phase=relearn,epoch=1,point=commit,trial=word,attempt=1"
+    lock = store / "sweeps" / SWEEP / "driver.lock"
     with open(work / "two-versions.err", "w") as err:
         first = subprocess.Popen(
             [sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store), "--no-dashboard"],
-            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True,
+            cwd=ROOT, env=_env({"RAYSWEEP_FAULT": slow}), stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True,
         )
     try:
         deadline = time.time() + 600
-        while commit_count(store) < 1 and first.poll() is None and time.time() < deadline:
+        while not (lock.is_file() and lock.stat().st_size) and first.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        # Both at once, as soon as the first has committed its first epoch: a driver takes
-        # seconds to start, and the sweep is short.
+        # Both at once, as soon as the first holds the sweep.
         with ThreadPoolExecutor(2) as pool:
             runs = [pool.submit(raysweep, "run", str(path), "--store", str(store), "--no-dashboard", timeout=300) for path in (other, spec)]
             second, same = (r.result() for r in runs)
         undisturbed = first.poll() is None
         first.wait(timeout=900)
     finally:
-        kill_session(first.pid)
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        stop_session(first)
     analyze = raysweep("analyze", "--store", str(store), "--engine", "local")
     refusal, again = one_error_line(second.stderr) or "", one_error_line(same.stderr) or ""
-    return _finish("two-versions", store, reference, 2, t0, {
+    return _finish("two-versions", store, reference, 2 + len(fault_log(store)), t0, {
         "refusal": refusal, "same_version_refusal": again, "first_returncode": first.returncode,
         "check_other_version_refused": second.returncode == 2 and "another version of this sweep is running" in refusal,
         "check_same_version_refused": same.returncode == 2 and "this same version is already being run" in again,
@@ -686,6 +768,250 @@ def rerun_finished(reference: Path, spec: Path) -> dict:
     }
 
 
+def two_drivers(work: Path, spec: Path, reference: Path) -> dict:
+    """Two `raysweep run` of the same spec on one new store, started at the same moment: one
+    takes the sweep, the other refuses in one line (or both finish); every row exactly once."""
+    t0 = time.time()
+    store = work / "two-drivers"
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(raysweep, "run", str(spec), "--store", str(store), "--no-dashboard") for _ in range(2)]
+        results = [r.result() for r in runs]
+    codes = sorted(r.returncode for r in results)
+    lines = [one_error_line(r.stderr) or "" for r in results if r.returncode == 2]
+    refused_cleanly = codes == [0, 2] and len(lines) == 1 and "already being run on this store" in lines[0]
+    return _finish("two-drivers", store, reference, 1, t0, {
+        "returncodes": codes, "refusal": lines[0] if lines else None,
+        "check_one_refused_or_both_finished": refused_cleanly or codes == [0, 0],
+    })
+
+
+def edited_spec(work: Path, spec: Path, reference: Path) -> dict:
+    """The finished sweep rerun under the same name with another forget learning rate: the
+    changed trials get new ids and run, the old ones stay, marked superseded, row for row as
+    they were; `status` says so and the analyses read only the new version."""
+    t0 = time.time()
+    store, edited_ref = work / "edited-spec", work / "reference-edited"
+    shutil.copytree(reference, store, ignore=shutil.ignore_patterns("ray"))
+    edited = work / "spec-edited-forget-lr.yaml"
+    edited.write_text(spec.read_text().replace("forget: {optimizer: adamw, lr: 2.0e-3", "forget: {optimizer: adamw, lr: 3.0e-3"))
+    alone = raysweep("run", str(edited), "--store", str(edited_ref), "--no-dashboard")
+    rerun = raysweep("run", str(edited), "--store", str(store), "--no-dashboard")
+    status = raysweep("status", "--store", str(store))
+    analyze = raysweep("analyze", "--store", str(store), "--engine", "local")
+    statuses = trial_statuses(store)
+    old_ids = {r["trial_id"] for r in _read(data_files(reference, "trials")).to_pylist()}
+    new_ids = {r["trial_id"] for r in _read(data_files(edited_ref, "trials")).to_pylist()}
+    old_kept = compare_stores(store, reference, trials=old_ids)
+    res = _finish("edited-spec", store, edited_ref, 1, t0, {
+        "returncode": rerun.returncode, "trial_statuses": statuses,
+        "check_runs_alone_and_rerun_exit_0": alone.returncode == 0 and rerun.returncode == 0,
+        "check_new_ids": bool(new_ids) and not (new_ids & old_ids),
+        "check_old_superseded_new_done": all(statuses.get(t) == "superseded" for t in old_ids) and all(statuses.get(t) == "done" for t in new_ids),
+        "check_old_rows_unchanged": old_kept["ok"],
+        "check_status_says_superseded": status.returncode == 0 and "superseded" in status.stdout,
+        "check_analyze_exit_0": analyze.returncode == 0,
+    }, trials=new_ids)
+    res["old_version_rows_checked"] = old_kept["rows"]
+    return res
+
+
+def _mount_reason() -> str | None:
+    """None if this process can mount a tmpfs, else why not."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    if shutil.which("mount") is None:
+        return "no mount command"
+    return None
+
+
+def mount_tmpfs(where: Path, size: str = "20m") -> str | None:
+    """Mount a tmpfs of `size` at `where`; None on success, else why it could not."""
+    why = _mount_reason()
+    if why:
+        return why
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    return None if r.returncode == 0 else f"cannot mount a tmpfs here: {r.stderr.strip()}"
+
+
+def fill_disk(mnt: Path, leave_bytes: int) -> Path:
+    st = os.statvfs(mnt)
+    filler = mnt / "filler"
+    filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - leave_bytes))
+    return filler
+
+
+def disk_full(work: Path, spec: Path, reference: Path) -> dict:
+    """The store on a 20 MB tmpfs filled to 300 kB free: room for the plan, the examples and
+    the pretrained epoch, not for the first resume point (376 kB here). The trial fails with
+    the store and the cause in one line, nothing half-committed; once the filler is deleted a
+    rerun completes with nothing lost. One trial (the reference's sentiment trial, same id):
+    two would race for the last bytes, and the loser's driver may find no room left even to
+    record why it stopped."""
+    t0 = time.time()
+    one = work / "spec-one-trial.yaml"
+    one.write_text(spec.read_text().replace("forget_tasks: [sentiment, word_order]", "forget_tasks: [sentiment]"))
+    spec = one
+    mnt = work / "tmpfs"
+    why = mount_tmpfs(mnt)
+    if why:
+        return {"scenario": "disk-full", "skipped": why, "ok": True, "seconds": 0.0}
+    try:
+        root = mnt / "store"
+        filler = fill_disk(mnt, 300 << 10)
+        full = raysweep("run", str(spec), "--store", str(root), "--no-dashboard")
+        reason = f"store {root.absolute()}: no space left on device"
+        rows = _read(data_files(root, "trials"))
+        failed_rows = rows.to_pylist() if rows is not None else []
+        facts = store_facts(root)
+        filler.unlink()
+        again = raysweep("run", str(spec), "--store", str(root), "--no-dashboard")
+        trial_ids = {r["trial_id"] for r in failed_rows}
+        return _finish("disk-full", root, reference, 1, t0, {
+            "returncode": full.returncode, "message": next((ln for ln in (full.stderr + full.stdout).splitlines() if reason in ln), None),
+            "check_exit_1_naming_store_and_cause": full.returncode == 1 and reason in full.stderr + full.stdout,
+            "check_trials_failed_with_reason": bool(failed_rows) and all(r["status"] == "failed" and reason in (r["error"] or "") for r in failed_rows),
+            "check_nothing_half_committed": not facts["uncommitted_files"] and not facts["temp_files"],
+            "check_rerun_exit_0": again.returncode == 0,
+            "check_rerun_done": trial_statuses(root) == {t: "done" for t in trial_ids},
+        }, trials=trial_ids)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def trial_statuses(root: Path) -> dict[str, str]:
+    table = _read(data_files(root, "trials"))
+    return {r["trial_id"]: r["status"] for r in (table.to_pylist() if table is not None else [])}
+
+
+def dead_node(work: Path) -> dict:
+    """scripts/cluster_check.sh: a real two-node cluster, the worker node's raylet SIGKILLed
+    while one of its trials runs; the trial is retried on the head and resumes."""
+    t0 = time.time()
+    out = work / "dead-node.json"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "cluster_check.sh"), "--out", str(out)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=1800)
+    if not out.is_file():
+        return {"scenario": "dead-node", "ok": False, "seconds": round(time.time() - t0, 1), "error": r.stderr[-2000:]}
+    summary = json.loads(out.read_text())
+    cmp = summary["compare"]
+    return {
+        "scenario": "dead-node", "faults_injected": int(bool(summary["killed_node"].get("killed"))), "seconds": round(time.time() - t0, 1),
+        **{k: cmp[k] for k in ("rows", "reference_rows", "lost", "duplicated", "extra", "trials_done", "max_confidence_diff")},
+        "killed_trial": summary["killed_node"].get("trial"), "killed_trial_attempts": summary["killed_node"].get("trial_attempts"),
+        "checks": summary["checks"], "left_running": summary.get("cleanup"), "returncode": r.returncode,
+        "ok": r.returncode == 0 and summary["ok"],
+    }
+
+
+# Ray 2.60's two Prometheus exporters that no setting turns off (RAY_enable_metrics_collection
+# covers the others): the dashboard head's and the autoscaler monitor's, on fixed ports, bound
+# to every interface because Ray maps a local node's 127.0.0.1 to the routable address.
+RAY_METRICS_EXPORTERS = {44227: "dashboard.py", 44217: "monitor.py"}
+
+
+def http_answer(url: str, token: str | None = None) -> tuple[int | str, bytes]:
+    """The HTTP status `url` answers and the start of its body, or the name of the error when
+    it is not HTTP at all."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read(200)
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except Exception as exc:  # noqa: BLE001 - a gRPC port answers HTTP with garbage: that is the point
+        return type(exc).__name__, b""
+
+
+def http_status(url: str, token: str | None = None) -> int | str:
+    return http_answer(url, token)[0]
+
+
+def anonymous_use(port: int, process: str, answer: int | str, body: bytes) -> str:
+    """What an anonymous caller gets from a port: "nothing" (401, or not HTTP: gRPC, which
+    refuses a call without the token), "metrics" (one of Ray's read-only Prometheus exporters
+    that cannot be closed), or "OPEN"."""
+    if answer == 401 or not isinstance(answer, int):
+        return "nothing"
+    if RAY_METRICS_EXPORTERS.get(port) == process and body.startswith(b"# HELP "):
+        return "metrics"
+    return "OPEN"
+
+
+def listening(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket these processes listen on."""
+    import psutil
+
+    return sorted({(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in pids})
+
+
+def process_name(pid: int) -> str:
+    """The Ray component a pid is (raylet, gcs_server, dashboard agent, a worker...)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    script = next((Path(a).name for a in argv[1:] if a.endswith(".py")), None)
+    return script or Path(argv[0]).name
+
+
+def network_exposure(work: Path, spec: Path, reference: Path) -> dict:
+    """`raysweep run` with its dashboard, as a user starts it: while it runs, every TCP port its
+    processes listen on, where it listens and what it answers an anonymous request."""
+    t0 = time.time()
+    store = work / "network-exposure"
+    shutil.rmtree(store, ignore_errors=True)  # a finished store has nothing to run, and so no ports
+    out_file, err_file = work / "network-exposure.out", work / "network-exposure.err"
+    with open(out_file, "w") as out, open(err_file, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store)],
+                                cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True, start_new_session=True)
+    ports: list[tuple[str, int, int]] = []
+    url = None
+    try:
+        deadline = time.time() + 600
+        while commit_count(store) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        url = next((w for ln in out_file.read_text().splitlines() if ln.startswith("Ray dashboard: ") for w in ln.split() if w.startswith("http")), None)
+        ports = listening(set(session_alive(proc.pid)))
+        token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = token_file.read_text().strip() if token_file.is_file() else None
+        dash_port = int(url.rsplit(":", 1)[1]) if url else None
+        names = {pid: process_name(pid) for _, _, pid in ports}
+        answers = {}
+        for ip, port, pid in ports:
+            if port != dash_port:
+                status, body = http_answer(f"http://{'127.0.0.1' if ip in ('0.0.0.0', '::') else ip}:{port}/")
+                answers[port] = (status, anonymous_use(port, names[pid], status, body))
+        api = (http_status(url + "/api/version"), http_status(url + "/api/version", token)) if url else (None, None)
+        proc.wait(timeout=900)
+    finally:
+        stop_session(proc)
+    dash_addrs = sorted({ip for ip, port, _ in ports if port == dash_port})
+    by_addr: dict[str, int] = {}
+    for ip, _, _ in ports:
+        by_addr[ip] = by_addr.get(ip, 0) + 1
+    return _finish("network-exposure", store, reference, 0, t0, {
+        "returncode": proc.returncode, "dashboard": url, "dashboard_addresses": dash_addrs, "ports": len(ports),
+        "ports_by_address": by_addr, "anonymous_answers": sorted({str(v[0]) for v in answers.values()}),
+        "port_table": [{"address": ip, "port": port, "process": names.get(pid), "answer": "dashboard" if port == dash_port else str(answers[port][0]),
+                        "anonymous_use": "token" if port == dash_port else answers[port][1]} for ip, port, pid in ports],
+        "metrics_exporters": sorted({(ip, port) for ip, port, _ in ports if answers.get(port, (0, ""))[1] == "metrics"}),
+        "api_without_token": api[0], "api_with_token": api[1],
+        "check_exit_0": proc.returncode == 0,
+        "check_dashboard_on_loopback_only": dash_addrs == ["127.0.0.1"],
+        "check_dashboard_needs_token": api == (401, 200),
+        # Ray binds its gRPC servers to the routable address (README: what the local cluster
+        # exposes); none of them may answer an anonymous request, and nothing but Ray's two
+        # read-only metrics exporters may serve one.
+        "check_no_port_open_anonymously": bool(answers) and all(v[1] != "OPEN" for v in answers.values()),
+    })
+
+
 # ---- report ---------------------------------------------------------------------------------
 
 
@@ -701,34 +1027,41 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def _table_row(s: dict) -> str:
+    name = s["scenario"]
+    if s.get("skipped"):
+        return f"| {name} | — | — | — | — | — | — | — | skipped: {s['skipped']} |"
+    if "error" in s and "rows" not in s:
+        return f"| {name} | — | — | — | — | — | — | — | FAIL: {s['error'].strip().splitlines()[-1][:120]} |"
+    verdict = "pass" if s["ok"] else "FAIL"
+    if name == "bad-input":
+        return f"| {name} | {s['specs']} bad inputs | — | — | — | — | — | — | {s['rejected_correctly']} of {s['specs']} refused (exit 2, one line, nothing written): {verdict} |"
+    if name == "rerun-finished":
+        return f"| {name} | 0 | — | — | — | — | — | — | nothing to do, store unchanged: {verdict} |"
+    return (f"| {name} | {s['faults_injected']} | {s['trials_done']} | {s['rows']} | {s['lost']} | {s['duplicated']} | {s['extra']} | "
+            f"{s['max_confidence_diff']:.1e} | {verdict} |")
+
+
+def where(context: str) -> str:
+    """The commit the figures come from, and whether the working tree differed from it."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    sha = git("rev-parse", "--short", "HEAD") or "an unknown commit"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return f"at commit {sha}{' with uncommitted changes' if dirty else ''}" + (f", {context}" if context else "")
+
+
 def markdown(res: dict) -> str:
+    """One row for every scenario that ran; the store columns for the scenarios that leave a store."""
     lines = [
         "| scenario | faults injected | trials completed | score rows checked | lost | duplicated | extra | max \\|Δ confidence\\| | result |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        *(_table_row(s) for s in res["scenarios"]),
     ]
-    for s in res["scenarios"]:
-        if s["scenario"] in ("bad-input", "rerun-finished"):
-            continue
-        lines.append(
-            f"| {s['scenario']} | {s['faults_injected']} | {s['trials_done']} | {s['rows']} | {s['lost']} | {s['duplicated']} | {s['extra']} | "
-            f"{s['max_confidence_diff']:.1e} | {'pass' if s['ok'] else 'FAIL'} |"
-        )
     t = res["totals"]
     lines += [
         f"| **total** | **{t['faults_injected']}** | **{t['trials_completed']}** | **{t['rows_checked']}** | **{t['rows_lost']}** | "
         f"**{t['rows_duplicated']}** | **{t['rows_extra']}** | | **{'pass' if t['all_ok'] else 'FAIL'}** |",
-        "",
     ]
-    for s in res["scenarios"]:
-        if s["scenario"] == "bad-input":
-            lines.append(
-                f"Bad input: **{s['rejected_correctly']} of {s['specs']}** malformed specs, stores and data folders rejected with exit code 2, "
-                f"one line naming the field, and nothing written to the store; code executed by a spec: {'YES' if s['code_executed'] else 'no'}."
-            )
-        if s["scenario"] == "rerun-finished":
-            lines.append(
-                f"Rerun of a finished sweep: exit {s['returncode']}, says nothing to do: {s['says_nothing_to_do']}, store unchanged: {s['store_unchanged']}."
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -739,17 +1072,21 @@ def document(res: dict) -> str:
     out = [
         "# Reliability: faults injected, rows lost or duplicated",
         "",
-        f"Produced by `scripts/reliability.py` on {res['date']}, on {res['machine']}, in {t['seconds'] / 60:.1f} minutes "
-        "(shared with other work at the time). Rerun it with",
+        f"Produced by `scripts/reliability.py` on {res['date']}, on {res['machine']}, in {t['seconds'] / 60:.1f} minutes, "
+        f"{res.get('where', 'in a working tree')}. Rerun it with",
         "",
         "    .venv/bin/python scripts/reliability.py            # writes RELIABILITY.md and RELIABILITY.json",
         "",
+        *(f"Rerun on {r['date']} ({r['where']}), replacing their rows: {', '.join(r['scenarios'])}." for r in res.get("rerun", [])),
+        *([""] if res.get("rerun") else []),
         "Each scenario runs the `raysweep` command line in subprocesses on one small spec (micro GPT-2, two forget",
         "tasks, fine-tune 3 epochs -> forget 3 -> relearn 2, every example of both tasks scored after every epoch; the",
         "spec is in RELIABILITY.json). The store a scenario leaves behind is compared with the store of an uninterrupted",
         "run of the same spec: every (trial, phase, epoch, eval task, split, example) row must exist exactly once, read",
         "with DuckDB from every Parquet file a glob reader would see (committed or not), with the same confidence and",
         "log-likelihoods, and the hidden states, per-epoch summaries and trial milestones must be the same too.",
+        "rank-kill compares with an uninterrupted 2-worker run, edited-spec with a run of the edited spec, and dead-node",
+        "with an uninterrupted run on its own two-node cluster. The rows without store figures refuse input or touch nothing.",
         "",
         markdown(res).rstrip(),
         "",
@@ -813,10 +1150,76 @@ def document(res: dict) -> str:
     if "two-versions" in by:
         s = by["two-versions"]
         out.append(
-            "- **two-versions**: while a `raysweep run` of the spec was running, a second driver with the same sweep name and another "
+            "- **two-versions**: while a `raysweep run` of the spec was running (its two trial workers SIGKILLed once each in relearning, "
+            "to keep it going while the others start; Tune retried them), a second driver with the same sweep name and another "
             f"forget learning rate was refused (exit 2: `{s['refusal']}`), and so was a second driver of the same version; the first "
             f"ran on undisturbed (exit {s['first_returncode']}) and its store equals the reference: nothing of the other version in it."
         )
+    if "two-drivers" in by:
+        s = by["two-drivers"]
+        out.append(
+            "- **two-drivers**: two `raysweep run` of the spec on one new store, started at the same moment: exit codes "
+            f"{s['returncodes']}" + (f"; the second refused in one line (`{s['refusal']}`)" if s.get("refusal") else "")
+            + "; the store has every row exactly once and equals the reference."
+        )
+    if "edited-spec" in by:
+        s = by["edited-spec"]
+        out.append(
+            "- **edited-spec**: the finished sweep rerun under the same name with another forget learning rate (exit "
+            f"{s['returncode']}): the changed trials got new ids and ran, and their rows equal an uninterrupted run of the edited spec "
+            f"({s['rows']} rows); the old trials are marked `superseded` and their {s.get('old_version_rows_checked', '?')} rows are "
+            "exactly as they were; `raysweep status` says so and `raysweep analyze` reads only the new version."
+        )
+    if "corrupt-resume" in by:
+        s = by["corrupt-resume"]
+        out.append(
+            "- **corrupt-resume**: one trial was SIGKILLed on every attempt mid-fine-tuning, then the weights of its last resume point "
+            "(`latest.pt`) had bits flipped inside a tensor (the zip intact: torch alone would load it), its best-epoch weights were "
+            "truncated and its pretrained commit marker emptied. The next `raysweep run` moved the empty marker to quarantine, found the "
+            "resume point's damage by its CRC and restarted the trial from the pretrained model, each logged in the trial's "
+            f"`restarts.log` ({' / '.join(s.get('restarts_log', []))}); it never trained from the damaged weights. Then a finished trial's `latest.pt` was truncated and a commit marker cut "
+            "mid-write: `raysweep status` named both and refused (exit 2), `raysweep repair` quarantined both and reopened the trial, "
+            "and the next run recomputed it."
+        )
+    if "disk-full" in by:
+        s = by["disk-full"]
+        if s.get("skipped"):
+            out.append(f"- **disk-full**: skipped ({s['skipped']}); `tests/test_disk_full.py` runs the same with /dev/full where it can.")
+        else:
+            out.append(
+                "- **disk-full**: the store on a 20 MB tmpfs filled to 300 kB free (room for the plan, the examples and the pretrained "
+                f"epochs, not for a resume point): exit {s['returncode']}, `{s['message']}`; every trial marked failed with that reason, "
+                "no uncommitted or temporary file left. After the filler was deleted a plain rerun completed, equal to the reference."
+            )
+    if "dead-node" in by:
+        s = by["dead-node"]
+        if "rows" in s:
+            out.append(
+                "- **dead-node**: `scripts/cluster_check.sh`: a real two-node cluster on this machine (`ray start --head` and `ray start "
+                "--address`, 1 CPU each), a 4-trial sweep across both; the worker node's raylet SIGKILLed while trial "
+                f"`{s['killed_trial']}` ran on it. Tune retried it on the head, where it resumed ({len(s.get('killed_trial_attempts') or [])} "
+                f"attempts); the store equals an uninterrupted run's on the same cluster ({s['rows']} rows; its own spec, not the one above). "
+                f"Checks: {', '.join(k for k, v in s['checks'].items() if v)}" + ("" if all(s["checks"].values()) else
+                f"; FAILED: {', '.join(k for k, v in s['checks'].items() if not v)}") + "."
+            )
+        else:
+            out.append(f"- **dead-node**: FAILED: {s.get('error', '')[-300:]}")
+    if "network-exposure" in by:
+        s = by["network-exposure"]
+        exporters = ", ".join(f"{port} ({RAY_METRICS_EXPORTERS.get(port)}, on {ip})" for ip, port in s.get("metrics_exporters", []))
+        out.append(
+            f"- **network-exposure**: `raysweep run` with its dashboard, as a user starts it. While it ran, its processes listened on "
+            f"{s['ports']} TCP ports ({', '.join(f'{n} on {ip}' for ip, n in sorted(s['ports_by_address'].items()))}). The dashboard "
+            f"({s['dashboard']}) listened on {', '.join(s['dashboard_addresses'])} only, and its API answered {s['api_without_token']} "
+            f"without the token and {s['api_with_token']} with it. Ray binds its gRPC servers to the machine's routable address even "
+            "for a local cluster and cannot be told otherwise; they answer nothing without the token. "
+            + (f"Two ports serve anonymous callers: Ray's Prometheus exporters {exporters}, read-only metrics (request timings, "
+               "node counts) that no Ray setting turns off (the README says so)." if exporters else "")
+            + " Every port:"
+        )
+        out += ["", "  | address | port | process | anonymous HTTP GET | what an anonymous caller gets |", "  |---|---:|---|---|---|"]
+        out += [f"  | {p['address']} | {p['port']} | {p['process']} | {p['answer']} | {p['anonymous_use']} |" for p in s.get("port_table", [])]
+        out.append("")
     if "rerun-finished" in by:
         s = by["rerun-finished"]
         out.append(f"- **rerun-finished**: `raysweep run` on the finished reference store: exit {s['returncode']}, 'nothing to do', no file written or touched: {s['store_unchanged']}.")
@@ -825,9 +1228,13 @@ def document(res: dict) -> str:
         out.append(
             f"- **bad-input**: {s['specs']} bad inputs through `raysweep run` as subprocesses: the {len(expected_rejections())} specs of "
             "`tests/bad_specs/` (bad YAML, unknown keys, tasks and architectures, wrong types, zero or negative learning rates, sizes and "
-            "epochs, empty axes, duplicate trials, `!!python` tags, GPU and CPU requests the cluster cannot meet) and stores and data folders "
-            "that are wrong on disk (a store that is a file, not writable, or written by a newer schema; a data folder missing a split or "
-            f"with a label that is not 0/1). {s['rejected_correctly']} of {s['specs']} exited with code 2 and exactly one line naming the "
+            "epochs, absurd counts such as `max_epochs: 1000000000000`, `1e12`, `cap: 10**15` or 10**12 pretraining steps, sweep names "
+            "with `../`, `/`, an emoji or control characters, a YAML alias bomb (billion laughs), empty axes, duplicate trials, `!!python` "
+            "tags, a model folder whose config needs remote code, JSON lines with a malformed line or a label that is not 0/1, GPU and CPU "
+            "requests the cluster cannot meet), spec paths that are a directory, `/dev/zero` or a 50 MB file, stores that are wrong on "
+            "disk (a file, not writable, in a read-only directory, written by a newer schema), data folders missing a split or with a "
+            "label of 2, and `analyze` / `report` on a missing, empty or read-only store or with an `--out` that is an existing file or "
+            f"cannot be written. {s['rejected_correctly']} of {s['specs']} exited with code 2 and exactly one line naming the "
             "field and the problem, with nothing written; code executed by a spec: " + ("YES" if s["code_executed"] else "none") + "."
         )
         for f in s["failures"]:
@@ -835,7 +1242,44 @@ def document(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-SCENARIOS = ("worker-kill", "rank-kill", "driver-kill", "trial-error", "corrupt-file", "corrupt-resume", "driver-signal", "two-versions", "rerun-finished", "bad-input")
+SCENARIOS = ("worker-kill", "rank-kill", "driver-kill", "driver-signal", "two-drivers", "two-versions", "edited-spec", "trial-error",
+             "corrupt-file", "corrupt-resume", "disk-full", "dead-node", "network-exposure", "rerun-finished", "bad-input")
+
+
+def run_scenario(name: str, work: Path, spec: Path, reference: Path, total_commits: int) -> dict:
+    runs = {
+        "worker-kill": lambda: worker_kill(work, spec, reference),
+        "rank-kill": lambda: rank_kill(work),
+        "driver-kill": lambda: driver_kill(work, spec, reference, total_commits),
+        "driver-signal": lambda: driver_signal(work, spec, reference),
+        "two-drivers": lambda: two_drivers(work, spec, reference),
+        "two-versions": lambda: two_versions(work, spec, reference),
+        "edited-spec": lambda: edited_spec(work, spec, reference),
+        "trial-error": lambda: trial_error(work, spec, reference),
+        "corrupt-file": lambda: corrupt_file(work, reference),
+        "corrupt-resume": lambda: corrupt_resume(work, spec, reference),
+        "disk-full": lambda: disk_full(work, spec, reference),
+        "dead-node": lambda: dead_node(work),
+        "network-exposure": lambda: network_exposure(work, spec, reference),
+        "rerun-finished": lambda: rerun_finished(reference, spec),
+        "bad-input": lambda: bad_input_scenario(work / "bad-input", reference),
+    }
+    return runs[name]()
+
+
+def totals_of(scenarios: list[dict], seconds: float) -> dict:
+    store_runs = [s for s in scenarios if "rows" in s]
+    return {
+        "faults_injected": sum(s.get("faults_injected", 0) for s in store_runs),
+        "trials_completed": sum(s["trials_done"] for s in store_runs),
+        "rows_checked": sum(s["rows"] for s in store_runs),
+        "rows_lost": sum(s["lost"] for s in store_runs),
+        "rows_duplicated": sum(s["duplicated"] for s in store_runs),
+        "rows_extra": sum(s["extra"] for s in store_runs),
+        "specs_rejected": next((f"{s['rejected_correctly']}/{s['specs']}" for s in scenarios if s["scenario"] == "bad-input"), None),
+        "all_ok": all(s["ok"] for s in scenarios),
+        "seconds": round(seconds, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -845,6 +1289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "RELIABILITY.json")
     ap.add_argument("--markdown", type=Path, default=ROOT / "RELIABILITY.md", help="The markdown document (table and scenario notes).")
     ap.add_argument("--render", action="store_true", help="Only rewrite --markdown from the results already in --json.")
+    ap.add_argument("--merge", action="store_true", help="Replace only the scenarios run now (--only) in the results already in --json.")
+    ap.add_argument("--context", default="", help="Said after the commit in RELIABILITY.md, e.g. 'on a fresh clone, nothing else running'.")
     args = ap.parse_args(argv)
     if args.render:
         args.markdown.write_text(document(json.loads(args.json.read_text())))
@@ -869,48 +1315,31 @@ def main(argv: list[str] | None = None) -> int:
             if name not in only:
                 continue
             print(f"scenario {name} ...", flush=True)
-            if name == "worker-kill":
-                res = worker_kill(work, spec, reference)
-            elif name == "rank-kill":
-                res = rank_kill(work)
-            elif name == "driver-kill":
-                res = driver_kill(work, spec, reference, total)
-            elif name == "trial-error":
-                res = trial_error(work, spec, reference)
-            elif name == "corrupt-file":
-                res = corrupt_file(work, reference)
-            elif name == "corrupt-resume":
-                res = corrupt_resume(work, spec, reference)
-            elif name == "driver-signal":
-                res = driver_signal(work, spec, reference)
-            elif name == "two-versions":
-                res = two_versions(work, spec, reference)
-            elif name == "rerun-finished":
-                res = rerun_finished(reference, spec)
-            else:
-                res = bad_input_scenario(work / "bad-input")
+            t1 = time.time()
+            try:
+                res = run_scenario(name, work, spec, reference, total)
+            except Exception as exc:  # noqa: BLE001 - one scenario's crash is its result, not the run's end
+                import traceback
+
+                res = {"scenario": name, "ok": False, "seconds": round(time.time() - t1, 1), "error": "".join(traceback.format_exception(exc))[-3000:]}
             print(f"  {'ok' if res['ok'] else 'FAILED'} ({res.get('seconds', '')} s)", flush=True)
             scenarios.append(res)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    store_runs = [s for s in scenarios if "rows" in s]
-    totals = {
-        "faults_injected": sum(s.get("faults_injected", 0) for s in store_runs),
-        "trials_completed": sum(s["trials_done"] for s in store_runs),
-        "rows_checked": sum(s["rows"] for s in store_runs),
-        "rows_lost": sum(s["lost"] for s in store_runs),
-        "rows_duplicated": sum(s["duplicated"] for s in store_runs),
-        "rows_extra": sum(s["extra"] for s in store_runs),
-        "specs_rejected": next((f"{s['rejected_correctly']}/{s['specs']}" for s in scenarios if s["scenario"] == "bad-input"), None),
-        "all_ok": all(s["ok"] for s in scenarios),
-        "seconds": round(time.time() - t0, 1),
-    }
-    res = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "spec": spec_text(), "reference_commits": total, "totals": totals, "scenarios": scenarios}
+    res = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "where": where(args.context), "spec": spec_text(),
+           "reference_commits": total, "scenarios": scenarios}
+    if args.merge and args.json.is_file():
+        old = json.loads(args.json.read_text())
+        rerun = {s["scenario"] for s in scenarios}
+        res = {**old, "rerun": [*old.get("rerun", []), {"date": res["date"], "where": res["where"], "scenarios": sorted(rerun)}],
+               "scenarios": [next((n for n in scenarios if n["scenario"] == o["scenario"]), o) for o in old["scenarios"]]
+               + [n for n in scenarios if n["scenario"] not in {o["scenario"] for o in old["scenarios"]}]}
+    res["totals"] = totals_of(res["scenarios"], res["totals"]["seconds"] if "rerun" in res else time.time() - t0)
     args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
     args.markdown.write_text(document(res))
     print(markdown(res))
-    return 0 if totals["all_ok"] else 1
+    return 0 if res["totals"]["all_ok"] else 1
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def test_cluster_check_stopped_by_a_signal_leaves_no_node_running():
 @pytest.mark.timeout(1500)
 def test_two_node_cluster_loses_its_worker_node_mid_sweep_and_loses_no_row(tmp_path):
     out = tmp_path / "summary.json"
-    env = {**os.environ, "PYTHON": sys.executable}
+    # RAY_AUTH_MODE unset, as in a user's shell (the suite sets it): Ray alone would then turn
+    # token auth on for the head node and off for the worker's join.
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, "PYTHON": sys.executable}
     t0 = time.time()
     proc = subprocess.Popen(["bash", str(SCRIPT), "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -143,7 +145,9 @@ def test_two_node_cluster_loses_its_worker_node_mid_sweep_and_loses_no_row(tmp_p
     r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.is_file(), r.stderr[-4000:]
     s = json.loads(out.read_text())
-    assert r.returncode == 0, (s.get("checks"), r.stderr[-4000:])
+    # Failed checks first: pytest cuts a long message, and these say which part went wrong.
+    failed = sorted(k for k, ok in (s.get("checks") or {}).items() if not ok)
+    assert r.returncode == 0, (failed, s.get("gcs_error"), s.get("compare"), r.stderr[-4000:])
 
     nodes = {n["role"]: n for n in s["nodes"]}
     assert set(nodes) == {"head", "worker"} and nodes["head"]["node_id"] != nodes["worker"]["node_id"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -28,7 +26,7 @@ from raysweep.spec import parse_spec
 from raysweep.store import EpochKey, Store
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner
-from scripts.reliability import compare_stores, raysweep
+from scripts.reliability import compare_stores, fill_disk, mount_tmpfs, raysweep
 from tests.conftest import tiny_spec_text
 
 DEV_FULL = Path("/dev/full")
@@ -102,36 +100,16 @@ def test_the_command_line_says_one_line_cleans_up_and_marks_running_trials_faile
 SPEC = tiny_spec_text(name="dfull", ft_epochs=2, fg_epochs=1)
 
 
-def _can_mount() -> str | None:
-    """None if this process may mount a tmpfs, else why not."""
-    if os.geteuid() != 0:
-        return "mounting a tmpfs needs root (run as root to test a real full disk end to end)"
-    if shutil.which("mount") is None:
-        return "no mount command"
-    return None
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    why = _can_mount()
+    mnt = tmp_path / "tmpfs"
+    why = mount_tmpfs(mnt)
     if why:
         pytest.skip(why)
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(mnt: Path, leave_bytes: int) -> Path:
-    st = os.statvfs(mnt)
-    filler = mnt / "filler"
-    filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - leave_bytes))
-    return filler
 
 
 @pytest.mark.slow
@@ -145,7 +123,7 @@ def test_a_sweep_on_a_full_disk_fails_cleanly_and_completes_once_space_is_freed(
     root = small_tmpfs / "store"
     # Room for the plan, the examples and the pretrained epoch's rows, not for the resume
     # point after them (about 370 kB for this model).
-    filler = _fill(small_tmpfs, 300 << 10)
+    filler = fill_disk(small_tmpfs, 300 << 10)
     full = raysweep("run", str(spec), "--store", str(root), "--no-dashboard", timeout=600)
     reason = f"store {root.absolute()}: no space left on device"
     assert full.returncode == 1, (full.stdout[-2000:], full.stderr[-3000:])
@@ -170,7 +148,7 @@ def test_the_live_view_shows_a_trial_that_ran_out_of_space_as_failed(tmp_path, s
     from raysweep.sweep import run_sweep
 
     root = small_tmpfs / "store"
-    _fill(small_tmpfs, 300 << 10)
+    fill_disk(small_tmpfs, 300 << 10)
     spec = parse_spec(SPEC)
     seen: list[dict[str, str]] = []
     with contextlib.suppress(DiskFull):

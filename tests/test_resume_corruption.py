@@ -9,8 +9,6 @@ compared row for row with the store of an uninterrupted run of the same plan
 from __future__ import annotations
 
 import shutil
-import struct
-import zipfile
 
 import pytest
 from typer.testing import CliRunner
@@ -21,7 +19,7 @@ from raysweep.spec import parse_spec
 from raysweep.store import Store, torch_file_problem
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner
-from scripts.reliability import compare_stores
+from scripts.reliability import compare_stores, damage_tensor_bytes
 from tests.conftest import tiny_spec_text
 
 # Fine-tuning runs its 2 epochs (a train accuracy of 1.0 is out of reach), then one epoch of
@@ -71,19 +69,6 @@ def _restarts(runner: TrialRunner) -> str:
     return log.read_text() if log.exists() else ""
 
 
-def _damage_tensor_bytes(path) -> None:
-    """Flip the exponent bits of a few float32 values inside the largest tensor of a torch
-    file, as a bad disk sector would: the zip structure stays intact."""
-    with zipfile.ZipFile(path) as zf:
-        info = max(zf.infolist(), key=lambda i: i.file_size)
-    data = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-    start = info.header_offset + 30 + name_len + extra_len
-    for k in range(8):
-        data[start + 4 * k + 3] ^= 0x3F  # high byte of a little-endian float32
-    path.write_bytes(bytes(data))
-
-
 def test_a_truncated_best_finetune_file_restarts_the_trial_and_says_so(tmp_path, reference):
     store, runner = _interrupted(tmp_path)
     (best,) = runner.ckpt_dir.glob("best_finetune-e*.pt")
@@ -99,7 +84,7 @@ def test_a_truncated_best_finetune_file_restarts_the_trial_and_says_so(tmp_path,
 def test_damaged_weights_in_a_resume_point_are_never_trained_from(tmp_path, reference):
     store, runner = _interrupted(tmp_path)
     latest = runner.ckpt_dir / "latest.pt"
-    _damage_tensor_bytes(latest)
+    damage_tensor_bytes(latest)
     # torch would load this file without a word; only the CRC of its members tells.
     assert torch_file_problem(latest) is None
     assert "CRC" in torch_file_problem(latest, deep=True)

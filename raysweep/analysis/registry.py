@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 
+from raysweep.registry import Registry
+
 if TYPE_CHECKING:
     from raysweep.analysis.context import AnalysisContext
 
@@ -32,7 +34,7 @@ class Analysis:
     run: Callable[["AnalysisContext"], AnalysisResult]
 
 
-_REGISTRY: dict[str, Analysis] = {}
+ANALYSES: Registry[Analysis] = Registry("analysis", field="analysis")
 
 
 def register(name: str, *, title: str, figure: str) -> Callable[[Callable[["AnalysisContext"], AnalysisResult]], Callable[["AnalysisContext"], AnalysisResult]]:
@@ -40,17 +42,15 @@ def register(name: str, *, title: str, figure: str) -> Callable[[Callable[["Anal
         raise ValueError(f"analysis name {name!r} must be an identifier (it names a folder next to others)")
 
     def deco(fn: Callable[["AnalysisContext"], AnalysisResult]) -> Callable[["AnalysisContext"], AnalysisResult]:
-        if name in _REGISTRY and _REGISTRY[name].run is not fn:
-            raise ValueError(f"analysis {name!r} registered twice")
-        _REGISTRY[name] = Analysis(name=name, title=title, figure=figure, run=fn)
+        ANALYSES.add(name, Analysis(name=name, title=title, figure=figure, run=fn))
         return fn
 
     return deco
 
 
 def get(name: str) -> Analysis:
-    return _REGISTRY[name]
+    return ANALYSES.get(name)
 
 
 def names() -> list[str]:
-    return list(_REGISTRY)
+    return ANALYSES.names()

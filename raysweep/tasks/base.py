@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from raysweep.errors import BadInput, TaskLoadError
+from raysweep.registry import Registry
 
 SPLITS = ("train", "validation", "test")
 
@@ -108,25 +109,20 @@ class Task(ABC):
         return prompt
 
 
-_REGISTRY: dict[str, Task] = {}
+TASKS: Registry[Task] = Registry("task", field="task", hint="see `raysweep tasks list`")
 
 
 def register(cls: type[Task]) -> type[Task]:
-    if cls.name in _REGISTRY:
-        raise ValueError(f"task {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls()
+    TASKS.add(cls.name, cls())
     return cls
 
 
 def registered_tasks() -> dict[str, Task]:
-    return dict(_REGISTRY)
+    return dict(TASKS.items())
 
 
 def get_task(name: str) -> Task:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise BadInput(f"task: unknown task {name!r} (see `raysweep tasks list`)") from None
+    return TASKS.get(name)
 
 
 def _seeded_rng(*parts: object) -> random.Random:
