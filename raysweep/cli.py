@@ -267,6 +267,7 @@ def plan(
 @_guard
 def status(store_root: Path = STORE_OPT, sweep: Optional[str] = typer.Option(None, help="Only this sweep.")) -> None:
     """What the store holds: each trial's status, progress and headline accuracies."""
+    from raysweep.integrity import verify
     from raysweep.store import Store
     from raysweep.summary import summarize
 
@@ -274,7 +275,7 @@ def status(store_root: Path = STORE_OPT, sweep: Optional[str] = typer.Option(Non
     if not store.exists():
         raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
     store.check_version()
-    bad = store.verify()
+    bad = verify(store)
     if bad:
         # No figures computed next to (or from) files that cannot be read back.
         for path, reason in bad:
@@ -307,6 +308,7 @@ def analyze(
 ) -> None:
     """Run the analyses over the store; results land as Parquet under the store's analysis/."""
     from raysweep.analysis import AnalysisParams, registered_analyses, render_outcome, run_analyses
+    from raysweep.integrity import verify
     from raysweep.store import Store
 
     params = AnalysisParams(layer=layer, min_headroom=min_headroom, denominator=denominator)
@@ -322,7 +324,7 @@ def analyze(
     results = store.root / "analysis"
     if not os.access(results if results.is_dir() else store.root, os.W_OK):
         raise BadInput(f"store: {str(results)!r} is not writable; `analyze` stores its results there (`raysweep report --out DIR` writes only to DIR)")
-    bad = store.verify()
+    bad = verify(store)
     if bad:
         for path, reason in bad:
             err.print(f"[red]corrupt[/] {path}: {reason}", highlight=False)
@@ -413,13 +415,14 @@ def report(
 def repair(store_root: Path = STORE_OPT) -> None:
     """Move unreadable Parquet files, commit markers and resume files to the store's
     quarantine/; the epochs they held rerun on resume."""
+    from raysweep.integrity import quarantine, verify
     from raysweep.store import Store
 
     store = Store(store_root)
     if not store.exists():
         raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
-    bad = store.verify(deep=True)
-    moved = store.quarantine([p for p, _ in bad])
+    bad = verify(store, deep=True)
+    moved = quarantine(store, [p for p, _ in bad])
     for src, dest in zip(bad, moved):
         console.print(f"quarantined {src[0]} -> {dest} ({src[1]})", highlight=False)
     console.print(f"{len(moved)} file(s) quarantined" + ("; trials that lost epochs rerun them with the next `raysweep run`" if moved else ""))

@@ -23,7 +23,8 @@ import torch
 from raysweep.distributed import Group
 from raysweep.errors import is_no_space
 from raysweep.models import LoadedModel
-from raysweep.store import Store, torch_file_problem
+from raysweep.integrity import bad_markers, quarantine, torch_file_problem
+from raysweep.store import Store
 from raysweep.train import resume_safe_globals
 
 
@@ -164,10 +165,10 @@ class ResumePoints:
         stderr (the worker's log) and in the trial's restarts.log."""
         self.resumed_best = None
         self._expect_parts = 0
-        bad = self.store.bad_markers(self.sweep, self.trial_id)
+        bad = bad_markers(self.store, self.sweep, self.trial_id)
         if bad:
             # Out of the way before anything counts commits: their epochs are recomputed.
-            for (marker, problem), dest in zip(bad, self.store.quarantine([m for m, _ in bad], reopen=False)):
+            for (marker, problem), dest in zip(bad, quarantine(self.store, [m for m, _ in bad], reopen=False)):
                 self.log(f"{marker}: {problem}; its epoch counts as uncommitted and is recomputed (marker moved to {dest})")
         path = self.dir / "latest.pt"
         if not path.exists():

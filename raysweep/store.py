@@ -35,7 +35,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -393,7 +392,7 @@ class Store:
                 out[phase_dir.name] = eps
         return out
 
-    def _files(self, kind: str, sweep: str | None = None, committed_only: bool = True) -> list[Path]:
+    def files(self, kind: str, sweep: str | None = None, committed_only: bool = True) -> list[Path]:
         base = self.path(kind) if sweep is None else self.path(kind, sweep)
         if not base.is_dir():
             return []
@@ -414,20 +413,6 @@ class Store:
         """An epoch whose marker is there and reads back as this epoch's: an empty or
         garbled marker commits nothing (its epoch is recomputed)."""
         return marker_problem(self.path("commits", f"{key.rel}.json"), key) is None
-
-    def bad_markers(self, sweep: str | None = None, trial_id: str | None = None) -> list[tuple[Path, str]]:
-        """Commit markers that do not read back as their epoch's (empty, truncated, garbage)."""
-        base = self.path("commits") if sweep is None else self.path("commits", sweep) if trial_id is None else self.path("commits", sweep, trial_id)
-        if not base.is_dir():
-            return []
-        bad = []
-        for m in sorted(base.rglob("e*.json")):
-            rel = m.relative_to(self.root / "commits").parts
-            key = EpochKey(rel[0], rel[1], rel[2], int(m.stem[1:])) if len(rel) == 4 and m.stem[1:].isdigit() else None
-            problem = marker_problem(m, key)
-            if problem is not None:
-                bad.append((m, problem))
-        return bad
 
     def uncommit(self, key: EpochKey, kinds: tuple[str, ...] = EPOCH_KINDS) -> None:
         """Remove an epoch (marker first, so a crash half-way leaves it uncommitted, never
@@ -474,7 +459,7 @@ class Store:
         return n
 
     def dataset(self, kind: str, sweep: str | None = None) -> ds.Dataset | None:
-        files = self._files(kind, sweep)
+        files = self.files(kind, sweep)
         if not files:
             return None
         try:
@@ -503,104 +488,6 @@ class Store:
     def sweeps(self) -> list[str]:
         base = self.path("trials")
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-
-    def milestones(self, sweep: str | None = None) -> pa.Table:
-        """(trial_id, milestone, phase, epoch) of the points the paper compares:
-        pretrained, finetuned (best validation epoch), forgotten (last forget epoch),
-        relearned (last relearn epoch). Only done trials of each sweep's current version:
-        a trial of another version, whatever its row says, is never pooled with these."""
-        t = self.trials(sweep).to_pylist()
-        current: dict[str, set[str] | None] = {}
-        rows = []
-        for r in t:
-            if r["status"] != "done":
-                continue
-            if r["sweep"] not in current:
-                plan = self.current_plan(r["sweep"])
-                current[r["sweep"]] = None if plan is None else set(plan["trial_ids"])
-            if current[r["sweep"]] is not None and r["trial_id"] not in current[r["sweep"]]:
-                continue
-            rows.append({"trial_id": r["trial_id"], "milestone": "pretrained", "phase": "pretrained", "epoch": 0})
-            if r["best_finetune_epoch"] is not None:
-                rows.append({"trial_id": r["trial_id"], "milestone": "finetuned", "phase": "finetune", "epoch": r["best_finetune_epoch"]})
-            if r["last_forget_epoch"] is not None:
-                rows.append({"trial_id": r["trial_id"], "milestone": "forgotten", "phase": "forget", "epoch": r["last_forget_epoch"]})
-            if r["last_relearn_epoch"] is not None:
-                rows.append({"trial_id": r["trial_id"], "milestone": "relearned", "phase": "relearn", "epoch": r["last_relearn_epoch"]})
-        schema = pa.schema([("trial_id", pa.string()), ("milestone", pa.string()), ("phase", pa.string()), ("epoch", pa.int32())])
-        return pa.Table.from_pylist(rows, schema=schema)
-
-    def verify(self, deep: bool = False) -> list[tuple[Path, str]]:
-        """Every Parquet file that cannot be read back, with the reason.
-
-        By default only each file's footer is read and checked against the file's size,
-        which catches what a crash or a full disk leaves (truncated and half-written files)
-        at a cost independent of the store's size, so `status` and `analyze` stay quick on
-        big stores. `deep` decodes every page, as `repair` does, to catch damage inside a file."""
-        bad = []
-        for kind in ("trials", "scores", "hidden", "epochs", "examples", "prep"):
-            for f in self._files(kind, committed_only=False):
-                try:
-                    if deep:
-                        pq.read_table(f)
-                    else:
-                        _check_footer(f)
-                except Exception as exc:  # noqa: BLE001 - any failure to read makes the file bad
-                    bad.append((f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
-        # A marker that does not parse would be taken for a commit by readers and crash the
-        # trial that adds to it; a damaged resume point would fail every attempt to resume.
-        bad += self.bad_markers()
-        ckpts = self.path("checkpoints")
-        for f in sorted(ckpts.rglob("*.pt")) if ckpts.is_dir() else []:
-            if f.name.startswith(("_", ".")):
-                continue
-            problem = torch_file_problem(f, deep=deep)
-            if problem is not None:
-                bad.append((f, problem))
-        return bad
-
-    def quarantine(self, files: Iterable[Path], reopen: bool = True) -> list[Path]:
-        """Move files to quarantine/. A data file or commit marker takes its epoch out of the
-        store (and, with `reopen`, sends its trial back to be recomputed); a resume file only
-        goes, since an unfinished trial falls back past a missing one on its own and a
-        finished one never reads it again."""
-        moved = []
-        hit: set[tuple[str, str]] = set()
-        for f in files:
-            rel = Path(f).absolute().relative_to(self.root)
-            dest = self.root / "quarantine" / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            # The epoch's marker goes first, so no reader ever sees it committed without its file.
-            if rel.parts[0] in EPOCH_KINDS:
-                marker = self.root / "commits" / Path(*rel.parts[1:]).with_suffix(".json")
-                marker.unlink(missing_ok=True)
-                if len(rel.parts) == 5:
-                    hit.add((rel.parts[1], rel.parts[2]))
-            elif rel.parts[0] == "commits" and len(rel.parts) == 5:
-                hit.add((rel.parts[1], rel.parts[2]))
-            os.replace(f, dest)
-            moved.append(dest)
-        for sweep, trial_id in sorted(hit) if reopen else []:
-            self._reopen_trial(sweep, trial_id, "repair quarantined some of its epochs; run the sweep again to recompute them")
-        return moved
-
-    def _reopen_trial(self, sweep: str, trial_id: str, reason: str) -> None:
-        """Make the next `raysweep run` recompute a trial that lost committed epochs.
-
-        A resume point only knows how to go forward, and the lost epoch lies behind it: the
-        resume point moves to quarantine too, so the trial reruns from its start and, being
-        deterministic, rewrites every epoch (the intact ones with the same rows)."""
-        ckpt = self.path("checkpoints", sweep, trial_id)
-        if ckpt.is_dir():
-            dest = self.root / "quarantine" / "checkpoints" / sweep / f"{trial_id}-{int(time.time())}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(ckpt, dest)
-        row_file = self.path("trials", sweep, f"{trial_id}.parquet")
-        try:
-            row = pq.read_table(row_file).to_pylist()[0]
-        except Exception:  # noqa: BLE001 - no readable row: the next run writes a pending one
-            return
-        self.write_trial_row({**row, "status": "pending", "error": reason})
 
 
 def _lock_refusal(sweep: str, version: str, raw: bytes) -> str:
@@ -641,38 +528,3 @@ def marker_problem(path: Path, key: EpochKey | None = None) -> str | None:
     if key is not None and (meta["trial_id"], meta["phase"], meta["epoch"]) != (key.trial_id, key.phase, key.epoch):
         return f"commit marker names {meta['trial_id']}/{meta['phase']}/e{meta['epoch']}, not its own epoch"
     return None
-
-
-def torch_file_problem(path: Path, deep: bool = False) -> str | None:
-    """Why a resume file (torch's zip format) cannot be trusted, None if it can. Quick: the
-    zip directory at the file's end is there and every member lies inside the file, which
-    catches truncated and half-written files. Deep: every member's CRC-32 too, which catches
-    damage inside a file that torch would otherwise load as wrong weights without a word."""
-    import zipfile
-
-    try:
-        size = path.stat().st_size
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.header_offset + info.compress_size > size:
-                    return f"member {info.filename!r} ends past the end of the file"
-            if deep:
-                broken = zf.testzip()
-                if broken is not None:
-                    return f"member {broken!r} fails its CRC check (damaged)"
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
-        # zipfile raises RuntimeError for some damaged headers, EOFError for cut members.
-        return f"not a readable torch file ({type(exc).__name__}: {exc})" if str(exc) else f"not a readable torch file ({type(exc).__name__})"
-    return None
-
-
-def _check_footer(path: Path) -> None:
-    meta = pq.ParquetFile(path).metadata
-    size = path.stat().st_size
-    for i in range(meta.num_row_groups):
-        rg = meta.row_group(i)
-        for j in range(rg.num_columns):
-            col = rg.column(j)
-            start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else col.data_page_offset
-            if start + col.total_compressed_size > size:
-                raise OSError(f"column chunk {col.path_in_schema!r} of row group {i} ends past the end of the file")

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from raysweep.distributed import SINGLE, Group
 from raysweep.scoring import encode_pair, model_max_length, pad_id
-from raysweep.spec import PhaseConfig, TrainEngine
 from raysweep.tasks.base import Example
+
+if TYPE_CHECKING:
+    # Annotations only: the spec names the registered methods, and methods build on this module.
+    from raysweep.spec import PhaseConfig, TrainEngine
 
 
 @dataclass

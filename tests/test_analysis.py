@@ -36,6 +36,7 @@ from raysweep.analysis import registry
 from raysweep.analysis.measures import forget_ratio, upgma_order
 from raysweep.analysis.reducers import AccuracySums, FirstCrossing
 from raysweep.errors import BadInput
+from raysweep.registry import Registry
 
 ALL = ["single_task", "cross_task", "dataset_size", "flipped", "cross_model", "predictors", "order", "probes"]
 
@@ -288,7 +289,12 @@ def test_a_failing_analysis_does_not_stop_the_others(rich_store, monkeypatch):
     def boom(ctx):
         raise RuntimeError("kaput\nsecond line")
 
-    monkeypatch.setitem(registry._REGISTRY, "boom", registry.Analysis("boom", "Boom", "-", boom))
+    # A registry of this test's own: the process-wide one keeps only the real analyses.
+    scratch = Registry("analysis", field="analysis")
+    for name, entry in registry.ANALYSES.items():
+        scratch.add(name, entry)
+    scratch.add("boom", registry.Analysis("boom", "Boom", "-", boom))
+    monkeypatch.setattr(registry, "ANALYSES", scratch)
     out = run_analyses(rich_store, only=["boom", "single_task"], engine="local")
     assert [(o.name, o.status) for o in out] == [("single_task", "ok"), ("boom", "failed")]
     assert out[1].message == "RuntimeError: kaput second line"

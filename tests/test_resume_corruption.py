@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 from raysweep.cli import app
 from raysweep.faults import InjectedFault
 from raysweep.spec import parse_spec
-from raysweep.store import Store, torch_file_problem
+from raysweep.store import Store
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner
+from raysweep.integrity import torch_file_problem, verify
 from scripts.reliability import compare_stores, damage_tensor_bytes
 from tests.conftest import tiny_spec_text
 
@@ -100,13 +101,13 @@ def test_an_empty_commit_marker_counts_as_uncommitted_and_is_recomputed(tmp_path
     (best,) = runner.ckpt_dir.glob("best_finetune-e*.pt")
     marker = store.path("commits", "rc", runner.plan.trial_id, "finetune", f"e{int(best.stem.split('-e')[1]):04d}.json")
     marker.write_bytes(b"")
-    assert (marker, "commit marker is empty") in store.verify()
+    assert (marker, "commit marker is empty") in verify(store)
 
     _run(store, attempt=2)
     log = _restarts(runner)
     assert f"{marker}: commit marker is empty" in log and "past uncommitted epoch" in log, log
     _assert_equals_reference(store, reference)
-    assert store.verify(deep=True) == []
+    assert verify(store, deep=True) == []
 
 
 def test_status_and_repair_see_damaged_resume_files_and_markers(tmp_path, reference):

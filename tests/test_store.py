@@ -10,6 +10,8 @@ import pytest
 
 from raysweep.errors import BadInput, StoreError
 from raysweep.store import EPOCHS_SCHEMA, SCHEMA_VERSION, SCORES_SCHEMA, EpochKey, EpochRecord, Store, atomic_write_table, hidden_schema
+from raysweep.integrity import quarantine, verify
+from raysweep.analysis.context import milestones
 
 
 def _scores(trial: str, phase: str, epoch: int, n: int = 5) -> pa.Table:
@@ -149,17 +151,17 @@ def test_verify_and_quarantine_truncated_file(store):
     path = store.root / "scores/s/t1/forget/e0001.parquet"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    bad = store.verify()
+    bad = verify(store)
     assert [p for p, _ in bad] == [path]
-    store.quarantine([path])
-    assert not path.exists() and store.verify() == []
+    quarantine(store, [path])
+    assert not path.exists() and verify(store) == []
     assert store.committed_epochs("s", "t1") == {}  # its epoch will be recomputed on resume
 
 
 def test_quick_verify_reads_footers_and_deep_verify_decodes_pages(store):
     store.commit_epoch(EpochRecord(EpochKey("s", "t1", "forget", 1), _scores("t1", "forget", 1), _summary("t1", "forget", 1)))
     path = store.root / "scores/s/t1/forget/e0001.parquet"
-    assert store.verify() == [] and store.verify(deep=True) == []
+    assert verify(store) == [] and verify(store, deep=True) == []
     # Damage inside the data pages, footer intact: only decoding every page finds it.
     meta = pq.ParquetFile(path).metadata
     col = meta.row_group(0).column(0)
@@ -167,13 +169,13 @@ def test_quick_verify_reads_footers_and_deep_verify_decodes_pages(store):
     start = col.data_page_offset
     data[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
     path.write_bytes(bytes(data))
-    assert store.verify() == []
-    assert [p for p, _ in store.verify(deep=True)] == [path]
+    assert verify(store) == []
+    assert [p for p, _ in verify(store, deep=True)] == [path]
 
 
 def test_milestones_from_trials_table(store):
     store.write_trial_row({"sweep": "s", "trial_id": "t1", "status": "done", "best_finetune_epoch": 4, "last_forget_epoch": 7})
     store.write_trial_row({"sweep": "s", "trial_id": "t2", "status": "running", "best_finetune_epoch": 2})
-    m = {(r["milestone"], r["phase"], r["epoch"]) for r in store.milestones().to_pylist() if r["trial_id"] == "t1"}
+    m = {(r["milestone"], r["phase"], r["epoch"]) for r in milestones(store).to_pylist() if r["trial_id"] == "t1"}
     assert m == {("pretrained", "pretrained", 0), ("finetuned", "finetune", 4), ("forgotten", "forget", 7)}
-    assert all(r["trial_id"] == "t1" for r in store.milestones().to_pylist())
+    assert all(r["trial_id"] == "t1" for r in milestones(store).to_pylist())

@@ -17,6 +17,7 @@ import pytest
 from raysweep.spec import parse_spec
 from raysweep.store import Store
 from raysweep.tasks.prepare import prepare_to_folder
+from raysweep.analysis.context import milestones
 from tests.conftest import tiny_spec_text
 from scripts.reliability import kill_session
 
@@ -144,9 +145,9 @@ def test_analyses_read_only_the_current_version(tmp_path):
     store.ensure()
     for plan in (old, new):
         store.write_trial_row({**trial_row(plan), "status": "done", "attempts": 1, "best_finetune_epoch": 1, "last_forget_epoch": 1})
-    assert set(store.milestones("cur").column("trial_id").to_pylist()) == {old.trial_id, new.trial_id}
+    assert set(milestones(store, "cur").column("trial_id").to_pylist()) == {old.trial_id, new.trial_id}
     store.write_plan("cur", "v2", [new.trial_id])
-    assert set(store.milestones("cur").column("trial_id").to_pylist()) == {new.trial_id}
+    assert set(milestones(store, "cur").column("trial_id").to_pylist()) == {new.trial_id}
 
 
 def _cli(*args: str) -> subprocess.Popen:

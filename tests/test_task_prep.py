@@ -15,6 +15,7 @@ from raysweep.errors import BadInput, TaskLoadError
 from raysweep.tasks import base, get_task, prepare_task
 from raysweep.tasks.base import RawSplits, Task, binarise
 from raysweep.tasks.prepare import REPORT_FILE, prepare_to_folder
+from raysweep.registry import Registry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 STUB = "stub_prep_task"
@@ -41,7 +42,11 @@ def stub(monkeypatch):
     """Register a stub task for one test only (the registry is global)."""
 
     def install(raw: RawSplits) -> str:
-        monkeypatch.setitem(base._REGISTRY, STUB, StubTask(raw))
+        scratch = Registry("task", field="task")
+        for name, task in base.TASKS.items():
+            scratch.add(name, task)
+        scratch.add(STUB, StubTask(raw))
+        monkeypatch.setattr(base, "TASKS", scratch)
         return STUB
 
     return install

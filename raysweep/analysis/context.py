@@ -24,6 +24,33 @@ SPLITS = ("train", "validation", "test")
 DENOMINATORS = ("trial", "own")
 
 
+def milestones(store: Store, sweep: str | None = None) -> pa.Table:
+    """(trial_id, milestone, phase, epoch) of the points the paper compares:
+    pretrained, finetuned (best validation epoch), forgotten (last forget epoch),
+    relearned (last relearn epoch). Only done trials of each sweep's current version:
+    a trial of another version, whatever its row says, is never pooled with these."""
+    t = store.trials(sweep).to_pylist()
+    current: dict[str, set[str] | None] = {}
+    rows = []
+    for r in t:
+        if r["status"] != "done":
+            continue
+        if r["sweep"] not in current:
+            plan = store.current_plan(r["sweep"])
+            current[r["sweep"]] = None if plan is None else set(plan["trial_ids"])
+        if current[r["sweep"]] is not None and r["trial_id"] not in current[r["sweep"]]:
+            continue
+        rows.append({"trial_id": r["trial_id"], "milestone": "pretrained", "phase": "pretrained", "epoch": 0})
+        if r["best_finetune_epoch"] is not None:
+            rows.append({"trial_id": r["trial_id"], "milestone": "finetuned", "phase": "finetune", "epoch": r["best_finetune_epoch"]})
+        if r["last_forget_epoch"] is not None:
+            rows.append({"trial_id": r["trial_id"], "milestone": "forgotten", "phase": "forget", "epoch": r["last_forget_epoch"]})
+        if r["last_relearn_epoch"] is not None:
+            rows.append({"trial_id": r["trial_id"], "milestone": "relearned", "phase": "relearn", "epoch": r["last_relearn_epoch"]})
+    schema = pa.schema([("trial_id", pa.string()), ("milestone", pa.string()), ("phase", pa.string()), ("epoch", pa.int32())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
 @dataclass(frozen=True)
 class AnalysisParams:
     # Split of the headline accuracies (forget ratio, cross-task matrix, predictors).
@@ -98,9 +125,9 @@ class TrialInfo:
 
 
 class _TrialsOnce(Store):
-    """The store with `trials()` memoised: `Store.milestones` reads the trial rows again
-    on top of the read that gives the parameters, and with hundreds of trial files that
-    second read costs as much as a small analysis. Milestones stay Store's own logic."""
+    """The store with `trials()` memoised: `milestones` reads the trial rows again on top of
+    the read that gives the parameters, and with hundreds of trial files that second read
+    costs as much as a small analysis."""
 
     def __init__(self, store: Store):
         super().__init__(store.root)
@@ -136,7 +163,7 @@ class SweepIndex:
         for sw in sweeps:
             rows = {r["trial_id"]: r for r in store.trials(sw).to_pylist()}
             ms: dict[str, dict[str, EpochRef]] = {}
-            for m in store.milestones(sw).to_pylist():
+            for m in milestones(store, sw).to_pylist():
                 ms.setdefault(m["trial_id"], {})[m["milestone"]] = EpochRef(m["phase"], int(m["epoch"]))
             for tid in sorted(ms):
                 if tid in kept:

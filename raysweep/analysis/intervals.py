@@ -84,13 +84,44 @@ def bootstrap_correlation(x: np.ndarray, y: np.ndarray, resamples: int, rng: np.
     return {"pearson_r": percentile(np.concatenate(pearson)), "spearman_r": percentile(np.concatenate(spearman))}
 
 
+@dataclass(frozen=True)
+class Correlation:
+    n: int
+    pearson_r: float | None
+    pearson_p: float | None
+    spearman_r: float | None
+    spearman_p: float | None
+
+
+def _clean(v: float) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def correlate(x: list[float | None] | np.ndarray, y: list[float | None] | np.ndarray) -> Correlation:
+    """Pearson and Spearman with two-sided p-values over the pairs where both are defined;
+    None where fewer than 3 pairs remain or one side is constant."""
+    from scipy import stats
+
+    xa = np.array([np.nan if v is None else v for v in x], dtype=np.float64)
+    ya = np.array([np.nan if v is None else v for v in y], dtype=np.float64)
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[ok], ya[ok]
+    n = int(ok.sum())
+    if n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+        return Correlation(n, None, None, None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pr = stats.pearsonr(xa, ya)
+        sr = stats.spearmanr(xa, ya)
+    return Correlation(n, _clean(pr.statistic), _clean(pr.pvalue), _clean(sr.statistic), _clean(sr.pvalue))
+
+
 def correlation_estimates(by_seed: dict[object, tuple[list, list]], resamples: int, key: tuple) -> dict[str, object]:
     """Pearson and Spearman r of x against y with their intervals. Points are grouped by
     seed: with two or more seeds r is computed per seed and the mean and t-interval taken
     over seeds; with one seed r is that seed's and the points are bootstrapped. p-values are
     those of all points together."""
-    from raysweep.analysis.measures import correlate
-
     xs = [v for s in sorted(by_seed, key=str) for v in by_seed[s][0]]
     ys = [v for s in sorted(by_seed, key=str) for v in by_seed[s][1]]
     pooled = correlate(xs, ys)

@@ -10,13 +10,12 @@ t-interval over seeds with two or more, a bootstrap over the examples with one.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, rng_for, t_interval, percentile
+from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, Correlation, correlation_estimates, percentile, rng_for, t_interval
 from raysweep.analysis.reducers import from_fixed_point
 
 MILESTONE_ACC = ("acc_pretrained", "acc_finetuned", "acc_forgotten")
@@ -309,39 +308,6 @@ def upgma_order(matrix: np.ndarray) -> tuple[list[int], list[int]]:
     return order(matrix), order(matrix.T)
 
 
-@dataclass(frozen=True)
-class Correlation:
-    n: int
-    pearson_r: float | None
-    pearson_p: float | None
-    spearman_r: float | None
-    spearman_p: float | None
-
-
-def _clean(v: float) -> float | None:
-    v = float(v)
-    return None if math.isnan(v) else v
-
-
-def correlate(x: list[float | None] | np.ndarray, y: list[float | None] | np.ndarray) -> Correlation:
-    """Pearson and Spearman with two-sided p-values over the pairs where both are defined;
-    None where fewer than 3 pairs remain or one side is constant."""
-    from scipy import stats
-
-    xa = np.array([np.nan if v is None else v for v in x], dtype=np.float64)
-    ya = np.array([np.nan if v is None else v for v in y], dtype=np.float64)
-    ok = np.isfinite(xa) & np.isfinite(ya)
-    xa, ya = xa[ok], ya[ok]
-    n = int(ok.sum())
-    if n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
-        return Correlation(n, None, None, None, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pr = stats.pearsonr(xa, ya)
-        sr = stats.spearmanr(xa, ya)
-    return Correlation(n, _clean(pr.statistic), _clean(pr.pvalue), _clean(sr.statistic), _clean(sr.pvalue))
-
-
 CORRELATION_FIELDS = [
     ("n", pa.int64()), ("pearson_r", pa.float64()), ("pearson_p", pa.float64()),
     ("spearman_r", pa.float64()), ("spearman_p", pa.float64()),
@@ -359,8 +325,6 @@ def agreement(a: list[Cell], b: list[Cell], value, resamples: int, key: tuple) -
     its interval: per seed when both have the same two or more seeds, else over the cells'
     means with a bootstrap over the cells. `value(cell_or_seed_values)` reads a Cell or one
     seed's measures (a dict)."""
-    from raysweep.analysis.intervals import correlation_estimates
-
     va = {(c.forget_task, c.eval_task): c for c in a}
     vb = {(c.forget_task, c.eval_task): c for c in b}
     shared = sorted(set(va) & set(vb))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysweep.analysis import registry
+import raysweep.analysis.registry as registry
 from raysweep.analysis.context import AnalysisContext, AnalysisParams, SweepIndex
 from raysweep.analysis.engine import choose_engine
 from raysweep.errors import BadInput
