@@ -129,9 +129,42 @@ def fig_by_method(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     return figs
 
 
+def fig_forgetting_events(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    rows = [r for r in o.tables["summary"].to_pylist() if r["own_task"]]
+    figs = []
+    for model, size in sorted({(r["model"], r["size"]) for r in rows}, key=str)[:MAX_PANELS]:
+        rs = [r for r in rows if (r["model"], r["size"]) == (model, size)]
+        splits = [s for s in ("train", "validation", "test") if any(r["split"] == s for r in rs)]
+        fig = Figure(figsize=(max(7.0, 3.6 * len(splits)), 3.6), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(splits), squeeze=False)[0])
+        for ax, split in zip(axes, splits):
+            here = [r for r in rs if r["split"] == split and r["phase"] == "forget"]
+            tasks = sorted({r["forget_task"] for r in here})
+            methods = sorted({r["method"] for r in here})
+            width = 0.8 / max(1, len(methods))
+            for k, method in enumerate(methods):
+                got = {r["forget_task"]: r for r in here if r["method"] == method}
+                ordered = [got.get(t) for t in tasks]
+                x = np.arange(len(tasks)) + (k - (len(methods) - 1) / 2) * width
+                present = [r for r in ordered if r is not None]
+                ax.bar([xi for xi, r in zip(x, ordered) if r is not None], [_num(r["unforgettable_frac"]) for r in present], width,
+                       label=method, yerr=_yerr(present, "unforgettable_frac"), capsize=3)
+            ax.set_xticks(np.arange(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{split} split", fontsize=9)
+            ax.set_ylabel("unforgettable fraction")
+            ax.set_xlabel("forget task (its own examples)", fontsize=8)
+        axes[0].legend(fontsize=8, title="method", title_fontsize=8)
+        fig.suptitle(f"{model}, n={size}: forget-task examples never forgotten during the forget phase "
+                     "(correct at some step, never correct -> incorrect; from the finetuned milestone)", fontsize=9)
+        figs.append((f"forgetting_events_{model}_n{size}", fig))
+    return figs
+
+
 BEYOND_FIGURES: dict[str, Callable[[AnalysisOutcome], list[tuple[str, Figure]]]] = {
     "association": fig_association,
     "predict": fig_predict,
     "by_method": fig_by_method,
+    "forgetting_events": fig_forgetting_events,
 }
 

@@ -31,6 +31,7 @@ ANALYSIS_MODULES = (
     "association",
     "prediction",
     "by_method",
+    "forgetting_events",
 )
 
 for _m in ANALYSIS_MODULES:
