@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from raysweep.analysis.runner import AnalysisOutcome
 
@@ -161,10 +162,36 @@ def fig_forgetting_events(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     return figs
 
 
+def fig_membership(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    rows = o.tables["summary"].to_pylist()
+    figs = []
+    for model, size in sorted({(r["model"], r["size"]) for r in rows}, key=str)[:MAX_PANELS]:
+        rs = [r for r in rows if (r["model"], r["size"]) == (model, size)]
+        fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+        for ax, attack in zip(fig.subplots(1, 2), ("loss", "zlib")):
+            for (task, method) in sorted({(r["forget_task"], r["method"]) for r in rs if r["attack"] == attack}):
+                line = sorted((r for r in rs if (r["forget_task"], r["method"], r["attack"]) == (task, method, attack)),
+                              key=lambda r: r["step"])
+                x = [r["step"] for r in line]
+                ax.plot(x, [_num(r["auc"]) for r in line], marker=".", label=f"{task} / {method}")
+                ax.fill_between(x, [_num(r["auc_lo"]) for r in line], [_num(r["auc_hi"]) for r in line], alpha=0.2)
+            ax.axhline(0.5, color="#888", lw=0.8, ls="--")
+            ax.set_ylim(0, 1)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("forget epoch (0 = finetuned milestone)")
+            ax.set_ylabel(f"{attack} attack AUC")
+        fig.axes[0].legend(fontsize=7, title="forget task / method", title_fontsize=7)
+        fig.suptitle(f"{model}, n={size}: trained examples (train split) vs held-out (test split) of the forget task; "
+                     "0.5 = indistinguishable", fontsize=9)
+        figs.append((f"membership_{model}_n{size}", fig))
+    return figs
+
+
 BEYOND_FIGURES: dict[str, Callable[[AnalysisOutcome], list[tuple[str, Figure]]]] = {
     "association": fig_association,
     "predict": fig_predict,
     "by_method": fig_by_method,
     "forgetting_events": fig_forgetting_events,
+    "membership": fig_membership,
 }
 

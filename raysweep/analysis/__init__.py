@@ -32,6 +32,7 @@ ANALYSIS_MODULES = (
     "prediction",
     "by_method",
     "forgetting_events",
+    "membership",
 )
 
 for _m in ANALYSIS_MODULES:

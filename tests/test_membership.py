@@ -1,0 +1,116 @@
+"""Membership inference on hand-built stores whose answer is known: members drawn from the
+same distribution as held-out examples give AUC about 0.5, memorised members AUC near 1, and
+a forget phase that returns them to the held-out distribution brings it back to 0.5."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from raysweep.analysis import run_analyses
+from raysweep.analysis.membership import auc, bootstrap_auc
+from raysweep.store import EXAMPLES_SCHEMA, Store
+from tests.analysis_helpers import SWEEP, TrialSpec, TrialWriter
+
+N_MEMBERS, N_HELD_OUT = 300, 200
+
+
+def _prompt(split: str, i: int) -> str:
+    # Lengths vary, so the zlib score is not a monotone copy of the loss score.
+    return f"Question {split} {i}: " + "is this right? " * (1 + (i * 7) % 5)
+
+
+def _write(store: Store, trial_id: str, seed: int, member_conf, held_conf, forget_member_conf, size: int = 100) -> None:
+    spec = TrialSpec(trial_id, "m1", "t0", seed=seed, size=size, eval_tasks=["t0"])
+    w = TrialWriter(store, spec, splits=("train", "test"))
+    w.epoch("pretrained", 0, {("t0", "train"): list(held_conf[:N_MEMBERS]) + [0.5] * max(0, N_MEMBERS - len(held_conf)),
+                              ("t0", "test"): list(held_conf)})
+    w.epoch("finetune", 1, {("t0", "train"): list(member_conf), ("t0", "test"): list(held_conf)})
+    for e, conf in enumerate(forget_member_conf, start=1):
+        w.epoch("forget", e, {("t0", "train"): list(conf), ("t0", "test"): list(held_conf)})
+    w.finish(best_finetune=1, last_forget=len(forget_member_conf))
+
+
+def _examples(store: Store) -> None:
+    rows = [{"task": "t0", "split": s, "example_idx": i, "uid": f"{s}-{i}", "prompt": _prompt(s, i), "choice_0": " no",
+             "choice_1": " yes", "gold": i % 2} for s, n in (("train", N_MEMBERS), ("test", N_HELD_OUT)) for i in range(n)]
+    store.write_examples(SWEEP, "t0", pa.Table.from_pylist(rows, schema=EXAMPLES_SCHEMA))
+
+
+def _store(tmp_path, name: str) -> Store:
+    store = Store(tmp_path / name)
+    store.ensure()
+    _examples(store)
+    return store
+
+
+def test_auc_matches_sklearn_with_ties_and_the_bootstrap_brackets_it():
+    rng = np.random.default_rng(0)
+    m = rng.integers(0, 8, 120).astype(float)
+    h = rng.integers(0, 6, 90).astype(float)
+    labels = np.r_[np.ones(m.size), np.zeros(h.size)]
+    assert auc(m, h) == pytest.approx(roc_auc_score(labels, np.r_[m, h]), abs=1e-12)
+    lo, hi = bootstrap_auc(m, h, 2000, np.random.default_rng(1))
+    assert lo < auc(m, h) < hi and hi - lo < 0.3
+    assert auc(np.array([]), h) is None
+
+
+def test_same_distribution_gives_half_memorised_gives_one_and_forgetting_brings_it_back(tmp_path):
+    rng = np.random.default_rng(7)
+    store = _store(tmp_path, "store")
+    held = rng.uniform(0.3, 0.8, N_HELD_OUT)
+    memorised = rng.uniform(0.9, 0.99, N_MEMBERS)
+    # Forgetting drags the members down into the held-out distribution by the last epoch.
+    forget = [0.5 * memorised + 0.5 * rng.uniform(0.3, 0.8, N_MEMBERS), rng.uniform(0.3, 0.8, N_MEMBERS)]
+    _write(store, "memorised", 0, memorised, held, forget)
+    same = rng.uniform(0.3, 0.8, N_MEMBERS)
+    _write(store, "same", 0, same, held, [rng.uniform(0.3, 0.8, N_MEMBERS)], size=200)
+    (o,) = run_analyses(store, only=["membership"], engine="local")
+    assert o.status == "ok", o.message
+    runs = {(r["trial_id"], r["step"], r["attack"]): r for r in o.tables["runs"].to_pylist()}
+    assert runs[("memorised", 0, "loss")]["auc"] == pytest.approx(1.0)
+    assert runs[("memorised", 0, "loss")]["n_members"] == N_MEMBERS and runs[("memorised", 0, "loss")]["n_held_out"] == N_HELD_OUT
+    assert 0.5 < runs[("memorised", 1, "loss")]["auc"] < 1.0
+    assert abs(runs[("memorised", 2, "loss")]["auc"] - 0.5) < 0.08
+    assert abs(runs[("same", 0, "loss")]["auc"] - 0.5) < 0.08
+
+    # zlib: the same AUC as computed here from the stored log-likelihoods and the prompts.
+    sizes = {(s, i): len(zlib.compress((_prompt(s, i) + (" yes" if i % 2 else " no")).encode(), 9))
+             for s, n in (("train", N_MEMBERS), ("test", N_HELD_OUT)) for i in range(n)}
+    score_m = [3 * math.log(np.float32(c)) / sizes[("train", i)] for i, c in enumerate(memorised)]
+    score_h = [3 * math.log(np.float32(c)) / sizes[("test", i)] for i, c in enumerate(held)]
+    want = roc_auc_score(np.r_[np.ones(N_MEMBERS), np.zeros(N_HELD_OUT)], np.r_[score_m, score_h])
+    assert runs[("memorised", 0, "zlib")]["auc"] == pytest.approx(want, abs=1e-3)
+
+    # One seed per condition: bootstrap intervals, which contain the estimate.
+    s = {(r["step"], r["attack"]): r for r in o.tables["summary"].to_pylist() if r["size"] == 100}
+    assert all(r["interval"] == "bootstrap95" for r in s.values())
+    for r in s.values():
+        assert r["auc_lo"] <= r["auc"] <= r["auc_hi"]
+
+
+def test_seeds_give_a_t_interval_and_no_forget_phase_is_skipped(tmp_path):
+    rng = np.random.default_rng(3)
+    store = _store(tmp_path, "store")
+    held = rng.uniform(0.3, 0.8, N_HELD_OUT)
+    for seed in (0, 1, 2):
+        _write(store, f"s{seed}", seed, rng.uniform(0.6, 0.95, N_MEMBERS), held, [rng.uniform(0.3, 0.8, N_MEMBERS)])
+    (o,) = run_analyses(store, only=["membership"], engine="local")
+    (row,) = [r for r in o.tables["summary"].to_pylist() if r["step"] == 0 and r["attack"] == "loss"]
+    per_seed = [r["auc"] for r in o.tables["runs"].to_pylist() if r["step"] == 0 and r["attack"] == "loss"]
+    assert row["n_seeds"] == 3 and row["interval"] == "seeds-t95" and row["n_trials"] == 3
+    assert row["auc"] == pytest.approx(np.mean(per_seed)) and row["auc_lo"] < row["auc"] < row["auc_hi"]
+
+    bare = Store(tmp_path / "bare")
+    bare.ensure()
+    w = TrialWriter(bare, TrialSpec("x", "m1", "t0", eval_tasks=["t0"]), splits=("train", "test"))
+    w.epoch("pretrained", 0)
+    w.epoch("finetune", 1)
+    w.finish(best_finetune=1, last_forget=None)
+    (o,) = run_analyses(bare, only=["membership"], engine="local")
+    assert o.status == "skipped" and "forget" in o.message
