@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pyarrow as pa
 import pytest
+from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score
 
 from raysweep.analysis import run_analyses
@@ -25,11 +26,12 @@ def _prompt(split: str, i: int) -> str:
     return f"Question {split} {i}: " + "is this right? " * (1 + (i * 7) % 5)
 
 
-def _write(store: Store, trial_id: str, seed: int, member_conf, held_conf, forget_member_conf, size: int = 100) -> None:
+def _write(store: Store, trial_id: str, seed: int, member_conf, held_conf, forget_member_conf, size: int = 100,
+           pretrained_member_conf=None) -> None:
     spec = TrialSpec(trial_id, "m1", "t0", seed=seed, size=size, eval_tasks=["t0"])
     w = TrialWriter(store, spec, splits=("train", "test"))
-    w.epoch("pretrained", 0, {("t0", "train"): list(held_conf[:N_MEMBERS]) + [0.5] * max(0, N_MEMBERS - len(held_conf)),
-                              ("t0", "test"): list(held_conf)})
+    pre = np.random.default_rng(seed + 100).uniform(0.3, 0.8, N_MEMBERS) if pretrained_member_conf is None else pretrained_member_conf
+    w.epoch("pretrained", 0, {("t0", "train"): list(pre), ("t0", "test"): list(held_conf)})
     w.epoch("finetune", 1, {("t0", "train"): list(member_conf), ("t0", "test"): list(held_conf)})
     for e, conf in enumerate(forget_member_conf, start=1):
         w.epoch("forget", e, {("t0", "train"): list(conf), ("t0", "test"): list(held_conf)})
@@ -67,7 +69,8 @@ def test_same_distribution_gives_half_memorised_gives_one_and_forgetting_brings_
     memorised = rng.uniform(0.9, 0.99, N_MEMBERS)
     # Forgetting drags the members down into the held-out distribution by the last epoch.
     forget = [0.5 * memorised + 0.5 * rng.uniform(0.3, 0.8, N_MEMBERS), rng.uniform(0.3, 0.8, N_MEMBERS)]
-    _write(store, "memorised", 0, memorised, held, forget)
+    pre = rng.uniform(0.3, 0.8, N_MEMBERS)
+    _write(store, "memorised", 0, memorised, held, forget, pretrained_member_conf=pre)
     same = rng.uniform(0.3, 0.8, N_MEMBERS)
     _write(store, "same", 0, same, held, [rng.uniform(0.3, 0.8, N_MEMBERS)], size=200)
     (o,) = run_analyses(store, only=["membership"], engine="local")
@@ -86,6 +89,20 @@ def test_same_distribution_gives_half_memorised_gives_one_and_forgetting_brings_
     score_h = [3 * math.log(np.float32(c)) / sizes[("test", i)] for i, c in enumerate(held)]
     want = roc_auc_score(np.r_[np.ones(N_MEMBERS), np.zeros(N_HELD_OUT)], np.r_[score_m, score_h])
     assert runs[("memorised", 0, "zlib")]["auc"] == pytest.approx(want, abs=1e-3)
+
+    # privleak against the pretrained model (which trained on neither split).
+    first = runs[("memorised", 0, "loss")]
+    ref = roc_auc_score(np.r_[np.ones(N_MEMBERS), np.zeros(N_HELD_OUT)], np.log(np.r_[pre, held].astype(np.float32)))
+    assert first["auc_pretrained"] == pytest.approx(ref, abs=1e-6)
+    assert first["privleak"] == pytest.approx(100 * (1.0 - ref) / ref, abs=1e-4)
+    # Forget quality: KS of the members' confidences against the pretrained model's.
+    fq = {r["milestone"]: r for r in o.tables["forget_quality"].to_pylist() if r["trial_id"] == "memorised"}
+    for milestone, conf in (("finetuned", memorised), ("forgotten", forget[-1])):
+        want_ks = ks_2samp(conf.astype(np.float32), pre.astype(np.float32))
+        assert fq[milestone]["ks_statistic"] == pytest.approx(want_ks.statistic, abs=1e-6)
+        assert fq[milestone]["forget_quality"] == pytest.approx(want_ks.pvalue, rel=1e-6)
+    assert fq["finetuned"]["forget_quality"] < 1e-10 < fq["forgotten"]["forget_quality"]
+    assert fq["forgotten"]["ks_statistic"] < 0.15
 
     # One seed per condition: bootstrap intervals, which contain the estimate.
     s = {(r["step"], r["attack"]): r for r in o.tables["summary"].to_pylist() if r["size"] == 100}

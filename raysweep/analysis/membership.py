@@ -15,6 +15,11 @@ AUC 0.5: members look like held-out examples; near 1: the run still tells them a
 count one half (Mann-Whitney). Over seeds: the mean of per-seed AUCs with a t-interval; one
 seed: a stratified bootstrap over members and held-out examples.
 
+The reference is the pretrained model, which trained on neither split: `auc_pretrained` is
+its AUC, `privleak` = 100 (AUC - AUC_pretrained) / AUC_pretrained (open-unlearning's, with
+this reference), and `forget_quality` is the p-value of a two-sample KS test of the members'
+confidences at the finetuned and forgotten milestones against the pretrained model's.
+
 Unlike open-unlearning, the statistics are of the scored response only (the store holds
 response log-likelihoods), and Min-K% / Min-K%++ (which need per-token log-probabilities,
 not stored) are not computed.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -42,12 +48,17 @@ _COND = [("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), 
 RUN_SCHEMA = pa.schema(
     [("sweep", pa.string()), ("trial_id", pa.string())] + _COND
     + [("seed", pa.int32()), ("step", pa.int32()), ("attack", pa.string()), ("n_members", pa.int32()),
-       ("n_held_out", pa.int32()), ("auc", pa.float64())]
+       ("n_held_out", pa.int32()), ("auc", pa.float64()), ("auc_pretrained", pa.float64()), ("privleak", pa.float64())]
 )
 SUMMARY_SCHEMA = pa.schema(
     _COND + [("step", pa.int32()), ("attack", pa.string()), ("n_trials", pa.int32()), ("n_members", pa.int64()),
              ("n_held_out", pa.int64()), ("auc", pa.float64()), ("auc_lo", pa.float64()), ("auc_hi", pa.float64()),
-             ("n_seeds", pa.int32()), ("interval", pa.string())]
+             ("n_seeds", pa.int32()), ("interval", pa.string()), ("auc_pretrained", pa.float64()), ("privleak", pa.float64())]
+)
+QUALITY_SCHEMA = pa.schema(
+    [("sweep", pa.string()), ("trial_id", pa.string())] + _COND
+    + [("seed", pa.int32()), ("milestone", pa.string()), ("reference", pa.string()), ("n", pa.int32()),
+       ("ks_statistic", pa.float64()), ("forget_quality", pa.float64())]
 )
 
 
@@ -92,39 +103,80 @@ def _zlib_bytes(ctx: AnalysisContext, sweep: str, task: str) -> pa.Table:
     return ctx._cache[key]
 
 
-def trial_scores(ctx: AnalysisContext, t: TrialInfo) -> dict[int, dict[str, dict[str, np.ndarray]]]:
-    """step -> attack -> {"train": member scores, "test": held-out scores} for one trial."""
-    start = t.milestones.get("finetuned")
-    files = [f for f in (t.scan_file(ctx.store.root, "scores", start) if start else None,) if f is not None]
+@dataclass
+class TrialMembership:
+    # step -> attack -> {"train": member scores, "test": held-out scores}
+    steps: dict[int, dict[str, dict[str, np.ndarray]]]
+    # the same at the pretrained milestone: a model that saw neither split (the reference)
+    reference: dict[str, dict[str, np.ndarray]] | None
+    # milestone -> members' confidence in the correct response (forget quality's samples)
+    member_confidence: dict[str, np.ndarray]
+
+
+def trial_scores(ctx: AnalysisContext, t: TrialInfo) -> TrialMembership | None:
+    start, pre, last = (t.milestones.get(m) for m in ("finetuned", "pretrained", "forgotten"))
+    if start is None or not t.committed.get("forget"):
+        return None
+    files = [f for f in (t.scan_file(ctx.store.root, "scores", ref) for ref in (pre, start) if ref is not None) if f is not None]
     files += list(ctx.index.phase_files("scores", ("forget",), (t,)))
-    if not files or not t.committed.get("forget"):
-        return {}
     rows = ctx.engine.reduce(
-        Scan(tuple(files), columns=("phase", "epoch", "split", "example_idx", "ll_sum_correct", "ll_mean_correct"),
+        Scan(tuple(files), columns=("phase", "epoch", "split", "example_idx", "ll_sum_correct", "ll_mean_correct", "confidence"),
              trial_task=((t.sweep, t.trial_id, t.forget_task),)),
         CollectRows(order=("phase", "epoch", "split", "example_idx")),
     )
     if rows.num_rows == 0:
-        return {}
+        return None
     rows = rows.filter(pc.is_in(rows["split"], pa.array([MEMBERS, HELD_OUT])))
     sizes = _zlib_bytes(ctx, t.sweep, t.forget_task)
     if sizes.num_rows:
         rows = rows.join(sizes, keys=["split", "example_idx"], join_type="left outer")
-    out: dict[int, dict[str, dict[str, np.ndarray]]] = {}
     phase = rows["phase"].to_numpy(zero_copy_only=False)
     epoch = rows["epoch"].to_numpy()
     split = rows["split"].to_numpy(zero_copy_only=False)
     loss = rows["ll_mean_correct"].to_numpy(zero_copy_only=False).astype(np.float64)
     total = rows["ll_sum_correct"].to_numpy(zero_copy_only=False).astype(np.float64)
+    conf = rows["confidence"].to_numpy(zero_copy_only=False).astype(np.float64)
     zbytes = (rows["zlib_bytes"].to_numpy(zero_copy_only=False).astype(np.float64) if "zlib_bytes" in rows.column_names
               else np.full(rows.num_rows, np.nan))
-    steps = [(0, (phase == start.phase) & (epoch == start.epoch))] if start else []
-    steps += [(int(e), (phase == "forget") & (epoch == e)) for e in sorted(set(epoch[phase == "forget"].tolist()))]
-    for step, here in steps:
-        per: dict[str, dict[str, np.ndarray]] = {}
-        for attack, score in (("loss", loss), ("zlib", total / zbytes)):
-            per[attack] = {s: score[here & (split == s) & np.isfinite(score)] for s in (MEMBERS, HELD_OUT)}
-        out[step] = per
+    scores = (("loss", loss), ("zlib", total / zbytes))
+
+    def at(ref) -> np.ndarray:
+        return (phase == ref.phase) & (epoch == ref.epoch)
+
+    def attacks(here: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        return {a: {s: v[here & (split == s) & np.isfinite(v)] for s in (MEMBERS, HELD_OUT)} for a, v in scores}
+
+    steps = {0: attacks(at(start))}
+    for e in sorted(set(epoch[phase == "forget"].tolist())):
+        steps[int(e)] = attacks((phase == "forget") & (epoch == e))
+    members = {name: conf[at(ref) & (split == MEMBERS)] for name, ref in (("pretrained", pre), ("finetuned", start), ("forgotten", last))
+               if ref is not None}
+    return TrialMembership(steps, attacks(at(pre)) if pre is not None else None, {k: v for k, v in members.items() if v.size})
+
+
+def privleak(auc_run: float | None, auc_reference: float | None) -> float | None:
+    """open-unlearning's privleak: the relative gap in MIA AUC to the reference model, in %."""
+    if auc_run is None or not auc_reference:
+        return None
+    return 100.0 * (auc_run - auc_reference) / auc_reference
+
+
+def forget_quality_rows(t: TrialInfo, tm: TrialMembership) -> list[dict]:
+    """Two-sample KS of the members' confidences at the finetuned and forgotten milestones
+    against the pretrained model's on the same examples (a model that never trained on them):
+    open-unlearning's forget quality is the p-value, high when the two are indistinguishable."""
+    from scipy.stats import ks_2samp
+
+    ref = tm.member_confidence.get("pretrained")
+    out = []
+    for milestone in ("finetuned", "forgotten"):
+        got = tm.member_confidence.get(milestone)
+        if ref is None or got is None:
+            continue
+        ks = ks_2samp(got, ref)
+        out.append({"sweep": t.sweep, "trial_id": t.trial_id, "model": t.model, "method": t.method, "size": t.size,
+                    "forget_task": t.forget_task, "seed": t.seed, "milestone": milestone, "reference": "pretrained",
+                    "n": int(got.size), "ks_statistic": float(ks.statistic), "forget_quality": float(ks.pvalue)})
     return out
 
 
@@ -132,19 +184,27 @@ def trial_scores(ctx: AnalysisContext, t: TrialInfo) -> dict[int, dict[str, dict
 def run(ctx: AnalysisContext) -> AnalysisResult:
     require_trials(ctx)
     resamples = ctx.params.bootstrap_resamples
-    run_rows = []
+    run_rows: list[dict] = []
+    quality: list[dict] = []
     by_cell: dict[tuple, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+    leaks: dict[tuple, dict[int, tuple[float | None, float | None]]] = defaultdict(dict)
     for t in ctx.index.trials:
-        if t.milestones.get("finetuned") is None:
+        tm = trial_scores(ctx, t)
+        if tm is None:
             continue
-        for step, per in trial_scores(ctx, t).items():
+        quality += forget_quality_rows(t, tm)
+        for step, per in tm.steps.items():
             for attack, groups in per.items():
                 m, h = groups[MEMBERS], groups[HELD_OUT]
+                ref = tm.reference[attack] if tm.reference is not None else None
+                a, a_ref = auc(m, h), auc(ref[MEMBERS], ref[HELD_OUT]) if ref is not None else None
                 run_rows.append({"sweep": t.sweep, "trial_id": t.trial_id, "model": t.model, "method": t.method, "size": t.size,
                                  "forget_task": t.forget_task, "seed": t.seed, "step": step, "attack": attack,
-                                 "n_members": int(m.size), "n_held_out": int(h.size), "auc": auc(m, h)})
+                                 "n_members": int(m.size), "n_held_out": int(h.size), "auc": a, "auc_pretrained": a_ref,
+                                 "privleak": privleak(a, a_ref)})
                 if m.size and h.size:
                     by_cell[(t.model, t.method, t.size, t.forget_task, step, attack)][t.seed] = (m, h)
+                    leaks[(t.model, t.method, t.size, t.forget_task, step, attack)][t.seed] = (a_ref, privleak(a, a_ref))
     if not run_rows:
         raise Skip("no trial has a finetuned milestone and committed forget epochs")
     rows = []
@@ -152,7 +212,9 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         seeds = by_cell[key]
         row = dict(zip(("model", "method", "size", "forget_task", "step", "attack"), key))
         row.update(n_trials=len(seeds), n_members=sum(m.size for m, _ in seeds.values()),
-                   n_held_out=sum(h.size for _, h in seeds.values()), n_seeds=len(seeds))
+                   n_held_out=sum(h.size for _, h in seeds.values()), n_seeds=len(seeds),
+                   auc_pretrained=t_interval([r for r, _ in leaks[key].values()]).value,
+                   privleak=t_interval([v for _, v in leaks[key].values()]).value)
         if len(seeds) >= 2:
             est = t_interval([auc(m, h) for m, h in seeds.values()])
             row.update(auc=est.value, auc_lo=est.lo, auc_hi=est.hi, interval=SEEDS_T)
@@ -170,4 +232,5 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     notes = []
     if not np.isfinite([r["auc"] if r["auc"] is not None else np.nan for r in run_rows if r["attack"] == "zlib"]).any():
         notes.append("zlib AUC left empty: the store has no prepared examples to compress")
-    return AnalysisResult({"summary": summary, "runs": runs}, msg, notes=notes)
+    tables = {"summary": summary, "runs": runs, "forget_quality": pa.Table.from_pylist(quality, schema=QUALITY_SCHEMA)}
+    return AnalysisResult(tables, msg, notes=notes)
