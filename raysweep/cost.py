@@ -112,6 +112,8 @@ class TrialCost:
     train: TrainTokens
     epochs: dict[str, dict[str, float]]  # "upper" / "expected" -> phase -> epochs
     model: ModelShape
+    # The relearning attack's part of the trained set (phases.relearn.examples); None: all of it.
+    relearn: TrainTokens | None = None
 
     @property
     def rows_per_epoch(self) -> int:
@@ -129,7 +131,8 @@ class TrialCost:
         out = {}
         for phase, n in self.epochs[bound].items():
             method = self.plan.method if phase == "forget" else "gold"
-            out[phase] = n * self.train.for_targets(method, bound)
+            tokens = self.relearn if phase == "relearn" and self.relearn is not None else self.train
+            out[phase] = n * tokens.for_targets(method, bound)
         if self.plan.method == "npo" and "forget" in out:
             out["forget"] += self.train.gold  # the reference model's one pass over the forget set
         return out
@@ -263,7 +266,16 @@ def estimate(spec: SweepSpec, data: dict[str, PreparedTask], shapes: dict[str, M
         tkey = (plan.model.name, plan.forget_task, plan.size)
         if tkey not in train_cache:
             train_cache[tkey] = _stand_in_train(plan.size, [v for k, v in train_cache.items() if k[0] == plan.model.name])
-        trials.append(TrialCost(plan, slices, train_cache[tkey], phase_epochs(plan, expected), shapes[plan.model.name]))
+        relearn = None
+        k = plan.phases.relearn.examples
+        if plan.phases.relearn.enabled and k is not None and k < plan.size:
+            rkey = (plan.model.name, plan.forget_task, k)
+            if rkey not in train_cache:
+                train_cache[rkey] = (_stand_in_train(k, [train_cache[tkey]]) if sized_from_others(plan, plan.forget_task, "train")
+                                     else TrainTokens.count(data[plan.forget_task].split("train")[:k], tokenizers[plan.model.name],
+                                                            shapes[plan.model.name].max_length))
+            relearn = train_cache[rkey]
+        trials.append(TrialCost(plan, slices, train_cache[tkey], phase_epochs(plan, expected), shapes[plan.model.name], relearn))
     hidden_bytes = {name: hidden_row_bytes(s.hidden) for name, s in shapes.items()}
     return SweepCost(spec, trials, epochs_from or f"{DEFAULT_EXPECTED_FRACTION:.0%} of each phase's max_epochs (an assumption)",
                      scores_row_bytes(), hidden_bytes, sorted({*missing, *no_train}))

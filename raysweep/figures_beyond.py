@@ -162,11 +162,24 @@ def fig_forgetting_events(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     return figs
 
 
+def _per_model(rows: list[dict]) -> list[tuple[str, int, list[dict]]]:
+    """(model, size, its rows), at most MAX_PANELS of them: one figure each."""
+    keys = sorted({(r["model"], r["size"]) for r in rows}, key=str)[:MAX_PANELS]
+    return [(m, n, [r for r in rows if (r["model"], r["size"]) == (m, n)]) for m, n in keys]
+
+
+def _epoch_axis(ax, xlabel: str, ylabel: str) -> None:
+    """A curve over epochs of a quantity in [0, 1] whose chance level is 0.5."""
+    ax.axhline(0.5, color="#888", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 def fig_membership(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
-    rows = o.tables["summary"].to_pylist()
     figs = []
-    for model, size in sorted({(r["model"], r["size"]) for r in rows}, key=str)[:MAX_PANELS]:
-        rs = [r for r in rows if (r["model"], r["size"]) == (model, size)]
+    for model, size, rs in _per_model(o.tables["summary"].to_pylist()):
         fig = Figure(figsize=(9.0, 3.6), layout="constrained")
         for ax, attack in zip(fig.subplots(1, 2), ("loss", "zlib")):
             for (task, method) in sorted({(r["forget_task"], r["method"]) for r in rs if r["attack"] == attack}):
@@ -175,15 +188,28 @@ def fig_membership(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
                 x = [r["step"] for r in line]
                 ax.plot(x, [_num(r["auc"]) for r in line], marker=".", label=f"{task} / {method}")
                 ax.fill_between(x, [_num(r["auc_lo"]) for r in line], [_num(r["auc_hi"]) for r in line], alpha=0.2)
-            ax.axhline(0.5, color="#888", lw=0.8, ls="--")
-            ax.set_ylim(0, 1)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("forget epoch (0 = finetuned milestone)")
-            ax.set_ylabel(f"{attack} attack AUC")
+            _epoch_axis(ax, "forget epoch (0 = finetuned milestone)", f"{attack} attack AUC")
         fig.axes[0].legend(fontsize=7, title="forget task / method", title_fontsize=7)
         fig.suptitle(f"{model}, n={size}: trained examples (train split) vs held-out (test split) of the forget task; "
                      "0.5 = indistinguishable", fontsize=9)
         figs.append((f"membership_{model}_n{size}", fig))
+    return figs
+
+
+def fig_relearning(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    figs = []
+    for model, size, rs in _per_model(o.tables["curves"].to_pylist()):
+        fig = Figure(figsize=(7.0, 3.6), layout="constrained")
+        ax = fig.subplots()
+        for run in sorted({(r["forget_task"], r["method"], r["relearn_examples"], r["seed"]) for r in rs}, key=str):
+            line = sorted((r for r in rs if (r["forget_task"], r["method"], r["relearn_examples"], r["seed"]) == run),
+                          key=lambda r: r["step"])
+            ax.plot([r["step"] for r in line], [_num(r["acc"]) for r in line], marker=".",
+                    label=f"{run[0]} / {run[1]} / k={run[2]} / s{run[3]}")
+        _epoch_axis(ax, "relearn epoch (0 = forgotten milestone)", "forget-task test accuracy")
+        ax.legend(fontsize=7, title="forget task / method / relearn examples / seed", title_fontsize=7)
+        fig.suptitle(f"{model}, n={size}: held-out accuracy while relearning on k trained examples", fontsize=9)
+        figs.append((f"relearning_{model}_n{size}", fig))
     return figs
 
 
@@ -193,5 +219,6 @@ BEYOND_FIGURES: dict[str, Callable[[AnalysisOutcome], list[tuple[str, Figure]]]]
     "by_method": fig_by_method,
     "forgetting_events": fig_forgetting_events,
     "membership": fig_membership,
+    "relearning": fig_relearning,
 }
 

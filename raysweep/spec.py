@@ -211,6 +211,10 @@ class RelearnConfig(PhaseConfig):
     enabled: bool = False
     lr: PositiveFloat = 3e-5
     stop_train_acc: Annotated[float, Field(gt=0, le=1)] = 0.99
+    # A relearning attack: relearn on only the first k examples of the forgotten (trained)
+    # set, with their true labels; None relearns on all of them. The stop rule still reads
+    # the whole trained set, so with few examples the phase usually runs its max_epochs.
+    examples: ExampleCount | None = None
 
 
 class Phases(_Strict):
@@ -349,6 +353,14 @@ class SweepSpec(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _relearn_examples_fit(self) -> "SweepSpec":
+        k = self.phases.relearn.examples
+        if k is not None and any(k > n for n in self.sizes):
+            raise ValueError(f"phases.relearn.examples: {k} is more than the smallest size ({min(self.sizes)}): "
+                             "the attack relearns on part of the trained set")
+        return self
+
+    @model_validator(mode="after")
     def _tasks_known(self) -> "SweepSpec":
         from raysweep.tasks import registered_tasks
 
@@ -417,6 +429,9 @@ class TrialPlan(_Strict):
             mode="json",
             exclude={"trial_id": True, "sweep": True, "resources": True, "train": {"checkpoint", "checkpoint_optimizer"}, "data": {"sources"}},
         )
+        # Added after trial ids existed: hashed only when set, so every earlier trial keeps its id.
+        if ident["phases"]["relearn"].get("examples") is None:
+            ident["phases"]["relearn"].pop("examples", None)
         ident["world_size"] = self.resources.n_workers
         ident["device"] = "cuda" if self.resources.gpu > 0 else "cpu"
         return ident

@@ -236,6 +236,7 @@ class TrialRunner:
         self.attempt = 1
         # Set by `setup`:
         self.train_set: list[Example] = []
+        self.relearn_set: list[Example] = []  # the relearning attack's examples: all of train_set unless fewer
         self.slices: list[EvalSlice] = []
         self.lm: LoadedModel | None = None
         self.method: ForgetMethod | None = None
@@ -244,6 +245,7 @@ class TrialRunner:
         p = self.plan
         tasks = prepare_tasks(p, self.store)
         self.train_set = tasks[p.forget_task].split("train")[: p.size]
+        self.relearn_set = self.train_set[: p.phases.relearn.examples or p.size]
         self.slices = _eval_slices(p, tasks, self.train_set)
         self.lm = self._load_model()
         policy = p.train.checkpoint_optimizer
@@ -311,7 +313,8 @@ class TrialRunner:
         if progress.phase == "relearn" and not progress.phase_done:
             cfg = p.phases.relearn
             hook = PhaseHook(lambda acc, epoch: relearn_should_stop(acc[(p.forget_task, "train")], epoch, cfg))
-            progress = self.train_phase(cfg, progress, opt_state, lambda epoch: gold, nll_loss, hook)
+            relearn_gold = gold[: len(self.relearn_set)]
+            progress = self.train_phase(cfg, progress, opt_state, lambda epoch: relearn_gold, nll_loss, hook)
         return progress
 
     def _forget(self, progress: Progress, opt_state: dict | None) -> Progress:
@@ -364,7 +367,8 @@ class TrialRunner:
     def _epoch_batches(self, phase: str, epoch: int, targets: list[int], cfg: PhaseConfig):
         rng = random.Random(_seed_for(self.plan.seed, phase, epoch, "batches"))
         torch.manual_seed(_seed_for(self.plan.seed, phase, epoch, "torch"))
-        return build_batches(self.lm.tokenizer, self.lm.model, self.train_set, targets, cfg.batch_size, rng)
+        examples = self.relearn_set if phase == "relearn" else self.train_set
+        return build_batches(self.lm.tokenizer, self.lm.model, examples, targets, cfg.batch_size, rng)
 
     def _score_epoch(self) -> tuple[ScoreResult | None, Accuracies]:
         """Scores (rank 0) and accuracies (every rank: they drive the stop rules)."""

@@ -105,7 +105,7 @@ def test_probe_reads_the_named_layer_and_says_when_it_is_missing(tmp_path):
 # ---- one copy per trial ---------------------------------------------------------------------
 
 EVERY = ["single_task", "cross_task", "dataset_size", "flipped", "cross_model", "predictors", "order", "probes",
-         "association", "by_method", "predict", "forgetting_events", "membership"]
+         "association", "by_method", "predict", "forgetting_events", "membership", "relearning"]
 
 
 def test_a_sweep_stored_twice_analyses_as_once(tmp_path):

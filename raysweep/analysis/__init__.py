@@ -33,6 +33,7 @@ ANALYSIS_MODULES = (
     "by_method",
     "forgetting_events",
     "membership",
+    "relearning",
 )
 
 for _m in ANALYSIS_MODULES:
