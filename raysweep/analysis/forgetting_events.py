@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from raysweep.analysis.common import require_trials
 from raysweep.analysis.context import AnalysisContext, TrialInfo
-from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, rng_for, t_interval
+from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, resample_chunks, rng_for, t_interval
 from raysweep.analysis.engine import Scan
 from raysweep.analysis.reducers import CollectRows
 from raysweep.analysis.registry import AnalysisResult, Skip, register
@@ -134,9 +134,7 @@ def _mean_estimate(per_seed: dict[int, np.ndarray], resamples: int, key: tuple) 
     (v,) = per_seed.values()
     if v.size < 2:
         return {"value": float(v.mean()) if v.size else None, "lo": None, "hi": None, "n_seeds": 1, "interval": BOOTSTRAP}
-    rng = rng_for(*key)
-    draws = np.concatenate([v[rng.integers(0, v.size, size=(min(100, resamples - s), v.size))].mean(axis=1)
-                            for s in range(0, resamples, 100)])
+    draws = np.concatenate([v[idx].mean(axis=1) for idx in resample_chunks(v.size, resamples, rng_for(*key))])
     lo, hi = percentile(draws)
     return {"value": float(v.mean()), "lo": lo, "hi": hi, "n_seeds": 1, "interval": BOOTSTRAP}
 
@@ -171,8 +169,7 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def _bootstrap_jaccard(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> tuple[float | None, float | None]:
     draws = []
-    for start in range(0, resamples, 100):
-        idx = rng.integers(0, a.size, size=(min(100, resamples - start), a.size))
+    for idx in resample_chunks(a.size, resamples, rng):
         both, either = (a[idx] & b[idx]).sum(axis=1), (a[idx] | b[idx]).sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             draws.append(np.where(either > 0, both / np.maximum(either, 1), np.nan))

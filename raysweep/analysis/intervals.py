@@ -12,7 +12,7 @@ import math
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -61,6 +61,12 @@ def percentile(draws: np.ndarray) -> tuple[float | None, float | None]:
     return float(lo), float(hi)
 
 
+def resample_chunks(n: int, resamples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Bootstrap indices into n points, BOOT_CHUNK resamples (rows) at a time."""
+    for start in range(0, resamples, BOOT_CHUNK):
+        yield rng.integers(0, n, size=(min(BOOT_CHUNK, resamples - start), n))
+
+
 def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     xc = x - x.mean(axis=1, keepdims=True)
     yc = y - y.mean(axis=1, keepdims=True)
@@ -77,8 +83,7 @@ def bootstrap_correlation(x: np.ndarray, y: np.ndarray, resamples: int, rng: np.
     n = len(x)
     rx, ry = rankdata(x), rankdata(y)
     pearson, spearman = [], []
-    for start in range(0, resamples, BOOT_CHUNK):
-        idx = rng.integers(0, n, size=(min(BOOT_CHUNK, resamples - start), n))
+    for idx in resample_chunks(n, resamples, rng):
         pearson.append(_rowwise_pearson(x[idx], y[idx]))
         spearman.append(_rowwise_pearson(rx[idx], ry[idx]))
     return {"pearson_r": percentile(np.concatenate(pearson)), "spearman_r": percentile(np.concatenate(spearman))}

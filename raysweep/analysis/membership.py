@@ -92,8 +92,8 @@ def _zlib_bytes(ctx: AnalysisContext, sweep: str, task: str) -> pa.Table:
     each prepared example of one task; empty when the store holds no prepared examples."""
     key = ("membership_zlib", sweep, task)
     if key not in ctx._cache:
-        ex = ctx.store.read("examples", sweep=sweep)
-        ex = ex.filter(pc.equal(ex["task"], task)) if ex.num_rows else ex
+        every = ctx.memo(("examples", sweep), lambda: ctx.store.read("examples", sweep=sweep))
+        ex = every.filter(pc.equal(every["task"], task)) if every.num_rows else every
         rows = []
         for r in ex.to_pylist():
             text = r["prompt"] + (r["choice_1"] if r["gold"] == 1 else r["choice_0"])

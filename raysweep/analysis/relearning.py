@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from raysweep.analysis.common import require_trials
 from raysweep.analysis.context import AnalysisContext, TrialInfo
 from raysweep.analysis.engine import Scan
-from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, rng_for, t_interval
+from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, resample_chunks, rng_for, t_interval
 from raysweep.analysis.reducers import CollectRows
 from raysweep.analysis.registry import AnalysisResult, Skip, register
 
@@ -93,8 +93,7 @@ def _bootstrap_auc(r: Recovery, min_headroom: float, resamples: int, rng: np.ran
     if n < 2:
         return None, None
     draws = []
-    for start in range(0, resamples, 100):
-        idx = rng.integers(0, n, size=(min(100, resamples - start), n))
+    for idx in resample_chunks(n, resamples, rng):
         acc = r.steps[idx].mean(axis=1)  # (B, E + 1)
         gap = r.finetuned[idx].mean(axis=1) - acc[:, 0]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -104,10 +103,7 @@ def _bootstrap_auc(r: Recovery, min_headroom: float, resamples: int, rng: np.ran
 
 
 def _relearn_examples(ctx: AnalysisContext, t: TrialInfo) -> int:
-    key = ("relearn_plans", t.sweep)
-    if key not in ctx._cache:
-        ctx._cache[key] = ctx.store.trials(t.sweep).select(["trial_id", "plan_json"])
-    rows = ctx._cache[key]
+    rows = ctx.memo(("relearn_plans", t.sweep), lambda: ctx.store.trials(t.sweep).select(["trial_id", "plan_json"]))
     hit = rows.filter(pc.equal(rows["trial_id"], t.trial_id))["plan_json"].to_pylist()
     plan = json.loads(hit[0]) if hit and hit[0] else {}
     k = ((plan.get("phases") or {}).get("relearn") or {}).get("examples")
@@ -132,12 +128,11 @@ def trial_recovery(ctx: AnalysisContext, t: TrialInfo) -> Recovery | None:
     epoch = rows["epoch"].to_numpy()
     idx = rows["example_idx"].to_numpy()
     correct = pc.fill_null(rows["correct"], False).to_numpy(zero_copy_only=False).astype(bool)
-    examples = np.unique(idx)
-    pos = {int(e): i for i, e in enumerate(examples)}
+    examples = np.unique(idx)  # sorted: an example's column index is its searchsorted position
 
     def column(here: np.ndarray) -> np.ndarray | None:
         out = np.full(examples.size, -1, dtype=np.int8)
-        out[[pos[int(i)] for i in idx[here]]] = correct[here]
+        out[np.searchsorted(examples, idx[here])] = correct[here]
         return None if (out < 0).any() else out.astype(bool)
 
     cols = [column((phase == ref.phase) & (epoch == ref.epoch)) for ref in (ft, fg)]
