@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from raysweep.constants import SPLITS
 from raysweep.errors import BadInput, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parallel sweeps of forgetting experiments on language models.")
@@ -354,7 +355,7 @@ def predict(
     """Predict which examples a forget run hits from k revealed ones, leave-one-run-out over
     the association matrix; results land under the store's analysis/predict/."""
     from raysweep.analysis import outcome_table
-    from raysweep.predict import PredictParams, run_prediction
+    from raysweep.analysis.prediction import PredictParams, run_prediction
     from raysweep.store import Store
 
     store = Store(store_root)
@@ -474,7 +475,7 @@ def tasks_show(
     """A few rendered, binarised examples of a task."""
     from raysweep.tasks import prepare_task
 
-    if split not in ("train", "validation", "test"):
+    if split not in SPLITS:
         raise BadInput(f"--split: {split!r} is not one of train, validation, test")
     task = prepare_task(name, seed=1234, cap=max(n, 1), max_chars=2048, source=source)
     for ex in task.split(split)[:n]:

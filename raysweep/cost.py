@@ -18,13 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysweep.constants import SPLITS
 from raysweep.errors import BadInput
 from raysweep.scoring import encode_examples
 from raysweep.spec import SweepSpec, TrialPlan
 from raysweep.store import SCORES_SCHEMA
 from raysweep.tasks.base import Example, PreparedTask, PrepReport
 
-TRAINED_PHASES = ("finetune", "forget", "relearn")
 # Without observed epochs or --expect-epochs, a phase is expected to stop at this fraction of
 # its epoch budget: the paper's stop rules (train accuracy 0.99, test accuracy below 0.5) end
 # most phases well before 100 epochs. It is printed with every plan that uses it.
@@ -313,7 +313,7 @@ def scores_row_bytes(rows: int = 20_000) -> float:
         "sweep": pa.array(["sweep"] * rows), "trial_id": pa.array(["task-random-n1000-s0-0123456789"] * rows),
         "phase": pa.array(["forget"] * rows), "epoch": pa.array(np.full(rows, 7, np.int32)),
         "eval_task": pa.array([f"task{i * 21 // rows}" for i in range(rows)]),
-        "split": pa.array([("train", "validation", "test")[i * 3 // rows] for i in range(rows)]),
+        "split": pa.array([SPLITS[i * 3 // rows] for i in range(rows)]),
         "example_idx": pa.array(np.arange(rows, dtype=np.int32) % 1000), "gold": pa.array(gold),
         "ll_sum_correct": pa.array(ll[:, 0]), "ll_sum_distractor": pa.array(ll[:, 1]),
         "ll_mean_correct": pa.array(ll[:, 2] / 5), "ll_mean_distractor": pa.array(ll[:, 3] / 5),

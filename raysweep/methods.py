@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from typing import ClassVar, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, PositiveFloat, ValidationError
 
 from raysweep.registry import Registry
 from raysweep.tasks.base import Example
@@ -26,11 +27,21 @@ def nll_loss(model, batch: TrainBatch) -> BatchLoss:
     return BatchLoss(-lp.sum(), n.sum())
 
 
+class NoArgs(BaseModel):
+    """A method's own arguments (a spec's `method_args: {method: {...}}`); this one has none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
 class ForgetMethod(ABC):
     name: ClassVar[str]
+    Args: ClassVar[type[BaseModel]] = NoArgs
     # The forget ratio's denominator: random-label methods aim at chance (1/2); flipped labels
     # aim at the mirror image of the fine-tuned accuracy.
     ratio_formula: ClassVar[str] = "random"
+
+    def __init__(self, args: BaseModel | None = None):
+        self.args = args if args is not None else self.Args()
 
     @abstractmethod
     def targets(self, examples: Sequence[Example], epoch: int, rng: random.Random) -> list[int]:
@@ -57,8 +68,20 @@ def register_method(cls: type[ForgetMethod]) -> type[ForgetMethod]:
     return METHODS.add(cls.name, cls)
 
 
-def get_method(name: str, **kwargs) -> ForgetMethod:
-    return METHODS.get(name)(**kwargs)
+def method_args(name: str, given: Mapping | None = None) -> dict:
+    """The method's arguments with its defaults filled in; ValueError names a bad one."""
+    cls = METHODS.get(name)
+    try:
+        return cls.Args.model_validate(dict(given or {})).model_dump()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"argument {where!r} of method {name!r}: {err['msg']}") from None
+
+
+def get_method(name: str, args: Mapping | None = None) -> ForgetMethod:
+    cls = METHODS.get(name)
+    return cls(cls.Args(**method_args(name, args)))
 
 
 def registered_methods() -> list[str]:
@@ -107,8 +130,12 @@ class NPO(ForgetMethod):
 
     name = "npo"
 
-    def __init__(self, beta: float = 0.1):
-        self.beta = beta  # inverse temperature of the preference term
+    class Args(NoArgs):
+        beta: PositiveFloat = 0.1  # inverse temperature of the preference term
+
+    def __init__(self, args: BaseModel | None = None):
+        super().__init__(args)
+        self.beta = self.args.beta
         self._ref: dict[int, float] = {}
 
     def targets(self, examples, epoch, rng):

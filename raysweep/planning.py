@@ -9,10 +9,19 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
-from raysweep.cost import TRAINED_PHASES, SweepCost, estimate, human, human_bytes
+from raysweep.constants import TRAINED_PHASES
+from raysweep.cost import SweepCost, estimate, human, human_bytes
 from raysweep.errors import BadInput
 from raysweep.spec import SweepSpec
-from raysweep.throughput import CpuRate, GpuRate, calibrate_cpu, gpu_rate, model_shape_and_tokenizer, observed_epochs, prepare_plan_data
+from raysweep.throughput import (
+    CpuRate,
+    GpuRate,
+    calibrate_cpu,
+    gpu_rate,
+    model_shape_and_tokenizer,
+    observed_epochs,
+    prepare_plan_data,
+)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from raysweep.models import LoadedModel, model_source
 from raysweep.resume import Progress
 from raysweep.scoring import PAIR_0, PAIR_1, PROMPT, ScoreResult, score_examples
 from raysweep.spec import ScoringConfig, TrialPlan
-from raysweep.store import EPOCH_KINDS, INTERRUPT_ERRORS, EpochKey, EpochRecord, Store, hidden_schema
+from raysweep.store import EPOCH_KINDS, INTERRUPT_ERRORS, EpochKey, EpochRecord, Store, TrialKey, hidden_schema
 from raysweep.tasks import Example
 
 Accuracies = dict[tuple[str, str], float]  # (eval task, split) -> accuracy
@@ -94,15 +94,10 @@ def epoch_tables(plan: TrialPlan, slices: list[EvalSlice], phase: str, epoch: in
 
 
 def trial_row(plan: TrialPlan) -> dict:
+    key = TrialKey(plan.sweep, plan.trial_id, plan.model.name, plan.forget_task, plan.method, plan.size, plan.seed)
     return {
-        "sweep": plan.sweep,
-        "trial_id": plan.trial_id,
-        "model": plan.model.name,
+        **key.row(),
         "model_source": model_source(plan.model),
-        "forget_task": plan.forget_task,
-        "method": plan.method,
-        "size": plan.size,
-        "seed": plan.seed,
         "plan_json": plan.model_dump_json(),
         # Where each write happens (the driver's pending row, then the trial's own process).
         **lineage_fields(plan),

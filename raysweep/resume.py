@@ -22,8 +22,8 @@ import torch
 
 from raysweep.distributed import Group
 from raysweep.errors import is_no_space
-from raysweep.models import LoadedModel
 from raysweep.integrity import bad_markers, quarantine, torch_file_problem
+from raysweep.models import LoadedModel
 from raysweep.store import Store
 from raysweep.train import resume_safe_globals
 

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -25,12 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+from raysweep.constants import SPLITS
 from raysweep.errors import BadInput
 
 if TYPE_CHECKING:
     from raysweep.tasks import PreparedTask
 
-SPLITS = ("train", "validation", "test")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 # Names become directory names (the store's, Tune's, whose own paths add more): far below 255.
 MAX_NAME = 100
@@ -56,6 +56,13 @@ def _known_method(name: str) -> str:
     if name not in METHODS:
         raise ValueError(METHODS.unknown(name))
     return name
+
+
+def resolve_method_args(name: str, given: dict | None) -> dict:
+    """A method's arguments as its class validates them, defaults filled in."""
+    from raysweep.methods import method_args
+
+    return method_args(name, given)
 
 
 # A forgetting method by its registered name: a new method is one class, not a spec edit too.
@@ -203,8 +210,14 @@ class ForgetConfig(PhaseConfig):
     # fine-tuned accuracy instead (see `forget_stop_threshold`), or run the epoch budget.
     stop_test_acc: Annotated[float, Field(gt=0, le=1)] = 0.5
     flipped_stop: Literal["mirror", "budget"] = "mirror"
-    # Inverse temperature of NPO's preference term (only used by method `npo`).
-    npo_beta: PositiveFloat = 0.1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _npo_beta_moved(cls, data):
+        if isinstance(data, dict) and "npo_beta" in data:
+            raise ValueError(f"npo_beta is NPO's own argument now: write `method_args: {{npo: {{beta: {data['npo_beta']}}}}}` "
+                             "at the top level of the spec")
+        return data
 
 
 class RelearnConfig(PhaseConfig):
@@ -326,6 +339,9 @@ class SweepSpec(_Strict):
     forget_tasks: list[str] | None = None
     eval_tasks: list[str] | None = None
     methods: list[MethodName] = ["random"]
+    # Each method's own arguments, by name (`method_args: {npo: {beta: 0.1}}`); a method not
+    # named here runs with its defaults.
+    method_args: dict[str, dict[str, Any]] = {}
     sizes: list[ExampleCount] = [1000]
     seeds: list[Seed] = [0]
     phases: Phases = Phases()
@@ -351,6 +367,17 @@ class SweepSpec(_Strict):
         if dup:
             raise ValueError(f"duplicate value(s) {dup}: each would repeat the same trials")
         return v
+
+    @model_validator(mode="after")
+    def _method_args_valid(self) -> "SweepSpec":
+        for name, args in self.method_args.items():
+            if name not in self.methods:
+                raise ValueError(f"method_args: {name!r} is not one of the spec's methods {self.methods}")
+            try:
+                resolve_method_args(name, args)
+            except ValueError as exc:
+                raise ValueError(f"method_args.{name}: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _relearn_examples_fit(self) -> "SweepSpec":
@@ -398,6 +425,9 @@ class SweepSpec(_Strict):
         return expand(self, data)
 
 
+_NPO_BETA_BEFORE_METHOD_ARGS = 0.1
+
+
 class TrialPlan(_Strict):
     """One point of the sweep's grid: everything a trial needs, nothing it has to look up."""
 
@@ -406,6 +436,8 @@ class TrialPlan(_Strict):
     model: ModelSpec
     forget_task: str
     method: str
+    # The method's own arguments, its defaults filled in (`resolve_method_args`).
+    method_args: dict[str, Any] = {}
     size: int
     seed: int
     eval_tasks: list[str]
@@ -432,6 +464,14 @@ class TrialPlan(_Strict):
         # Added after trial ids existed: hashed only when set, so every earlier trial keeps its id.
         if ident["phases"]["relearn"].get("examples") is None:
             ident["phases"]["relearn"].pop("examples", None)
+        # NPO's beta was a forget-phase field, hashed into every trial, before methods had
+        # arguments of their own. It is hashed there still (its old default for the other
+        # methods), so that earlier trials keep their ids; other methods' arguments, when
+        # they have any, are hashed as such.
+        args = dict(ident.pop("method_args"))
+        ident["phases"]["forget"]["npo_beta"] = args.pop("beta") if self.method == "npo" else _NPO_BETA_BEFORE_METHOD_ARGS
+        if args:
+            ident["method_args"] = args
         ident["world_size"] = self.resources.n_workers
         ident["device"] = "cuda" if self.resources.gpu > 0 else "cpu"
         return ident
@@ -490,6 +530,7 @@ def expand(spec: SweepSpec, data: "Mapping[str, PreparedTask] | None" = None) ->
             model=model,
             forget_task=task,
             method=method,
+            method_args=resolve_method_args(method, spec.method_args.get(method)),
             size=size,
             seed=seed,
             eval_tasks=eval_tasks,

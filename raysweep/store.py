@@ -33,7 +33,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,6 +41,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from raysweep.errors import BadInput, StoreError, is_no_space
+from raysweep.tasks.base import EXAMPLES_SCHEMA
 
 SCHEMA_VERSION = 2
 # Errors a trial records when its process is stopped (Ctrl+C, Tune stopping its actor),
@@ -49,10 +50,47 @@ INTERRUPT_ERRORS = ("KeyboardInterrupt", "SystemExit")
 # Files written per (trial, phase, epoch) and covered by that epoch's commit marker.
 EPOCH_KINDS = ("scores", "epochs", "hidden")
 
+@dataclass(frozen=True)
+class TrialKey:
+    """Which trial a row belongs to: the sweep and trial id that key every table of the store,
+    and the grid point (model, forget task, method, size, seed) the analyses group trials by.
+    Defined here once: the stored schemas, the analyses' run keys and the columns of their
+    tables derive from it (`trial_fields`)."""
+
+    sweep: str
+    trial_id: str
+    model: str
+    forget_task: str
+    method: str
+    size: int
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.forget_task}/{self.method}/n{self.size}/s{self.seed}"
+
+    @classmethod
+    def of(cls, row: dict) -> "TrialKey":
+        return cls(**{n: row[n] for n in TRIAL_KEY})
+
+    def row(self) -> dict[str, object]:
+        return {n: getattr(self, n) for n in TRIAL_KEY}
+
+
+TRIAL_KEY = tuple(f.name for f in fields(TrialKey))
+_TRIAL_TYPES = {"sweep": pa.string(), "trial_id": pa.string(), "model": pa.string(), "forget_task": pa.string(),
+                "method": pa.string(), "size": pa.int32(), "seed": pa.int32()}
+
+
+def trial_fields(*names: str) -> list[tuple[str, pa.DataType]]:
+    """(name, stored type) of the named `TrialKey` fields in the order named; all of them, in
+    TrialKey's order, when none are."""
+    return [(n, _TRIAL_TYPES[n]) for n in (names or TRIAL_KEY)]
+
+
 SCORES_SCHEMA = pa.schema(
     [
-        ("sweep", pa.string()),
-        ("trial_id", pa.string()),
+        *trial_fields("sweep", "trial_id"),
         ("phase", pa.string()),
         ("epoch", pa.int32()),
         ("eval_task", pa.string()),
@@ -73,14 +111,9 @@ SCORES_SCHEMA = pa.schema(
 
 TRIALS_SCHEMA = pa.schema(
     [
-        ("sweep", pa.string()),
-        ("trial_id", pa.string()),
-        ("model", pa.string()),
+        *trial_fields("sweep", "trial_id", "model"),
         ("model_source", pa.string()),
-        ("forget_task", pa.string()),
-        ("method", pa.string()),
-        ("size", pa.int32()),
-        ("seed", pa.int32()),
+        *trial_fields("forget_task", "method", "size", "seed"),
         ("status", pa.string()),  # pending | running | done | failed | interrupted | superseded
         ("error", pa.string()),
         ("attempts", pa.int32()),
@@ -109,8 +142,7 @@ TRIALS_SCHEMA = pa.schema(
 
 EPOCHS_SCHEMA = pa.schema(
     [
-        ("sweep", pa.string()),
-        ("trial_id", pa.string()),
+        *trial_fields("sweep", "trial_id"),
         ("phase", pa.string()),
         ("epoch", pa.int32()),
         ("train_loss", pa.float32()),
@@ -121,20 +153,6 @@ EPOCHS_SCHEMA = pa.schema(
     ]
 )
 
-EXAMPLES_SCHEMA = pa.schema(
-    [
-        ("task", pa.string()),
-        ("split", pa.string()),
-        ("example_idx", pa.int32()),
-        ("uid", pa.string()),
-        ("prompt", pa.string()),
-        ("choice_0", pa.string()),
-        ("choice_1", pa.string()),
-        ("gold", pa.int8()),
-    ]
-)
-
-
 def hidden_schema(dim: int) -> pa.Schema:
     """One row per (example, layer). `hidden` is the last prompt token's state (what the
     variance predictor reads); `hidden_correct` / `hidden_distractor` are the states at the
@@ -143,8 +161,7 @@ def hidden_schema(dim: int) -> pa.Schema:
     vec = pa.list_(pa.float32(), dim)
     return pa.schema(
         [
-            ("sweep", pa.string()),
-            ("trial_id", pa.string()),
+            *trial_fields("sweep", "trial_id"),
             ("phase", pa.string()),
             ("epoch", pa.int32()),
             ("eval_task", pa.string()),

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raysweep.store import Store
+from raysweep.constants import PHASES
+from raysweep.store import Store, TrialKey
 
 
 @dataclass(frozen=True)
-class TrialSummary:
-    trial_id: str
-    model: str
-    forget_task: str
-    method: str
-    size: int
-    seed: int
+class TrialSummary(TrialKey):
     status: str
     error: str | None
     epochs_committed: int
@@ -40,7 +35,7 @@ def summarize(store: Store, sweep: str | None = None) -> list[TrialSummary]:
     by_key = {(e["trial_id"], e["phase"], e["epoch"]): e for e in epochs}
     counts: dict[str, int] = {}
     last_phase: dict[str, tuple[int, str]] = {}
-    order = {"pretrained": 0, "finetune": 1, "forget": 2, "relearn": 3}
+    order = {phase: i for i, phase in enumerate(PHASES)}
     for e in epochs:
         counts[e["trial_id"]] = counts.get(e["trial_id"], 0) + 1
         rank = (order.get(e["phase"], 9), e["epoch"])
@@ -56,12 +51,7 @@ def summarize(store: Store, sweep: str | None = None) -> list[TrialSummary]:
         tid = t["trial_id"]
         out.append(
             TrialSummary(
-                trial_id=tid,
-                model=t["model"],
-                forget_task=t["forget_task"],
-                method=t["method"],
-                size=t["size"],
-                seed=t["seed"],
+                **TrialKey.of(t).row(),
                 status=t["status"],
                 error=t["error"],
                 epochs_committed=counts.get(tid, 0),

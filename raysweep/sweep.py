@@ -10,6 +10,7 @@ the last one stopped.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import pyarrow as pa
+import ray
 from ray import tune
 
 # Tune's own console reporter would interleave with raysweep's progress view: the legacy
@@ -27,8 +28,9 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 from raysweep.errors import BadInput, DiskFull
 from raysweep.spec import SweepSpec, TrialPlan, plan_version
-from raysweep.store import EXAMPLES_SCHEMA, INTERRUPT_ERRORS, Store
+from raysweep.store import INTERRUPT_ERRORS, Store
 from raysweep.tasks import PreparedTask
+from raysweep.tasks.base import examples_table
 
 
 @dataclass
@@ -82,15 +84,6 @@ def prepare_sweep_data(spec: SweepSpec) -> dict[str, PreparedTask]:
     return prepare_sweep_tasks(spec)
 
 
-def _examples_table(task: PreparedTask) -> pa.Table:
-    rows = [
-        {"task": task.name, "split": split, "example_idx": ex.idx, "uid": ex.uid, "prompt": ex.prompt, "choice_0": ex.choices[0], "choice_1": ex.choices[1], "gold": ex.gold}
-        for split, exs in task.splits.items()
-        for ex in exs
-    ]
-    return pa.Table.from_pylist(rows, schema=EXAMPLES_SCHEMA)
-
-
 def _check_sizes(spec: SweepSpec, data: dict[str, PreparedTask]) -> None:
     for task in spec.forget_task_list:
         n = len(data[task].split("train"))
@@ -101,8 +94,6 @@ def _check_sizes(spec: SweepSpec, data: dict[str, PreparedTask]) -> None:
 
 def _init_ray(address: str | None, dashboard: bool, dashboard_host: str = "127.0.0.1") -> str | None:
     import logging
-
-    import ray
 
     if ray.is_initialized():
         return None
@@ -177,8 +168,6 @@ def auth_note() -> str:
 
 
 def _check_resources(spec: SweepSpec) -> None:
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     best_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     best_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
@@ -198,8 +187,6 @@ def _cluster_capacity(spec: SweepSpec) -> int:
     """How many trials the cluster can run at once: multi-worker trials hold no resources of
     their own in Tune (their workers do), so Tune must be told, or it would start trials
     whose workers then wait for a placement group."""
-    import ray
-
     total = ray.cluster_resources()
     r = spec.resources
     fits = [int(total.get("CPU", 0) // r.cpu)]
@@ -224,6 +211,7 @@ def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir:
         return
     torch.set_num_threads(max(1, int(plan.resources.cpu)))
     runner = TrialRunner(plan, store, Path(models_dir), reporter=lambda rep: tune.report(report_metrics(rep)), faults=faults or "")
+    _log_attempt(runner.ckpt_dir, {"attempt": attempts + 1, "world": 1, "device": runner.device})
     try:
         runner.run(attempt=attempts + 1)
     except DiskFull as exc:
@@ -273,8 +261,6 @@ def _run_workers(plan: TrialPlan, store: Store, models_dir: str, faults: str | N
 
 def _trial_worker(config: dict) -> None:
     """One rank of a multi-worker trial (runs in a Ray Train worker)."""
-    import json
-
     import ray.train
     import torch
     from ray.train.torch import get_device
@@ -294,12 +280,19 @@ def _trial_worker(config: dict) -> None:
         plan, store, Path(config["models_dir"]), reporter=lambda rep: ray.train.report(report_metrics(rep)), device=str(device), faults=config["faults"], group=group
     )
     if group.is_main:
-        # Where each attempt's ranks ran, for the person reading a failed trial's logs.
-        info = {"attempt": config["attempt"], "world": group.world, "master": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", "device": str(device), "time": time.time()}
-        runner.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        with open(runner.ckpt_dir / "workers.jsonl", "a") as fh:
-            fh.write(json.dumps(info) + "\n")
+        master = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        _log_attempt(runner.ckpt_dir, {"attempt": config["attempt"], "world": group.world, "master": master, "device": str(device)})
     runner.run(attempt=config["attempt"])
+
+
+def _log_attempt(ckpt_dir: Path, info: dict) -> None:
+    """One line per attempt in the trial's workers.jsonl: which node and process ran it, for the
+    person reading a failed or retried trial's logs (Tune's records give a host and an IP,
+    which several nodes on one machine share)."""
+    info = {**info, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "time": time.time()}
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with open(ckpt_dir / "workers.jsonl", "a") as fh:
+        fh.write(json.dumps(info) + "\n")
 
 
 # A trial's last result carries this key when it ended failed without raising.
@@ -431,7 +424,7 @@ def _record_plan(store: Store, spec: SweepSpec, spec_text: str, data: dict[str, 
             store.write_trial_row({**row, "status": "superseded"})
     store.write_spec(spec.name, spec_text)
     for name, task in data.items():
-        store.write_examples(spec.name, name, _examples_table(task))
+        store.write_examples(spec.name, name, examples_table(task.name, task.splits))
         store.write_prep_report(spec.name, name, task.report.rows())
     for plan in plans:
         row = existing.get(plan.trial_id)
@@ -510,8 +503,6 @@ def _stop_trials(store: Store, sweep: str, pending: list[TrialPlan], how: str, w
     """Mark the trials that were running as interrupted, stop their workers and wait until
     each has let go of its trial (the kernel drops a trial's lock when its process dies)."""
     import fcntl
-
-    import ray
 
     # First, so that a dying trial's own "failed" never lands on top (it refuses to
     # overwrite "interrupted"); again after the workers are gone, for any trial that was

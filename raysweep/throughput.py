@@ -180,11 +180,11 @@ def calibrate_cpu(spec: SweepSpec, data: dict[str, PreparedTask], models_dir: Pa
                   data_seconds: float = 0.0) -> CpuRate:
     """Time the real scorer on a seeded sample of the first trial's scored examples and the
     real trainer on a few batches of its training set, per model, with the trial's threads."""
+    from raysweep.methods import nll_loss
     from raysweep.models import build_tiny, builtin_key, pretrain_tiny, train_tokenizer
     from raysweep.reproducible import pin_cpu_numerics
     from raysweep.scoring import score_examples
     from raysweep.train import build_batches, make_optimizer, train_epoch
-    from raysweep.methods import nll_loss
 
     pin_cpu_numerics()
     threads = torch.get_num_threads()

@@ -40,6 +40,7 @@ from raysweep.scoring import ScoreResult
 from raysweep.spec import PhaseConfig, TrialPlan
 from raysweep.store import Store
 from raysweep.tasks import Example, PreparedTask, prepare_task
+from raysweep.tasks.base import examples_from_table
 from raysweep.train import build_batches, make_optimizer, train_epoch
 
 __all__ = [
@@ -125,10 +126,7 @@ def _from_examples_table(name: str, table: pa.Table, source: str) -> PreparedTas
     from raysweep.tasks import get_task
     from raysweep.tasks.base import PrepReport
 
-    delimiter = get_task(name).delimiter
-    splits: dict[str, list[Example]] = {s: [] for s in ("train", "validation", "test")}
-    for r in sorted(table.to_pylist(), key=lambda r: (r["split"], r["example_idx"])):
-        splits[r["split"]].append(Example(idx=r["example_idx"], uid=r["uid"], prompt=r["prompt"], choices=(r["choice_0"], r["choice_1"]), gold=r["gold"], delimiter=delimiter))
+    splits = examples_from_table(table, get_task(name).delimiter)
     return PreparedTask(name=name, splits=splits, report=PrepReport(task=name, source=f"store:{source}"))
 
 
@@ -251,9 +249,7 @@ class TrialRunner:
         policy = p.train.checkpoint_optimizer
         n_params = sum(t.numel() for t in self.lm.model.parameters())
         self.resume.keep_optimizer = policy if isinstance(policy, bool) else n_params <= OPTIMIZER_STATE_MAX_PARAMS
-        # NPO's inverse temperature is still a forget-phase field of the spec (it is part of
-        # every trial id); the other methods take no arguments.
-        self.method = get_method(p.method, **({"beta": p.phases.forget.npo_beta} if p.method == "npo" else {}))
+        self.method = get_method(p.method, p.method_args)
 
     def _load_model(self) -> LoadedModel:
         return load_model(self.plan.model, self.models_dir, device=self.device)

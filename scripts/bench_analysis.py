@@ -45,10 +45,10 @@ from raysweep.analysis import AnalysisParams, registered_analyses, run_analyses 
 from raysweep.analysis.context import SweepIndex  # noqa: E402
 from raysweep.analysis.measures import upgma_order  # noqa: E402
 from raysweep.analysis.probes import PROBE_MILESTONES, Pairs, ProbeJob, fit_probe  # noqa: E402
+from raysweep.constants import PHASES, SPLITS  # noqa: E402
 from raysweep.store import EPOCHS_SCHEMA, SCORES_SCHEMA, EpochKey, EpochRecord, Store, hidden_schema  # noqa: E402
 
 SWEEP = "bench"
-SPLITS = ("train", "validation", "test")
 # The paper's analyses, each with a DuckDB reference below; others run without one.
 PAPER_ANALYSES = ("single_task", "cross_task", "dataset_size", "flipped", "cross_model", "predictors", "order", "probes")
 CONDITIONS = (("m1", "random", 1000), ("m1", "flipped", 1000), ("m2", "random", 1000), ("m1", "random", 100))
@@ -136,7 +136,7 @@ def generate(root: Path, cfg: SynthConfig) -> GenStats:
                 return _sigmoid(z + rng.normal(0, 0.05, cols_per_file)).astype(np.float32)
 
             milestones = {("pretrained", 0), ("finetune", best_ft), ("forget", pe["forget"]), ("relearn", pe["relearn"])}
-            for phase in ("pretrained", "finetune", "forget", "relearn"):
+            for phase in PHASES:
                 epochs = [0] if phase == "pretrained" else list(range(1, pe[phase] + 1))
                 for e in epochs:
                     conf = confidence(phase, e)

@@ -249,6 +249,18 @@ def _alive_nodes(address: str, dead_node: str, wait_s: float = 90.0) -> dict[str
         ray.shutdown()
 
 
+def _attempt_log(store: Path, sweep: str, trial_id: str) -> list[dict]:
+    """The trial's workers.jsonl: one line per attempt, written by the attempt as it starts."""
+    f = store / "checkpoints" / sweep / trial_id / "workers.jsonl"
+    rows = []
+    for line in (f.read_text().splitlines() if f.is_file() else []):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by the node's death
+    return rows
+
+
 def cmd_summary(args) -> int:
     work = Path(args.work)
     temps = {"head": Path(args.head_temp), "worker": Path(args.worker_temp)}
@@ -265,6 +277,11 @@ def cmd_summary(args) -> int:
     except Exception as exc:  # the verdict below needs it; say why it is missing
         alive = {"error": repr(exc)}
     moved_attempts = kill_place["trials"].get(moved, []) if moved else []
+    # Where each attempt ran, as the attempt itself logged it (its Ray node id): exact, unlike
+    # a pid looked up in the nodes' worker logs from Tune's records, which reach the driver late.
+    role_of = {nodes[role]["node_id"]: role for role in ROLES}
+    attempt_log = _attempt_log(killed_store, args.sweep, moved) if moved else []
+    logged_nodes = [role_of.get(a.get("node_id"), "unknown") for a in attempt_log]
     from raysweep.store import Store
 
     rows = {r["trial_id"]: r for r in Store(killed_store).trials(args.sweep).to_pylist()}
@@ -278,7 +295,8 @@ def cmd_summary(args) -> int:
         "reference_run": {"returncode": args.reference_rc, **{k: ref_place[k] for k in ("trials_per_node", "trial_ids_per_node")}},
         "killed_run": {"returncode": args.store_rc, **{k: kill_place[k] for k in ("trials_per_node", "trial_ids_per_node")},
                        "attempts": kill_place["trials"]},
-        "killed_node": {**kill, "trial_attempts": moved_attempts, "trial_status": moved_row.get("status"), "trial_attempts_in_store": moved_row.get("attempts")},
+        "killed_node": {**kill, "trial_attempts": moved_attempts, "trial_attempt_nodes": logged_nodes, "trial_attempt_log": attempt_log,
+                        "trial_status": moved_row.get("status"), "trial_attempts_in_store": moved_row.get("attempts")},
         "compare": {k: cmp[k] for k in ("rows", "reference_rows", "lost", "duplicated", "extra", "trials_done", "trials_equal",
                                          "hidden_equal", "epochs_equal", "max_confidence_diff", "uncommitted_files", "temp_files", "ok")},
         "rows_compared": cmp["reference_rows"],
@@ -293,7 +311,8 @@ def cmd_summary(args) -> int:
         "worker_raylet_killed": bool(kill.get("killed")) and bool(kill.get("raylet_gone")),
         "gcs_saw_worker_die": alive.get(nodes["worker"]["node_id"]) is False and alive.get(nodes["head"]["node_id"]) is True,
         # Tune retried it: a second attempt, on the head, from where the first one stopped.
-        "killed_trial_finished_on_head": (len(moved_attempts) >= 2 and moved_attempts[0]["node"] == "worker" and moved_attempts[-1]["node"] == "head"
+        "killed_trial_finished_on_head": (len(logged_nodes) >= 2 and logged_nodes[0] == "worker" and logged_nodes[-1] == "head"
+                                          and attempt_log[0].get("pid") == kill.get("trial_pid")
                                           and moved_row.get("status") == "done" and (moved_row.get("attempts") or 0) >= 2),
         "both_runs_exit_0": args.reference_rc == 0 and args.store_rc == 0,
         "store_matches_reference": bool(cmp["ok"]),

@@ -59,7 +59,10 @@ finish() {
     if [ -n "$OUT_FILE" ]; then cp "$WORK/summary.json" "$OUT_FILE"; else cat "$WORK/summary.json"; echo; fi
     [ $rc -eq 0 ] && ! grep -q '"ok": false' "$WORK/summary.json" || rc=1
     $PY -c 'import json, sys; s = json.load(open(sys.argv[1])); bad = [k for k, ok in s.get("checks", {}).items() if not ok]
-if bad: print("cluster_check: failed checks: " + ", ".join(bad), file=sys.stderr)' "$WORK/summary.json"
+if bad: print("cluster_check: failed checks: " + ", ".join(bad), file=sys.stderr)
+if "killed_trial_finished_on_head" in bad:
+    k = s.get("killed_node", {})
+    print("cluster_check: killed trial: " + json.dumps({x: k.get(x) for x in ("trial", "trial_pid", "trial_attempt_nodes", "trial_attempt_log", "trial_attempts", "trial_status", "trial_attempts_in_store")}), file=sys.stderr)' "$WORK/summary.json"
   fi
   if [ $KEEP -eq 1 ]; then echo "cluster_check: work dir kept at $WORK" >&2; else rm -rf "$WORK"; fi
   exit $rc

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from raysweep.report import FIGURES, fresh_outcomes
+from raysweep.analysis.registry import figure_for
+from raysweep.report import fresh_outcomes
 from raysweep.store import Store
 
 # Columns that identify a row or say how it was computed, and carry no measurement.
@@ -53,7 +54,7 @@ def main() -> None:
         print(f"\n### {o.name} ({o.status})\n\n{o.message}\n")
         for name, table in o.tables.items():
             print(f"**{name}**\n\n{markdown(table)}\n")
-        draw = FIGURES.get(o.name)
+        draw = figure_for(o.name)
         if args.figures is not None and draw is not None and o.status == "ok":
             args.figures.mkdir(parents=True, exist_ok=True)
             for k, (title, fig) in enumerate(draw(o)):

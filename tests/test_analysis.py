@@ -12,10 +12,10 @@ from analysis_helpers import (
     COL_ORDER,
     FT_CONF,
     ORDER_KEPT,
-    R,
     ROW_ORDER,
     SWEEP,
     TASKS,
+    R,
     build_minimal_store,
     build_rich_store,
     expected_variance,
@@ -30,9 +30,9 @@ from raysweep.analysis import (
     outcome_table,
     outputs_dir,
     registered_analyses,
+    registry,
     run_analyses,
 )
-from raysweep.analysis import registry
 from raysweep.analysis.measures import forget_ratio, upgma_order
 from raysweep.analysis.reducers import AccuracySums, FirstCrossing
 from raysweep.errors import BadInput

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from analysis_helpers import TrialSpec, TrialWriter, build_rich_store, hidden_table, SplitStates
+from analysis_helpers import SplitStates, TrialSpec, TrialWriter, build_rich_store, hidden_table
 from scipy import stats
 
 from raysweep.analysis import AnalysisParams, run_analyses

@@ -147,7 +147,8 @@ def test_two_node_cluster_loses_its_worker_node_mid_sweep_and_loses_no_row(tmp_p
     s = json.loads(out.read_text())
     # Failed checks first: pytest cuts a long message, and these say which part went wrong.
     failed = sorted(k for k, ok in (s.get("checks") or {}).items() if not ok)
-    assert r.returncode == 0, (failed, s.get("gcs_error"), s.get("compare"), r.stderr[-4000:])
+    killed_trial = {k: v for k, v in (s.get("killed_node") or {}).items() if k.startswith("trial")}
+    assert r.returncode == 0, (failed, killed_trial, s.get("gcs_error"), s.get("compare"), r.stderr[-3000:])
 
     nodes = {n["role"]: n for n in s["nodes"]}
     assert set(nodes) == {"head", "worker"} and nodes["head"]["node_id"] != nodes["worker"]["node_id"]
@@ -162,8 +163,11 @@ def test_two_node_cluster_loses_its_worker_node_mid_sweep_and_loses_no_row(tmp_p
     assert killed["killed"] and killed["raylet_gone"] and killed["node_id"] == nodes["worker"]["node_id"]
     assert nodes["worker"]["alive_at_end"] is False and nodes["head"]["alive_at_end"] is True
     assert killed["commits_before_kill"] >= 1
-    attempts = killed["trial_attempts"]
-    assert attempts[0]["node"] == "worker" and attempts[-1]["node"] == "head"
+    # Each attempt logged its own Ray node: the first ran on the worker, the last on the head.
+    assert killed["trial_attempt_nodes"][0] == "worker" and killed["trial_attempt_nodes"][-1] == "head"
+    log = killed["trial_attempt_log"]
+    assert log[0]["pid"] == killed["trial_pid"] and log[0]["node_id"] == nodes["worker"]["node_id"]
+    assert log[-1]["node_id"] == nodes["head"]["node_id"] and [a["attempt"] for a in log] == sorted(a["attempt"] for a in log)
     assert killed["trial_status"] == "done" and killed["trial_attempts_in_store"] >= 2
 
     # Nothing lost, nothing duplicated: the store equals the uninterrupted run's.

@@ -13,7 +13,15 @@ import torch
 from raysweep.methods import nll_loss
 from raysweep.spec import FinetuneConfig, ModelSpec, TrainEngine
 from raysweep.tasks import prepare_task
-from raysweep.train import DeepSpeedStepper, Stepper, build_batches, deepspeed_config, make_optimizer, resume_safe_globals, train_epoch
+from raysweep.train import (
+    DeepSpeedStepper,
+    Stepper,
+    build_batches,
+    deepspeed_config,
+    make_optimizer,
+    resume_safe_globals,
+    train_epoch,
+)
 
 deepspeed = pytest.importorskip("deepspeed")
 

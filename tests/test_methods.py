@@ -206,3 +206,50 @@ def test_pooled_forget_ratio_is_not_ruled_by_near_chance_tasks():
     assert pooled_ratio([chance]) is None
     flipped = Cell("m", "flipped", 10, "a", "a", acc_finetuned=0.8, acc_forgotten=0.5)
     assert pooled_ratio([flipped]) == pytest.approx(flipped.forget_ratio)
+
+
+def test_method_args_reach_their_method_and_rename_only_its_trials(tmp_path):
+    default = {p.method: p for p in parse_spec(SPEC).trials()}
+    tuned = {p.method: p for p in parse_spec(SPEC + "method_args: {npo: {beta: 0.3}}\n").trials()}
+    assert tuned["npo"].method_args == {"beta": 0.3} and default["npo"].method_args == {"beta": 0.1}
+    assert all(tuned[m].method_args == {} for m in METHODS if m != "npo")
+    # Beta changes what NPO computes, so its trial is a new one; the other methods' are not.
+    assert tuned["npo"].trial_id != default["npo"].trial_id
+    assert all(tuned[m].trial_id == default[m].trial_id for m in METHODS if m != "npo")
+    store = Store(tmp_path / "store")
+    runner = TrialRunner(tuned["npo"], store, models_dir_for(store))
+    runner.setup()
+    assert runner.method.beta == 0.3
+
+
+def test_trial_ids_from_before_method_args_are_kept():
+    # The ids specs/methods.yaml expanded to when NPO's beta was a forget-phase field: a
+    # store written then is resumed, not rerun, by the same spec now.
+    spec = parse_spec((Path(__file__).resolve().parents[1] / "specs" / "methods.yaml").read_text())
+    assert [p.trial_id for p in spec.trials()] == [
+        "compare-random-n100-s0-6e3ce9f8b1", "compare-flipped-n100-s0-9bb97a07eb", "compare-gradient-ascent-n100-s0-8f664fe710",
+        "compare-npo-n100-s0-a044998b43", "word-order-random-n100-s0-af88d924be", "word-order-flipped-n100-s0-816321a016",
+        "word-order-gradient-ascent-n100-s0-a4362551b4", "word-order-npo-n100-s0-d7fdd33b3c", "same-word-random-n100-s0-9cbe7a60c0",
+        "same-word-flipped-n100-s0-4757864a35", "same-word-gradient-ascent-n100-s0-3aef47703e", "same-word-npo-n100-s0-8d9485ac1e",
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        ("method_args: {npo: {beta: -1}}", "method_args.npo: argument 'beta' of method 'npo': Input should be greater than 0"),
+        ("method_args: {npo: {gamma: 1}}", "argument 'gamma' of method 'npo'"),
+        ("method_args: {random: {beta: 1}}", "argument 'beta' of method 'random'"),
+        ("methods: [random]\nmethod_args: {npo: {beta: 1}}", "method_args: 'npo' is not one of the spec's methods"),
+        ("npo_beta: 0.2", "phases.forget: npo_beta is NPO's own argument now: write `method_args: {npo: {beta: 0.2}}`"),
+    ],
+)
+def test_bad_method_args_are_one_line_naming_the_argument(extra, fragment):
+    from raysweep.errors import BadInput
+
+    text = SPEC.replace(f"methods: [{', '.join(METHODS)}]\n", "") if extra.startswith("methods:") else SPEC
+    if extra.startswith("npo_beta"):  # the field where it used to be
+        text, extra = text.replace("max_epochs: 4}", f"max_epochs: 4, {extra}}}"), ""
+    with pytest.raises(BadInput) as exc:
+        parse_spec(text + extra + "\n")
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)

@@ -52,7 +52,7 @@ def _train_two_epochs(rank: int, world: int, engine: str, method: str, out: str,
     eng = TrainEngine(engine="deepspeed", precision="fp32", zero_stage=2) if engine == "deepspeed" else None
     gold = [e.gold for e in exs]
     if method == "npo":
-        m = get_method("npo", beta=0.5)
+        m = get_method("npo", {"beta": 0.5})
         m.prepare(model, build_batches(tok, model, exs, gold, 5, random.Random(7)))
         loss_fn = m.loss
     else:

@@ -13,13 +13,10 @@ import pytest
 from analysis_helpers import SWEEP, TrialSpec, TrialWriter, conf_k_of_n
 from typer.testing import CliRunner
 
-from raysweep.analysis import outputs_dir, run_analyses
-from raysweep.analysis import association
+from raysweep.analysis import association, outputs_dir, run_analyses
 from raysweep.analysis.association import ExampleKey, cluster_order, matrix_from_long, structure
 from raysweep.analysis.measures import upgma_order
-from raysweep.cli import app
-from raysweep.errors import BadInput
-from raysweep.predict import (
+from raysweep.analysis.prediction import (
     Additive,
     ConfidenceBaseline,
     Confusion,
@@ -34,6 +31,8 @@ from raysweep.predict import (
     reveal,
     run_prediction,
 )
+from raysweep.cli import app
+from raysweep.errors import BadInput
 from raysweep.report import write_report
 from raysweep.store import Store
 
@@ -302,7 +301,7 @@ def test_prediction_over_the_known_store(known, tmp_path):
     d = outputs_dir(store, None, "predict")
     t = pq.read_table(d / "summary.parquet").to_pylist()
     assert {r["k"] for r in t} == {3} and {r["measure"] for r in t} == {"loss"} and {r["n_seeds"] for r in t} == {2}
-    assert json.loads((d / "outcome.json").read_text())["params"]["seeds"] == [0, 4]
+    assert json.loads((d / "outcome.json").read_text())["params"]["args"]["predict"]["seeds"] == [0, 4]
     by_seed = pq.read_table(d / "by_seed.parquet")
     assert sorted(set(by_seed["seed"].to_pylist())) == [0, 4]
     assert set(by_seed["n_cells"].to_pylist()) == {3 * (16 - 3)}

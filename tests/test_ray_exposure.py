@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from scripts.reliability import RAY_METRICS_EXPORTERS, process_name, anonymous_use, http_answer, http_status
+from scripts.reliability import RAY_METRICS_EXPORTERS, anonymous_use, http_answer, http_status, process_name
 from tests.conftest import REPO
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from real_data_helpers import jsonl_records, require_shared_tasks, split_files, task_folders
 from typer.testing import CliRunner
 
-from real_data_helpers import jsonl_records, require_shared_tasks, split_files, task_folders
 from raysweep.cli import app
 from raysweep.errors import BadInput, TaskLoadError
 from raysweep.spec import parse_spec

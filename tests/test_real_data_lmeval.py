@@ -6,8 +6,8 @@ not have, is checked against raysweep's documented template."""
 from __future__ import annotations
 
 import pytest
-
 from real_data_helpers import jsonl_records, require_shared_tasks, split_files, task_folders
+
 from raysweep.tasks import get_task
 
 NOT_IN_LM_EVAL = {"creak"}

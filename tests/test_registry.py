@@ -87,3 +87,16 @@ def test_spec_accepts_a_method_once_it_is_registered_one_class_and_nothing_else(
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "['keep_gold', 'random']"
+
+
+def test_every_analysis_registers_its_figure_in_its_own_module():
+    # A figure lives with its analysis: the module that registers `run` registers `draw`
+    # (the three comparisons share one figure function, each registering it under its name).
+    import raysweep.analysis  # noqa: F401 - imports every analysis module
+
+    assert sorted(analysis_registry.FIGURES) == sorted(analysis_registry.names())
+    for name in analysis_registry.names():
+        run, draw = analysis_registry.get(name).run, analysis_registry.figure_for(name)
+        assert run.__module__ == draw.__module__ or draw.__name__ == "draw_compare", (name, run.__module__, draw.__module__)
+    with pytest.raises(ValueError, match="figure 'single_task' registered twice"):
+        analysis_registry.draws("single_task")(lambda outcome: [])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from scripts.reliability import kill_session
 
 REPO = Path(__file__).resolve().parents[1]

@@ -119,15 +119,15 @@ def test_masked_cells_are_hatched_and_intervals_drawn_as_error_bars(tmp_path):
     from test_analysis_measures import _cross_store
 
     from raysweep.analysis import run_analyses
-    from raysweep.report import fig_cross_task, fig_single_task
+    from raysweep.analysis.registry import figure_for
 
     store = _cross_store(tmp_path / "s")
     out = {o.name: o for o in run_analyses(store, only=["cross_task", "single_task"], engine="local")}
-    ((_, fig),) = fig_cross_task(out["cross_task"])
+    ((_, fig),) = figure_for("cross_task")(out["cross_task"])
     ax = fig.axes[0]
     hatched = [p for p in ax.patches if p.get_hatch() == "///"]
     assert len(hatched) == 1 and "1 hatched = masked" in ax.get_title()
-    ((_, fig),) = fig_single_task(out["single_task"])
+    ((_, fig),) = figure_for("single_task")(out["single_task"])
     bars = [c for a in fig.axes for c in a.containers if isinstance(c, ErrorbarContainer)]
     assert bars, "the intervals are not drawn"
     ratio = next(a for a in fig.axes if a.get_title().startswith("forget ratio"))

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from raysweep.cli import app
 from raysweep.faults import InjectedFault
+from raysweep.integrity import torch_file_problem, verify
 from raysweep.spec import parse_spec
 from raysweep.store import Store
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner
-from raysweep.integrity import torch_file_problem, verify
 from scripts.reliability import compare_stores, damage_tensor_bytes
 from tests.conftest import tiny_spec_text
 

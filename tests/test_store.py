@@ -8,10 +8,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysweep.errors import BadInput, StoreError
-from raysweep.store import EPOCHS_SCHEMA, SCHEMA_VERSION, SCORES_SCHEMA, EpochKey, EpochRecord, Store, atomic_write_table, hidden_schema
-from raysweep.integrity import quarantine, verify
 from raysweep.analysis.context import milestones
+from raysweep.errors import BadInput, StoreError
+from raysweep.integrity import quarantine, verify
+from raysweep.store import (
+    EPOCHS_SCHEMA,
+    SCHEMA_VERSION,
+    SCORES_SCHEMA,
+    EpochKey,
+    EpochRecord,
+    Store,
+    atomic_write_table,
+    hidden_schema,
+)
 
 
 def _scores(trial: str, phase: str, epoch: int, n: int = 5) -> pa.Table:

@@ -1,5 +1,6 @@
 """Sweeps through a real Ray Tune run: in-process and through the `raysweep` command."""
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,12 @@ def test_two_trials_run_concurrently_under_tune_and_rerun_is_a_no_op(tmp_path, r
         assert set(mine.column("phase").to_pylist()) == {"pretrained", "finetune", "forget"}
     # Tune kept its experiment state under the store.
     assert any((store.root / "ray").iterdir())
+    # Each trial logged the Ray node and process of its one attempt (what tells the nodes of a
+    # retried trial apart where several share a host).
+    node_ids = {n["NodeID"] for n in ray_cluster.nodes() if n["Alive"]}
+    for t in trials:
+        log = [json.loads(x) for x in (store.root / "checkpoints" / "pair" / t["trial_id"] / "workers.jsonl").read_text().splitlines()]
+        assert [a["attempt"] for a in log] == [1] and log[0]["node_id"] in node_ids and log[0]["pid"] != os.getpid()
 
     again = run_sweep(spec, text, store)
     assert again.already_done == 2 and again.done == 0
@@ -83,7 +90,7 @@ def test_trials_score_the_examples_the_driver_recorded(tmp_path):
     so the rows it writes join that table exactly."""
     import pyarrow.parquet as pq
 
-    from raysweep.sweep import prepare_sweep_data, _examples_table
+    from raysweep.sweep import _examples_table, prepare_sweep_data
     from raysweep.trial import prepare_tasks
 
     spec = parse_spec(tiny_spec_text(name="ex"))

@@ -14,12 +14,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from raysweep.analysis.context import milestones
 from raysweep.spec import parse_spec
 from raysweep.store import Store
 from raysweep.tasks.prepare import prepare_to_folder
-from raysweep.analysis.context import milestones
-from tests.conftest import tiny_spec_text
 from scripts.reliability import kill_session
+from tests.conftest import tiny_spec_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysweep.errors import BadInput, TaskLoadError
-from raysweep.tasks import base, get_task, prepare_task
-from raysweep.tasks.base import RawSplits, Task, binarise
-from raysweep.tasks.prepare import REPORT_FILE, prepare_to_folder
 from raysweep.registry import Registry
+from raysweep.tasks import base, get_task, prepare_task
+from raysweep.tasks.base import EXAMPLES_SCHEMA, RawSplits, Task, binarise, examples_from_table
+from raysweep.tasks.prepare import REPORT_FILE, prepare_to_folder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 STUB = "stub_prep_task"
@@ -315,7 +315,10 @@ def test_prepare_to_folder_round_trip(tmp_path):
         assert w.path == tmp_path / w.task
         assert sorted(p.name for p in w.path.iterdir()) == [REPORT_FILE, "test.parquet", "train.parquet", "validation.parquet"]
         table = pq.read_table(w.path / "train.parquet")
-        assert table.column_names == ["idx", "uid", "prompt", "choice_0", "choice_1", "gold"]
+        # The store's examples schema: a prepared split file reads back as the store's table would.
+        assert table.schema.equals(EXAMPLES_SCHEMA) and set(table["split"].to_pylist()) == {"train"}
+        assert examples_from_table(table, get_task(w.task).delimiter)["train"] == prepare_task(
+            w.task, seed=5, cap=1000, max_chars=2048, source=SOURCES[w.task]).splits["train"]
         report = json.loads((w.path / REPORT_FILE).read_text())
         assert report["task"] == w.task and report["source"] == f"local:{FIXTURES / w.task}"
         assert (report["seed"], report["cap"], report["max_chars"]) == (5, 1000, 2048)

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from raysweep.errors import TaskLoadError
-from raysweep.tasks import get_task, prepare_task, registered_tasks
-from raysweep.tasks import sources
+from raysweep.tasks import get_task, prepare_task, registered_tasks, sources
 from raysweep.tasks.real import REAL_TASKS, RealTask
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"

@@ -105,11 +105,12 @@ def test_finetune_stops_when_train_accuracy_reached(tmp_path):
 
 
 def test_loss_is_on_response_tokens_only():
+    import random
+
     from raysweep.models import build_tiny, train_tokenizer
     from raysweep.spec import ModelSpec
     from raysweep.tasks import prepare_task
     from raysweep.train import build_batches
-    import random
 
     tok = train_tokenizer(400, add_bos=False)
     model = build_tiny(ModelSpec(name="x", arch="gpt2", tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400}), tok)

@@ -20,13 +20,19 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from raysweep.analysis.common import require_trials
 from raysweep.analysis.context import AnalysisContext
 from raysweep.analysis.engine import Scan
+from raysweep.analysis.plotting import MAX_ROW_LABELS
 from raysweep.analysis.reducers import CollectRows
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
+from raysweep.analysis.runner import AnalysisOutcome
 from raysweep.errors import BadInput
+from raysweep.store import TrialKey, trial_fields
 
 MEASURES = ("confidence", "loss")
 # Average linkage needs all pairwise distances: N columns cost N^2/2 doubles, so a paper-scale
@@ -37,8 +43,7 @@ MAX_CLUSTERED_ROWS = 5000
 RANKS = (1, 2, 3)
 
 RUN_FIELDS = [
-    ("sweep", pa.string()), ("trial_id", pa.string()), ("model", pa.string()), ("forget_task", pa.string()),
-    ("method", pa.string()), ("size", pa.int32()), ("seed", pa.int32()),
+    *trial_fields(),
 ]
 EXAMPLE_FIELDS = [("eval_task", pa.string()), ("split", pa.string()), ("example_idx", pa.int32())]
 
@@ -59,23 +64,6 @@ def check_measure(measure: str) -> str:
 
 
 @dataclass(frozen=True)
-class RunKey:
-    """A row: one trial's forget phase."""
-
-    sweep: str
-    trial_id: str
-    model: str
-    forget_task: str
-    method: str
-    size: int
-    seed: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.model}/{self.forget_task}/{self.method}/n{self.size}/s{self.seed}"
-
-
-@dataclass(frozen=True)
 class ExampleKey:
     """A column: one evaluation example."""
 
@@ -86,7 +74,7 @@ class ExampleKey:
 
 @dataclass
 class AssociationMatrix:
-    rows: tuple[RunKey, ...]
+    rows: tuple[TrialKey, ...]
     cols: tuple[ExampleKey, ...]
     measure: str
     values: np.ndarray  # (M, N) forgetting of each example by each run; NaN = not observed
@@ -150,7 +138,7 @@ def _read_long(ctx: AnalysisContext, split: str) -> pa.Table:
 class LongIndex:
     """Where each row of a long table sits in the matrix."""
 
-    rows: tuple[RunKey, ...]
+    rows: tuple[TrialKey, ...]
     cols: tuple[ExampleKey, ...]
     row_of: np.ndarray  # (n_long,) row index of each long row
     col_of: np.ndarray  # (n_long,) column index of each long row
@@ -180,7 +168,7 @@ def index_long(long: pa.Table) -> LongIndex:
     col_of, col_first = _sorted_codes(ex_key)
     run_cols = {n: long[n].take(pa.array(row_first)).to_pylist() for n, _ in RUN_FIELDS}
     ex_cols = {n: long[n].take(pa.array(col_first)).to_pylist() for n, _ in EXAMPLE_FIELDS}
-    rows = tuple(RunKey(**{n: run_cols[n][i] for n in run_cols}) for i in range(len(row_first)))
+    rows = tuple(TrialKey(**{n: run_cols[n][i] for n in run_cols}) for i in range(len(row_first)))
     cols = tuple(ExampleKey(**{n: ex_cols[n][j] for n in ex_cols}) for j in range(len(col_first)))
     return LongIndex(rows, cols, row_of, col_of)
 
@@ -359,3 +347,51 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     if notes:
         msg += "; " + "; ".join(notes)
     return AnalysisResult({"summary": pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA), "runs": runs_t, "examples": ex_t, "cells": cells}, msg)
+
+
+def _heat_limit(m: np.ndarray) -> float:
+    # Symmetric around zero (no change), robust to a few extreme cells.
+    finite = np.abs(m[np.isfinite(m)])
+    return max(float(np.quantile(finite, 0.98)) if finite.size else 0.0, 1e-6)
+
+
+@draws("association")
+def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    cells = o.tables["cells"]
+    cells = cells.filter(pc.is_valid(cells["col_pos"]))
+    if cells.num_rows == 0:
+        return []
+    runs = o.tables["runs"].to_pylist()
+    nr = max(r["row_pos"] for r in runs) + 1
+    rp = cells["row_pos"].to_numpy()
+    cp = cells["col_pos"].to_numpy()
+    nc = int(cp.max()) + 1
+    labels = [""] * nr
+    for r in runs:
+        labels[r["row_pos"]] = f"{r['model']}/{r['forget_task']}/{r['method']}/n{r['size']}/s{r['seed']}"
+    col_task = [""] * nc
+    for j, t in zip(cp.tolist(), cells["eval_task"].to_pylist()):
+        col_task[j] = t
+    tasks = sorted(set(col_task))
+    strip = np.array([[tasks.index(t) for t in col_task]])
+    palette = ListedColormap([f"C{i % 10}" for i in range(len(tasks))])
+
+    fig = Figure(figsize=(11, max(4.5, 2 * (0.16 * min(nr, MAX_ROW_LABELS) + 1.2) + 1.0)), layout="constrained")
+    axes = fig.subplots(3, 1, height_ratios=[0.6, 10, 10], sharex=True)
+    axes[0].imshow(strip, aspect="auto", cmap=palette, vmin=-0.5, vmax=len(tasks) - 0.5, interpolation="nearest")
+    axes[0].set_yticks([])
+    axes[0].legend(handles=[Patch(color=f"C{i % 10}", label=t) for i, t in enumerate(tasks)], title="evaluation task",
+                   fontsize=7, title_fontsize=7, ncols=min(len(tasks), 8), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    for ax, column, label in ((axes[1], "conf_drop", "drop in confidence"), (axes[2], "loss_rise", "rise in loss")):
+        m = np.full((nr, nc), np.nan)
+        m[rp, cp] = cells[column].to_numpy(zero_copy_only=False)
+        lim = _heat_limit(m)
+        im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        if nr <= MAX_ROW_LABELS:
+            ax.set_yticks(range(nr), labels, fontsize=6)
+        ax.set_ylabel("forget run")
+        fig.colorbar(im, ax=ax, label=label, extend="both")
+    axes[2].set_xticks([])  # positions in the clustered order mean nothing on their own
+    axes[2].set_xlabel(f"evaluation examples ({nc}); red = forgotten, blue = gained")
+    fig.suptitle(f"association matrix: {nr} forget runs x {nc} examples, rows and columns clustered (average linkage)", fontsize=10)
+    return [("association matrix heatmap", fig)]

@@ -19,14 +19,24 @@ from itertools import combinations
 
 import numpy as np
 import pyarrow as pa
+from matplotlib.figure import Figure
 
 from raysweep.analysis.common import all_cells, with_forgetting
 from raysweep.analysis.context import AnalysisContext
 from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, rng_for, t_interval
 from raysweep.analysis.measures import (
-    CORRELATION_INTERVAL_FIELDS, Cell, agreement, draw_finetuned_forgotten, headroom, ratio_formula, seed_value,
+    CORRELATION_INTERVAL_FIELDS,
+    Cell,
+    agreement,
+    draw_finetuned_forgotten,
+    headroom,
+    ratio_formula,
+    seed_value,
 )
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.plotting import MAX_PANELS, OTHER, OWN, num, yerr
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
+from raysweep.analysis.runner import AnalysisOutcome
+from raysweep.store import trial_fields
 
 METHOD_ORDER = ("random", "flipped", "gradient_ascent", "npo")
 
@@ -124,7 +134,7 @@ def _method_key(m: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
 
 
-COND = [("model", pa.string()), ("size", pa.int32())]
+COND = [*trial_fields("model", "size")]
 METHODS_SCHEMA = pa.schema(
     COND + [("method", pa.string()), ("n_forget_tasks", pa.int32()), ("n_other_cells", pa.int32()),
             ("n_seeds", pa.int32()), ("interval", pa.string()),
@@ -135,7 +145,7 @@ METHODS_SCHEMA = pa.schema(
             ("conf_drop_own", pa.float64()), ("conf_drop_other", pa.float64()), ("conf_spillover", pa.float64())]
 )
 TASKS_SCHEMA = pa.schema(
-    COND + [("method", pa.string()), ("forget_task", pa.string()), ("n_other", pa.int32()),
+    COND + [*trial_fields("method", "forget_task"), ("n_other", pa.int32()),
             ("ratio_own", pa.float64()), ("ratio_other", pa.float64()),
             ("conf_drop_own", pa.float64()), ("conf_drop_other", pa.float64())]
 )
@@ -202,3 +212,28 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+@draws("by_method")
+def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in o.tables["methods"].to_pylist():
+        groups[(r["model"], r["size"])].append(r)
+    figs = []
+    for (model, size), rs in sorted(groups.items(), key=lambda kv: str(kv[0]))[:MAX_PANELS]:
+        x = np.arange(len(rs))
+        fig = Figure(figsize=(max(7.0, 1.6 * len(rs) + 3), 3.6), layout="constrained")
+        axes = fig.subplots(1, 2)
+        for ax, stem, label in ((axes[0], "ratio", "forget ratio"), (axes[1], "conf_drop", "drop in confidence")):
+            err = {k: yerr(rs, f"{stem}_{k}") for k in ("own", "other")}
+            ax.bar(x - 0.2, [num(r[f"{stem}_own"]) for r in rs], 0.4, color=OWN, label="forgotten task",
+                   yerr=err["own"], capsize=3)
+            ax.bar(x + 0.2, [num(r[f"{stem}_other"]) for r in rs], 0.4, color=OTHER, label="other tasks",
+                   yerr=err["other"], capsize=3)
+            ax.set_xticks(x, [r["method"] for r in rs])
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_title(label, fontsize=9)
+        axes[0].legend(fontsize=7, loc="best")
+        fig.suptitle(f"{model} / n={size}: forgetting on the forgotten task vs the others, by method", fontsize=9)
+        figs.append((f"forgetting by method {model} n={size}", fig))
+    return figs

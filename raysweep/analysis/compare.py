@@ -7,10 +7,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from itertools import combinations
 
+import numpy as np
 import pyarrow as pa
+from matplotlib.figure import Figure
 
 from raysweep.analysis.measures import CORRELATION_INTERVAL_FIELDS, Cell, agreement, cells_table, seed_value
+from raysweep.analysis.plotting import MAX_PANELS, num, yerr
 from raysweep.analysis.registry import AnalysisResult, Skip
+from raysweep.analysis.runner import AnalysisOutcome
 
 AXES = ("model", "method", "size")
 
@@ -88,3 +92,29 @@ def compare(cells: list[Cell], cmp: Comparison, what: str, denominator: str = "t
     }
     msg = f"{cmp.axis} {' vs '.join(present)} in {len(groups)} group(s); agreement = correlation of cross-task forget ratios"
     return AnalysisResult(tables, msg)
+
+
+def draw_compare(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    t = o.tables["summary"]
+    values = [n[len("forget_ratio["):-1] for n in t.column_names if n.startswith("forget_ratio[")]
+    held = [c for c in ("model", "method", "size") if c in t.column_names]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in t.to_pylist():
+        groups[tuple(r[c] for c in held)].append(r)
+    figs = []
+    for key, rs in list(sorted(groups.items(), key=lambda kv: str(kv[0])))[:MAX_PANELS]:
+        x = np.arange(len(rs))
+        width = 0.8 / max(1, len(values))
+        fig = Figure(figsize=(max(5.0, 0.6 * len(rs) + 2), 3.6), layout="constrained")
+        ax = fig.subplots()
+        for k, v in enumerate(values):
+            err = yerr(rs, f"forget_ratio[{v}]", f"forget_ratio_lo[{v}]", f"forget_ratio_hi[{v}]")
+            ax.bar(x + (k - (len(values) - 1) / 2) * width, [num(r[f"forget_ratio[{v}]"]) for r in rs], width, label=v,
+                   yerr=err, capsize=3)
+        ax.set_xticks(x, [r["forget_task"] for r in rs], rotation=45, ha="right")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel("forget ratio (own task)")
+        ax.legend(title=next(a for a in ("model", "method", "size") if a not in held), fontsize=8)
+        ax.set_title(" / ".join(f"{c}={v}" for c, v in zip(held, key)))
+        figs.append((f"{o.title}: " + " / ".join(str(k) for k in key), fig))
+    return figs

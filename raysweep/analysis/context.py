@@ -6,21 +6,20 @@ the context, so `run_analyses` reads each file once however many analyses need i
 
 from __future__ import annotations
 
-from typing import Callable
-
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysweep.analysis.engine import Engine, Scan, ScanFile, make_engine
 from raysweep.analysis.reducers import AccuracySums, CollectRows, FirstCrossing, PairedCorrect
+from raysweep.constants import MILESTONES, SPLITS
 from raysweep.errors import BadInput
-from raysweep.store import Store
+from raysweep.store import Store, TrialKey, trial_fields
 
 HIDDEN_CHUNK_BYTES = 256 * 1024**2
-SPLITS = ("train", "validation", "test")
 DENOMINATORS = ("trial", "own")
 
 
@@ -76,6 +75,9 @@ class AnalysisParams:
     denominator: str = "trial"
     # Single-seed intervals: resamples of the examples (seeded per cell, so reproducible).
     bootstrap_resamples: int = 1000
+    # An analysis's own parameters, by analysis name (`predict`: its `PredictParams`); an
+    # analysis not named here runs with its defaults.
+    args: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("split", "order_split", "variance_split"):
@@ -102,14 +104,9 @@ class EpochRef:
 
 
 @dataclass(frozen=True)
-class TrialInfo:
-    sweep: str
-    trial_id: str
-    model: str
-    forget_task: str
-    method: str
-    size: int
-    seed: int
+class TrialInfo(TrialKey):
+    """A done trial as the analyses see it: its key, its milestones and what it committed."""
+
     milestones: dict[str, EpochRef]
     # Committed epochs per phase (commit marker present): only these files are read.
     committed: dict[str, tuple[int, ...]]
@@ -205,18 +202,16 @@ class SweepIndex:
                          size=t.size, seed=t.seed, milestone=name, phase=ref.phase, epoch=ref.epoch)
                 )
         schema = pa.schema(
-            [("sweep", pa.string()), ("trial_id", pa.string()), ("model", pa.string()), ("forget_task", pa.string()),
-             ("method", pa.string()), ("size", pa.int32()), ("seed", pa.int32()), ("milestone", pa.string()),
+            [*trial_fields(), ("milestone", pa.string()),
              ("phase", pa.string()), ("epoch", pa.int32())]
         )
         return pa.Table.from_pylist(rows, schema=schema)
 
     def trial_table(self) -> pa.Table:
         schema = pa.schema(
-            [("sweep", pa.string()), ("trial_id", pa.string()), ("model", pa.string()), ("forget_task", pa.string()),
-             ("method", pa.string()), ("size", pa.int32()), ("seed", pa.int32())]
+            trial_fields()
         )
-        rows = [dict(sweep=t.sweep, trial_id=t.trial_id, model=t.model, forget_task=t.forget_task, method=t.method, size=t.size, seed=t.seed) for t in self.trials]
+        rows = [t.row() for t in self.trials]
         return pa.Table.from_pylist(rows, schema=schema)
 
     def milestone_files(self, kind: str, milestones: tuple[str, ...], trials: tuple[TrialInfo, ...] | None = None) -> tuple[ScanFile, ...]:
@@ -280,7 +275,7 @@ class AnalysisContext:
         split = split or self.params.split
         key = ("accuracy_sums", split)
         if key not in self._cache:
-            files = self.index.milestone_files("scores", ("pretrained", "finetuned", "forgotten"))
+            files = self.index.milestone_files("scores", MILESTONES)
             scan = Scan(files, columns=("sweep", "trial_id", "phase", "epoch", "eval_task", "split", "correct", "confidence"), equals=(("split", split),))
             sums = self.engine.reduce(scan, AccuracySums())
             ms = self.index.milestone_table()
@@ -298,7 +293,7 @@ class AnalysisContext:
             return every.filter(pc.equal(every["split"], split))
         key = ("forget_task_scores", split)
         if key not in self._cache:
-            files = self.index.milestone_files("scores", ("pretrained", "finetuned", "forgotten"))
+            files = self.index.milestone_files("scores", MILESTONES)
             scan = Scan(
                 files,
                 columns=("sweep", "trial_id", "phase", "epoch", "split", "example_idx", "gold", "confidence",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from raysweep.analysis.common import all_cells, with_forgetting
-from raysweep.analysis.compare import Comparison, compare
+from raysweep.analysis.compare import Comparison, compare, draw_compare
 from raysweep.analysis.context import AnalysisContext
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
 
 
 @register("cross_model", title="Other models", figure="Appendix D")
@@ -16,3 +16,6 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         raise Skip(f"one model only ({models[0]}): cross_model compares two or more models")
     return compare(cells, Comparison("model", tuple(models)), "models", ctx.params.denominator,
                    ctx.params.bootstrap_resamples)
+
+
+draws("cross_model")(draw_compare)

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from raysweep.analysis.common import all_cells, by_condition, with_forgetting
 from raysweep.analysis.context import AnalysisContext
 from raysweep.analysis.measures import Cell, cells_table, upgma_order
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.plotting import GREY, MAX_PANELS, cond_label, num, rows_by_condition
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
+from raysweep.analysis.runner import AnalysisOutcome
+from raysweep.store import trial_fields
 
 
 @register("cross_task", title="Cross-task forgetting", figure="Fig 3.2")
@@ -36,7 +41,7 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         for r in mat.row_order:
             wide_rows.append(((model, method, size, mat.rows[r]), {mat.cols[c]: _none(mat.values[r, c]) for c in range(len(mat.cols))}))
     schema = pa.schema(
-        [("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), ("forget_task", pa.string())]
+        [*trial_fields("model", "method", "size", "forget_task")]
         + [(c, pa.float64()) for c in ordered_cols]
     )
     wide = pa.Table.from_pylist(
@@ -71,3 +76,41 @@ def ratio_matrix(group: list[Cell]) -> RatioMatrix:
 
 def _none(v: float) -> float | None:
     return None if np.isnan(v) else float(v)
+
+
+@draws("cross_task")
+def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    figs = []
+    for _, rs in list(rows_by_condition(o.tables["cells"]).items())[:MAX_PANELS]:
+        nr = max(r["row_pos"] for r in rs) + 1
+        nc = max(r["col_pos"] for r in rs) + 1
+        if nr * nc < 2:
+            continue
+        m = np.full((nr, nc), np.nan)
+        rows, cols = [""] * nr, [""] * nc
+        masked = []
+        for r in rs:
+            m[r["row_pos"], r["col_pos"]] = num(r["forget_ratio"])
+            rows[r["row_pos"]], cols[r["col_pos"]] = r["forget_task"], r["eval_task"]
+            if r.get("masked"):
+                masked.append((r["row_pos"], r["col_pos"]))
+        fig = Figure(figsize=(max(4.5, 0.45 * nc + 2.5), max(3.5, 0.4 * nr + 1.8)), layout="constrained")
+        ax = fig.subplots()
+        im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(nc), cols, rotation=60, ha="right")
+        ax.set_yticks(range(nr), rows)
+        ax.set_xlabel("evaluated on")
+        ax.set_ylabel("forgotten")
+        if nr * nc <= 400:
+            for i in range(nr):
+                for j in range(nc):
+                    if np.isfinite(m[i, j]):
+                        ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if m[i, j] < 0.6 else "black")
+        for i, j in masked:
+            # Hatched: the ratio is undefined there (fine-tuned accuracy too close to chance).
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor=GREY, lw=0))
+        fig.colorbar(im, ax=ax, label="forget ratio (clipped to [0, 1])", extend="both")
+        note = f"; {len(masked)} hatched = masked, no headroom" if masked else ""
+        ax.set_title(f"{cond_label(rs[0])} (UPGMA-ordered{note})")
+        figs.append((f"cross-task forget ratios {cond_label(rs[0])}", fig))
+    return figs

@@ -4,9 +4,9 @@ of flipped trials uses the flipped baseline 1 - acc_finetuned (see measures.forg
 from __future__ import annotations
 
 from raysweep.analysis.common import all_cells, with_forgetting
-from raysweep.analysis.compare import Comparison, compare
+from raysweep.analysis.compare import Comparison, compare, draw_compare
 from raysweep.analysis.context import AnalysisContext
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
 
 
 @register("flipped", title="Flipped vs random labels", figure="Appendix C")
@@ -17,3 +17,6 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         raise Skip(f"no flipped trials (methods in the sweep: {methods})")
     cmp = Comparison("method", ("flipped", "random"), anchor="flipped")
     return compare(cells, cmp, "flipped labels", ctx.params.denominator, ctx.params.bootstrap_resamples)
+
+
+draws("flipped")(draw_compare)

@@ -29,18 +29,22 @@ from itertools import combinations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.figure import Figure
 
 from raysweep.analysis.common import require_trials
 from raysweep.analysis.context import AnalysisContext, TrialInfo
-from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, resample_chunks, rng_for, t_interval
 from raysweep.analysis.engine import Scan
+from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, resample_chunks, rng_for, t_interval
+from raysweep.analysis.plotting import MAX_PANELS, num, yerr
 from raysweep.analysis.reducers import CollectRows
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
+from raysweep.analysis.runner import AnalysisOutcome
+from raysweep.constants import SPLITS
+from raysweep.store import trial_fields
 
 # phase -> the milestone whose state the phase starts from
 PHASE_START = {"finetune": "pretrained", "forget": "finetuned", "relearn": "forgotten"}
-_TRIAL = [("sweep", pa.string()), ("trial_id", pa.string()), ("model", pa.string()), ("forget_task", pa.string()),
-          ("method", pa.string()), ("size", pa.int32()), ("seed", pa.int32())]
+_TRIAL = [*trial_fields()]
 _PLACE = [("phase", pa.string()), ("eval_task", pa.string()), ("split", pa.string())]
 EXAMPLE_SCHEMA = pa.schema(
     _TRIAL + _PLACE + [("example_idx", pa.int32()), ("n_steps", pa.int32()), ("forgetting_events", pa.int32()),
@@ -49,7 +53,7 @@ EXAMPLE_SCHEMA = pa.schema(
 )
 _EST = [("n_seeds", pa.int32()), ("interval", pa.string())]
 SUMMARY_SCHEMA = pa.schema(
-    [("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), ("forget_task", pa.string())] + _PLACE
+    [*trial_fields("model", "method", "size", "forget_task")] + _PLACE
     + [("own_task", pa.bool_()), ("n_trials", pa.int32()), ("n_examples", pa.int64()),
        ("mean_forgetting_events", pa.float64()), ("mean_forgetting_events_lo", pa.float64()),
        ("mean_forgetting_events_hi", pa.float64()), ("unforgettable_frac", pa.float64()),
@@ -57,7 +61,7 @@ SUMMARY_SCHEMA = pa.schema(
        ("never_learned_frac", pa.float64())] + _EST
 )
 OVERLAP_SCHEMA = pa.schema(
-    [("model", pa.string()), ("size", pa.int32()), ("axis", pa.string()), ("fixed", pa.string()), ("a", pa.string()),
+    [*trial_fields("model", "size"), ("axis", pa.string()), ("fixed", pa.string()), ("a", pa.string()),
      ("b", pa.string()), ("eval_task", pa.string()), ("split", pa.string()), ("n_examples", pa.int64()),
      ("n_unforgettable_a", pa.int64()), ("n_unforgettable_b", pa.int64()), ("n_both", pa.int64()),
      ("jaccard", pa.float64()), ("jaccard_lo", pa.float64()), ("jaccard_hi", pa.float64())] + _EST
@@ -239,3 +243,36 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     return AnalysisResult({"summary": summary, "overlap": overlap, "examples": ex}, msg,
                           notes=["phases start from the milestone their weights start from (pretrained, finetuned, forgotten)",
                                  "correct = stored prediction; unforgettable = correct at some step and never correct -> incorrect"])
+
+
+@draws("forgetting_events")
+def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    rows = [r for r in o.tables["summary"].to_pylist() if r["own_task"]]
+    figs = []
+    for model, size in sorted({(r["model"], r["size"]) for r in rows}, key=str)[:MAX_PANELS]:
+        rs = [r for r in rows if (r["model"], r["size"]) == (model, size)]
+        splits = [s for s in SPLITS if any(r["split"] == s for r in rs)]
+        fig = Figure(figsize=(max(7.0, 3.6 * len(splits)), 3.6), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(splits), squeeze=False)[0])
+        for ax, split in zip(axes, splits):
+            here = [r for r in rs if r["split"] == split and r["phase"] == "forget"]
+            tasks = sorted({r["forget_task"] for r in here})
+            methods = sorted({r["method"] for r in here})
+            width = 0.8 / max(1, len(methods))
+            for k, method in enumerate(methods):
+                got = {r["forget_task"]: r for r in here if r["method"] == method}
+                ordered = [got.get(t) for t in tasks]
+                x = np.arange(len(tasks)) + (k - (len(methods) - 1) / 2) * width
+                present = [r for r in ordered if r is not None]
+                ax.bar([xi for xi, r in zip(x, ordered) if r is not None], [num(r["unforgettable_frac"]) for r in present], width,
+                       label=method, yerr=yerr(present, "unforgettable_frac"), capsize=3)
+            ax.set_xticks(np.arange(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{split} split", fontsize=9)
+            ax.set_ylabel("unforgettable fraction")
+            ax.set_xlabel("forget task (its own examples)", fontsize=8)
+        axes[0].legend(fontsize=8, title="method", title_fontsize=8)
+        fig.suptitle(f"{model}, n={size}: forget-task examples never forgotten during the forget phase "
+                     "(correct at some step, never correct -> incorrect; from the finetuned milestone)", fontsize=9)
+        figs.append((f"forgetting_events_{model}_n{size}", fig))
+    return figs

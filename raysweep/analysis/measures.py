@@ -15,8 +15,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, Correlation, correlation_estimates, percentile, rng_for, t_interval
+from raysweep.analysis.intervals import (
+    BOOTSTRAP,
+    SEEDS_T,
+    Correlation,
+    correlation_estimates,
+    percentile,
+    rng_for,
+    t_interval,
+)
 from raysweep.analysis.reducers import from_fixed_point
+from raysweep.constants import MILESTONES
+from raysweep.store import trial_fields
 
 MILESTONE_ACC = ("acc_pretrained", "acc_finetuned", "acc_forgotten")
 WITH_INTERVALS = (*MILESTONE_ACC, "forget_gap", "forget_ratio")
@@ -27,9 +37,9 @@ def ratio_formula(method: str) -> str:
     Appendix C baseline. Random labels, gradient ascent and NPO aim at chance (1/2). The
     method registry says which; a method it does not know (a store from a newer raysweep)
     is read with the random-label formula."""
-    from raysweep.methods import registered_methods, get_method
+    from raysweep.methods import METHODS
 
-    return get_method(method).ratio_formula if method in registered_methods() else "random"
+    return METHODS.get(method).ratio_formula if method in METHODS else "random"
 
 
 def headroom(acc_ft: float | None, method: str) -> float | None:
@@ -106,7 +116,7 @@ def _interval_fields() -> list[tuple[str, pa.DataType]]:
 
 CELL_SCHEMA = pa.schema(
     [
-        ("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), ("forget_task", pa.string()),
+        *trial_fields("model", "method", "size", "forget_task"),
         ("eval_task", pa.string()), ("n_trials", pa.int32()), ("n_seeds", pa.int32()), ("n_examples", pa.int64()),
         *_interval_fields(),
         ("conf_pretrained", pa.float64()), ("conf_finetuned", pa.float64()), ("conf_forgotten", pa.float64()),
@@ -195,7 +205,7 @@ def _cell(key: tuple, trials: list[_Trial], own: dict[int, _Trial | None], rule:
     c.per_seed = {t.seed: {**v, "conf_finetuned": t.conf("finetuned"), "conf_forgotten": t.conf("forgotten")}
                   for t, v in zip(trials, values)}
     c.trials = list(trials)
-    for m in ("pretrained", "finetuned", "forgotten"):
+    for m in MILESTONES:
         confs = [x for x in (t.conf(m) for t in trials) if x is not None]
         setattr(c, f"conf_{m}", float(np.mean(confs)) if confs else None)
     hs = [v["headroom"] for v in values if v["headroom"] is not None]

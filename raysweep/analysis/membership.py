@@ -34,19 +34,23 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.figure import Figure
 
 from raysweep.analysis.common import require_trials
 from raysweep.analysis.context import AnalysisContext, TrialInfo
 from raysweep.analysis.engine import Scan
 from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, rng_for, t_interval
+from raysweep.analysis.plotting import epoch_axis, num, per_model
 from raysweep.analysis.reducers import CollectRows
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
+from raysweep.analysis.runner import AnalysisOutcome
+from raysweep.store import trial_fields
 
 ATTACKS = ("loss", "zlib")
 MEMBERS, HELD_OUT = "train", "test"
-_COND = [("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), ("forget_task", pa.string())]
+_COND = [*trial_fields("model", "method", "size", "forget_task")]
 RUN_SCHEMA = pa.schema(
-    [("sweep", pa.string()), ("trial_id", pa.string())] + _COND
+    [*trial_fields("sweep", "trial_id")] + _COND
     + [("seed", pa.int32()), ("step", pa.int32()), ("attack", pa.string()), ("n_members", pa.int32()),
        ("n_held_out", pa.int32()), ("auc", pa.float64()), ("auc_pretrained", pa.float64()), ("privleak", pa.float64())]
 )
@@ -56,7 +60,7 @@ SUMMARY_SCHEMA = pa.schema(
              ("n_seeds", pa.int32()), ("interval", pa.string()), ("auc_pretrained", pa.float64()), ("privleak", pa.float64())]
 )
 QUALITY_SCHEMA = pa.schema(
-    [("sweep", pa.string()), ("trial_id", pa.string())] + _COND
+    [*trial_fields("sweep", "trial_id")] + _COND
     + [("seed", pa.int32()), ("milestone", pa.string()), ("reference", pa.string()), ("n", pa.int32()),
        ("ks_statistic", pa.float64()), ("forget_quality", pa.float64())]
 )
@@ -234,3 +238,23 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         notes.append("zlib AUC left empty: the store has no prepared examples to compress")
     tables = {"summary": summary, "runs": runs, "forget_quality": pa.Table.from_pylist(quality, schema=QUALITY_SCHEMA)}
     return AnalysisResult(tables, msg, notes=notes)
+
+
+@draws("membership")
+def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    figs = []
+    for model, size, rs in per_model(o.tables["summary"].to_pylist()):
+        fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+        for ax, attack in zip(fig.subplots(1, 2), ("loss", "zlib")):
+            for (task, method) in sorted({(r["forget_task"], r["method"]) for r in rs if r["attack"] == attack}):
+                line = sorted((r for r in rs if (r["forget_task"], r["method"], r["attack"]) == (task, method, attack)),
+                              key=lambda r: r["step"])
+                x = [r["step"] for r in line]
+                ax.plot(x, [num(r["auc"]) for r in line], marker=".", label=f"{task} / {method}")
+                ax.fill_between(x, [num(r["auc_lo"]) for r in line], [num(r["auc_hi"]) for r in line], alpha=0.2)
+            epoch_axis(ax, "forget epoch (0 = finetuned milestone)", f"{attack} attack AUC")
+        fig.axes[0].legend(fontsize=7, title="forget task / method", title_fontsize=7)
+        fig.suptitle(f"{model}, n={size}: trained examples (train split) vs held-out (test split) of the forget task; "
+                     "0.5 = indistinguishable", fontsize=9)
+        figs.append((f"membership_{model}_n{size}", fig))
+    return figs

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.figure import Figure
 
 from raysweep.analysis.common import require_trials
 from raysweep.analysis.context import AnalysisContext, TrialInfo
 from raysweep.analysis.intervals import correlation_estimates
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.plotting import BLUE, MAX_PANELS, ci
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
+from raysweep.analysis.runner import AnalysisOutcome
+from raysweep.store import trial_fields
 
-_COND = [("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), ("forget_task", pa.string())]
+_COND = [*trial_fields("model", "method", "size", "forget_task")]
 TASK_SCHEMA = pa.schema(
     _COND + [("n_trials", pa.int32()), ("n_forgotten", pa.int64()), ("n_learned", pa.int64()), ("n_examples", pa.int64()),
              ("spearman_r", pa.float64()), ("spearman_p", pa.float64()), ("spearman_r_lo", pa.float64()),
@@ -31,7 +36,7 @@ TASK_SCHEMA = pa.schema(
              ("status", pa.string())]
 )
 EXAMPLE_SCHEMA = pa.schema(
-    _COND + [("sweep", pa.string()), ("trial_id", pa.string()), ("seed", pa.int32()), ("example_idx", pa.int32()),
+    _COND + [*trial_fields("sweep", "trial_id", "seed"), ("example_idx", pa.int32()),
              ("forget_epoch", pa.int32()), ("learn_epoch", pa.int32())]
 )
 
@@ -68,7 +73,7 @@ def _eligible(ctx: AnalysisContext) -> pa.Table:
     the forgotten one (the last forget epoch, where relearning starts)."""
     rows = ctx.forget_task_scores(ctx.params.order_split)
     keys = ["sweep", "trial_id", "example_idx"]
-    schema = pa.schema([("sweep", pa.string()), ("trial_id", pa.string()), ("example_idx", pa.int32()),
+    schema = pa.schema([*trial_fields("sweep", "trial_id"), ("example_idx", pa.int32()),
                         ("conf_finetuned", pa.float32()), ("conf_relearn_start", pa.float32())])
     if rows.num_rows == 0:
         return schema.empty_table()
@@ -130,3 +135,28 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     msg = (f"{len(kept)} of {len(rows)} task(s) with more than {p.order_min_examples} examples; "
            f"threshold {p.order_threshold}, {p.order_split} split")
     return AnalysisResult({"tasks": tasks, "examples": both}, msg)
+
+
+@draws("order")
+def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    ok = [r for r in o.tables["tasks"].to_pylist() if r["status"] == "ok"][:MAX_PANELS]
+    if not ok:
+        return []
+    ex = o.tables["examples"].to_pylist()
+    cols = min(3, len(ok))
+    nrows = (len(ok) + cols - 1) // cols
+    fig = Figure(figsize=(4.2 * cols, 3.6 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, cols)).ravel()
+    rng = np.random.default_rng(0)
+    for ax, t in zip(axes, ok):
+        pts = [(e["forget_epoch"], e["learn_epoch"]) for e in ex if all(e[k] == t[k] for k in ("model", "method", "size", "forget_task"))]
+        f = np.array([p[0] for p in pts], float) + rng.uniform(-0.2, 0.2, len(pts))
+        g = np.array([p[1] for p in pts], float) + rng.uniform(-0.2, 0.2, len(pts))
+        ax.scatter(f, g, s=6, alpha=0.4, color=BLUE)
+        ax.set_title(f"{t['forget_task']} ({t['model']}): rho={t['spearman_r']:.2f}{ci(t, 'spearman_r')}, "
+                     f"n={t['n_examples']}", fontsize=9)
+        ax.set_xlabel("forget epoch")
+        ax.set_ylabel("learn epoch")
+    for ax in axes[len(ok):]:
+        ax.set_visible(False)
+    return [("forgetting order vs learning order", fig)]

@@ -16,17 +16,21 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.figure import Figure
 
 from raysweep.analysis.common import all_cells, by_condition, diagonal, with_forgetting
 from raysweep.analysis.context import AnalysisContext
 from raysweep.analysis.intervals import correlation_estimates
 from raysweep.analysis.measures import CORRELATION_INTERVAL_FIELDS
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.plotting import BLUE, MAX_PANELS, ci, cond_label, num, rows_by_condition
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
+from raysweep.analysis.runner import AnalysisOutcome
+from raysweep.store import trial_fields
 
 PREDICTORS = ("acc_finetuned", "total_variance", "conf_finetuned")
 ALL_TASKS = "(all)"
 
-_COND = [("model", pa.string()), ("method", pa.string()), ("size", pa.int32())]
+_COND = [*trial_fields("model", "method", "size")]
 
 
 def hidden_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -133,7 +137,7 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
 
 
 EXAMPLE_SCHEMA = pa.schema(
-    _COND + [("forget_task", pa.string()), ("sweep", pa.string()), ("trial_id", pa.string()), ("seed", pa.int32()),
+    _COND + [*trial_fields("forget_task", "sweep", "trial_id", "seed"),
              ("example_idx", pa.int32()), ("conf_before", pa.float64()), ("conf_after", pa.float64()),
              ("conf_drop", pa.float64()), ("correct_before", pa.bool_()), ("correct_after", pa.bool_()),
              ("forgotten", pa.bool_())]
@@ -219,3 +223,52 @@ def example_correlations(examples: pa.Table, resamples: int = 1000) -> pa.Table:
 
 def _empty_estimate() -> dict[str, object]:
     return {"n": 0, "n_seeds": 0, "interval": None}
+
+
+@draws("predictors")
+def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    figs = []
+    corr = {(r["model"], r["method"], r["size"], r["predictor"]): r for r in o.tables["correlations"].to_pylist()}
+    labels = {"acc_finetuned": "fine-tuned accuracy", "total_variance": "total variance of hidden states", "conf_finetuned": "confidence before forgetting"}
+    for cond, rs in list(rows_by_condition(o.tables["tasks"]).items())[:MAX_PANELS]:
+        if len(rs) < 3:
+            continue
+        fig = Figure(figsize=(12, 3.8), layout="constrained")
+        axes = fig.subplots(1, 3)
+        y = [num(r["forget_ratio"]) for r in rs]
+        for ax, p in zip(axes, labels):
+            x = [num(r[p]) for r in rs]
+            ax.scatter(x, y, color=BLUE)
+            for xi, yi, r in zip(x, y, rs):
+                if np.isfinite(xi) and np.isfinite(yi):
+                    ax.annotate(r["forget_task"], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            c = corr.get((*cond, p))
+            stat = "n/a"
+            if c and c["pearson_r"] is not None:
+                stat = f"r={c['pearson_r']:.2f}{ci(c, 'pearson_r')} (p={c['pearson_p']:.2g})"
+            ax.set_title(stat, fontsize=9)
+            ax.set_xlabel(labels[p])
+            ax.set_ylabel("forget ratio")
+        fig.suptitle(cond_label(rs[0]))
+        figs.append((f"task-level predictors {cond_label(rs[0])}", fig))
+    ex = o.tables["examples"]
+    if ex.num_rows:
+        n = ex.num_rows
+        take = np.sort(np.random.default_rng(0).choice(n, size=min(n, 5000), replace=False))
+        sub = ex.take(pa.array(take))
+        fig = Figure(figsize=(5, 4), layout="constrained")
+        ax = fig.subplots()
+        ax.scatter(sub["conf_before"].to_numpy(), sub["conf_after"].to_numpy(), s=6, alpha=0.4, color=BLUE)
+        pooled = {r["target"]: r for r in o.tables["example_correlations"].to_pylist() if r["forget_task"] == "(all)"}
+        parts = []
+        after, flag = pooled.get("conf_after"), pooled.get("forgotten")
+        if after and after["spearman_r"] is not None:
+            parts.append(f"rho(after)={after['spearman_r']:.2f}{ci(after, 'spearman_r')}")
+        if flag and flag.get("auc") is not None:
+            parts.append(f"AUC(forgotten)={flag['auc']:.2f}")
+        if parts:
+            ax.set_title(f"examples ({cond_label(after or flag)}): " + ", ".join(parts), fontsize=8)
+        ax.set_xlabel("confidence before forgetting")
+        ax.set_ylabel("confidence after forgetting")
+        figs.append(("example-level confidence before vs after", fig))
+    return figs

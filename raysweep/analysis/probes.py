@@ -20,14 +20,28 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.figure import Figure
 
 from raysweep.analysis.common import all_cells, require_trials
 from raysweep.analysis.context import AnalysisContext, TrialInfo
 from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, rng_for, t_interval
+from raysweep.analysis.plotting import (
+    GREY,
+    MAX_PANELS,
+    MILESTONE_COLORS,
+    cond_label,
+    interval_label,
+    num,
+    rows_by_condition,
+    yerr,
+)
 from raysweep.analysis.predictors import hidden_matrix
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
+from raysweep.analysis.runner import AnalysisOutcome
+from raysweep.constants import MILESTONES, SPLITS
+from raysweep.store import trial_fields
 
-PROBE_MILESTONES = ("pretrained", "finetuned", "forgotten")
+PROBE_MILESTONES = MILESTONES
 PAIR_COLUMNS = ("hidden_correct", "hidden_distractor")
 
 
@@ -113,8 +127,7 @@ def fit_probe(job: ProbeJob) -> ProbeFit:
 
 
 FIT_SCHEMA = pa.schema(
-    [("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), ("forget_task", pa.string()),
-     ("sweep", pa.string()), ("trial_id", pa.string()), ("seed", pa.int32()), ("milestone", pa.string()),
+    [*trial_fields("model", "method", "size", "forget_task", "sweep", "trial_id", "seed"), ("milestone", pa.string()),
      ("layer", pa.int16()), ("status", pa.string()), ("n_train", pa.int64()), ("n_val", pa.int64()),
      ("n_test", pa.int64()), ("c", pa.float64()), ("val_acc", pa.float64()), ("test_acc", pa.float64()),
      ("test_lo", pa.float64()), ("test_hi", pa.float64())]
@@ -139,8 +152,8 @@ def _jobs_for_chunk(ctx: AnalysisContext, trials: tuple[TrialInfo, ...]) -> list
     p = ctx.params
     for (sweep, tid, m) in sorted(by_unit, key=lambda u: (u[0], u[1], PROBE_MILESTONES.index(u[2]))):
         parts = by_unit[(sweep, tid, m)]
-        idx = {s: np.array(parts.get(s, []), dtype=np.int64) for s in ("train", "validation", "test")}
-        tr, va, te = (Pairs(xc[idx[s]], xd[idx[s]]) for s in ("train", "validation", "test"))
+        idx = {s: np.array(parts.get(s, []), dtype=np.int64) for s in SPLITS}
+        tr, va, te = (Pairs(xc[idx[s]], xd[idx[s]]) for s in SPLITS)
         jobs.append(ProbeJob(sweep, tid, m, tr, va, te, p.probe_cs, p.bootstrap_resamples))
     return jobs
 
@@ -180,7 +193,7 @@ def _triple(name: str) -> list[tuple[str, pa.DataType]]:
 
 
 SUMMARY_SCHEMA = pa.schema(
-    [("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), ("forget_task", pa.string()),
+    [*trial_fields("model", "method", "size", "forget_task"),
      ("layer", pa.int16()), ("n_trials", pa.int32()), ("n_seeds", pa.int32()), ("interval", pa.string())]
     + [f for m in PROBE_MILESTONES for f in _triple(f"probe_{m}")]
     + [f for m in PROBE_MILESTONES for f in _triple(f"acc_{m}")]
@@ -224,3 +237,25 @@ def summarize(fits: pa.Table, ctx: AnalysisContext) -> pa.Table:
                         f"acc_{m}_lo": lo, f"acc_{m}_hi": hi})
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+
+@draws("probes")
+def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    figs = []
+    ms = MILESTONES
+    for _, rs in list(rows_by_condition(o.tables["summary"]).items())[:MAX_PANELS]:
+        x = np.arange(len(rs))
+        fig = Figure(figsize=(max(5.0, 0.7 * len(rs) + 2), 3.6), layout="constrained")
+        ax = fig.subplots()
+        for k, m in enumerate(ms):
+            ax.bar(x + (k - 1) * 0.27, [num(r[f"probe_{m}"]) for r in rs], 0.27, label=f"probe, {m}",
+                   color=MILESTONE_COLORS[m], yerr=yerr(rs, f"probe_{m}"), capsize=2)
+        ax.plot(x + 0.27, [num(r["acc_forgotten"]) for r in rs], "k_", ms=14, mew=2, label="model accuracy, forgotten")
+        ax.axhline(0.5, ls="--", color=GREY, lw=1)
+        ax.set_xticks(x, [r["forget_task"] for r in rs], rotation=45, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("test pair accuracy (chance 0.5)")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(f"{cond_label(rs[0])}, layer {rs[0].get('layer')}; {interval_label(rs)}", fontsize=9)
+        figs.append((f"probe accuracy {cond_label(rs[0])}", fig))
+    return figs

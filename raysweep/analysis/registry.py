@@ -1,5 +1,6 @@
 """The analysis registry: name -> entry point, filled by the `@register` decorator when the
-modules listed in `raysweep.analysis.ANALYSIS_MODULES` are imported."""
+modules listed in `raysweep.analysis.ANALYSIS_MODULES` are imported, and name -> the report
+figure drawn from its tables, filled by `@draws` next to it in the same module."""
 
 from __future__ import annotations
 
@@ -46,6 +47,23 @@ def register(name: str, *, title: str, figure: str) -> Callable[[Callable[["Anal
         return fn
 
     return deco
+
+
+FIGURES: Registry[Callable] = Registry("figure", field="analysis")
+
+
+def draws(name: str) -> Callable[[Callable], Callable]:
+    """Register `fn(outcome) -> [(alt text, matplotlib Figure)]` as analysis `name`'s figure."""
+
+    def deco(fn: Callable) -> Callable:
+        FIGURES.add(name, fn)
+        return fn
+
+    return deco
+
+
+def figure_for(name: str) -> Callable | None:
+    return FIGURES.get(name) if name in FIGURES else None
 
 
 def get(name: str) -> Analysis:

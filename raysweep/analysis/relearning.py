@@ -27,24 +27,28 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.figure import Figure
 
 from raysweep.analysis.common import require_trials
 from raysweep.analysis.context import AnalysisContext, TrialInfo
 from raysweep.analysis.engine import Scan
 from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, resample_chunks, rng_for, t_interval
+from raysweep.analysis.plotting import epoch_axis, num, per_model
 from raysweep.analysis.reducers import CollectRows
-from raysweep.analysis.registry import AnalysisResult, Skip, register
+from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
+from raysweep.analysis.runner import AnalysisOutcome
+from raysweep.store import trial_fields
 
 SPLIT = "test"
 RECOVER = 0.9
-_COND = [("model", pa.string()), ("method", pa.string()), ("size", pa.int32()), ("forget_task", pa.string()),
+_COND = [*trial_fields("model", "method", "size", "forget_task"),
          ("relearn_examples", pa.int32())]
 CURVE_SCHEMA = pa.schema(
-    [("sweep", pa.string()), ("trial_id", pa.string())] + _COND
+    [*trial_fields("sweep", "trial_id")] + _COND
     + [("seed", pa.int32()), ("step", pa.int32()), ("acc", pa.float64()), ("recovered", pa.float64())]
 )
 TRIAL_SCHEMA = pa.schema(
-    [("sweep", pa.string()), ("trial_id", pa.string())] + _COND
+    [*trial_fields("sweep", "trial_id")] + _COND
     + [("seed", pa.int32()), ("n_examples", pa.int32()), ("acc_finetuned", pa.float64()), ("acc_forgotten", pa.float64()),
        ("acc_relearned", pa.float64()), ("relearn_epochs", pa.int32()), ("epochs_to_90", pa.int32()),
        ("recovery_auc", pa.float64())]
@@ -55,7 +59,7 @@ SUMMARY_SCHEMA = pa.schema(
              ("n_seeds", pa.int32()), ("interval", pa.string())]
 )
 EXAMPLE_SCHEMA = pa.schema(
-    [("sweep", pa.string()), ("trial_id", pa.string())] + _COND
+    [*trial_fields("sweep", "trial_id")] + _COND
     + [("seed", pa.int32()), ("example_idx", pa.int32()), ("first_correct_epoch", pa.int32())]
 )
 
@@ -191,3 +195,21 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
                            "trials": pa.Table.from_pylist(trials, schema=TRIAL_SCHEMA),
                            "curves": pa.Table.from_pylist(curves, schema=CURVE_SCHEMA),
                            "examples": pa.Table.from_pylist(examples, schema=EXAMPLE_SCHEMA)}, msg)
+
+
+@draws("relearning")
+def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
+    figs = []
+    for model, size, rs in per_model(o.tables["curves"].to_pylist()):
+        fig = Figure(figsize=(7.0, 3.6), layout="constrained")
+        ax = fig.subplots()
+        for run in sorted({(r["forget_task"], r["method"], r["relearn_examples"], r["seed"]) for r in rs}, key=str):
+            line = sorted((r for r in rs if (r["forget_task"], r["method"], r["relearn_examples"], r["seed"]) == run),
+                          key=lambda r: r["step"])
+            ax.plot([r["step"] for r in line], [num(r["acc"]) for r in line], marker=".",
+                    label=f"{run[0]} / {run[1]} / k={run[2]} / s{run[3]}")
+        epoch_axis(ax, "relearn epoch (0 = forgotten milestone)", "forget-task test accuracy")
+        ax.legend(fontsize=7, title="forget task / method / relearn examples / seed", title_fontsize=7)
+        fig.suptitle(f"{model}, n={size}: held-out accuracy while relearning on k trained examples", fontsize=9)
+        figs.append((f"relearning_{model}_n{size}", fig))
+    return figs

@@ -98,11 +98,12 @@ def run_analyses(
     *,
     params: AnalysisParams | None = None,
     write: bool = True,
+    write_skipped: bool = True,
 ) -> list[AnalysisOutcome]:
     """Run the registered analyses (all, or those named in `only`, in registry order) and,
     with `write`, put their tables under the store's analysis directory. An analysis whose
     inputs the sweep lacks is 'skipped', one that raises is 'failed'; either way the others
-    still run."""
+    still run. Without `write_skipped`, a skipped analysis leaves its last results in place."""
     names = _check_names(only)
     if not store.root.is_dir():
         raise BadInput(f"store: {str(store.root)!r} does not exist")
@@ -124,7 +125,7 @@ def run_analyses(
             except Exception as exc:  # noqa: BLE001 - one broken analysis must not stop the rest
                 out = AnalysisOutcome(name, "failed", one_line(f"{type(exc).__name__}: {exc}"))
             out.engine, out.seconds, out.fingerprint = choice.name, time.perf_counter() - t0, fingerprint
-            out.paths = _write(store, sweep, out, ctx.params) if write else []
+            out.paths = _write(store, sweep, out, ctx.params) if write and (write_skipped or out.status != "skipped") else []
             outcomes.append(out)
     finally:
         ctx.close()

@@ -1,5 +1,9 @@
 """Task registry. Importing this package registers every task."""
 
+from raysweep.tasks import (
+    builtin,  # noqa: F401  (registers the built-in tasks)
+    real,  # noqa: F401  (registers the real tasks)
+)
 from raysweep.tasks.base import (
     Example,
     PreparedTask,
@@ -10,8 +14,6 @@ from raysweep.tasks.base import (
     register,
     registered_tasks,
 )
-from raysweep.tasks import builtin  # noqa: F401  (registers the built-in tasks)
-from raysweep.tasks import real  # noqa: F401  (registers the real tasks)
 
 __all__ = [
     "Example",

@@ -12,12 +12,13 @@ import operator
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Mapping, Sequence
 
+import pyarrow as pa
+
+from raysweep.constants import SPLITS
 from raysweep.errors import BadInput, TaskLoadError
 from raysweep.registry import Registry
-
-SPLITS = ("train", "validation", "test")
 
 RawSplits = dict[str, list[dict]]
 
@@ -85,6 +86,42 @@ class PreparedTask:
 
     def split(self, name: str) -> list[Example]:
         return self.splits[name]
+
+
+# A prepared task's examples as a table: the store's `examples` table and every split file of
+# a prepared folder (`raysweep tasks prepare`) are written with it and read back through
+# `examples_from_table`.
+EXAMPLES_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("split", pa.string()),
+        ("example_idx", pa.int32()),
+        ("uid", pa.string()),
+        ("prompt", pa.string()),
+        ("choice_0", pa.string()),
+        ("choice_1", pa.string()),
+        ("gold", pa.int8()),
+    ]
+)
+
+
+def examples_table(task: str, splits: Mapping[str, Sequence[Example]]) -> pa.Table:
+    cols: dict[str, list] = {f.name: [] for f in EXAMPLES_SCHEMA}
+    for split, examples in splits.items():
+        for ex in examples:
+            for name, value in (("task", task), ("split", split), ("example_idx", ex.idx), ("uid", ex.uid), ("prompt", ex.prompt),
+                                ("choice_0", ex.choices[0]), ("choice_1", ex.choices[1]), ("gold", ex.gold)):
+                cols[name].append(value)
+    return pa.table(cols, schema=EXAMPLES_SCHEMA)
+
+
+def examples_from_table(table: pa.Table, delimiter: str) -> dict[str, list[Example]]:
+    """Split -> examples in `example_idx` order, from a table `examples_table` wrote."""
+    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for r in sorted(table.to_pylist(), key=lambda r: (r["split"], r["example_idx"])):
+        ex = Example(idx=r["example_idx"], uid=r["uid"], prompt=r["prompt"], choices=(r["choice_0"], r["choice_1"]), gold=r["gold"], delimiter=delimiter)
+        splits.setdefault(r["split"], []).append(ex)
+    return splits
 
 
 class Task(ABC):

@@ -18,29 +18,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysweep.constants import SPLITS
 from raysweep.errors import BadInput
-from raysweep.tasks.base import SPLITS, Example, PreparedTask, PrepReport, get_task, prepare_task
+from raysweep.tasks.base import PreparedTask, PrepReport, examples_table, get_task, prepare_task
 from raysweep.tasks.sources import data_root_sources
 
 if TYPE_CHECKING:
     from raysweep.spec import SweepSpec
 
 REPORT_FILE = "report.json"
-
-_SCHEMA = pa.schema(
-    [
-        ("idx", pa.int64()),
-        ("uid", pa.string()),
-        ("prompt", pa.string()),
-        ("choice_0", pa.string()),
-        ("choice_1", pa.string()),
-        ("gold", pa.int64()),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class PreparedFolder:
@@ -56,16 +44,6 @@ class PrepParams:
     seed: int
     cap: int
     max_chars: int
-
-
-def examples_table(examples: Sequence[Example]) -> pa.Table:
-    return pa.Table.from_pylist(
-        [
-            {"idx": e.idx, "uid": e.uid, "prompt": e.prompt, "choice_0": e.choices[0], "choice_1": e.choices[1], "gold": e.gold}
-            for e in examples
-        ],
-        schema=_SCHEMA,
-    )
 
 
 def _report_json(report: PrepReport, params: PrepParams) -> str:
@@ -88,7 +66,7 @@ def write_prepared(prepared: PreparedTask, folder: Path, params: PrepParams) -> 
     tmp.mkdir()
     try:
         for split in SPLITS:
-            pq.write_table(examples_table(prepared.splits[split]), tmp / f"{split}.parquet")
+            pq.write_table(examples_table(prepared.name, {split: prepared.splits[split]}), tmp / f"{split}.parquet")
         (tmp / REPORT_FILE).write_text(_report_json(prepared.report, params), encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)

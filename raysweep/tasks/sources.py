@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
+from raysweep.constants import SPLITS
 from raysweep.errors import BadInput, TaskLoadError
-from raysweep.tasks.base import PREPARED_FIELDS, SPLITS, RawSplits, is_prepared
+from raysweep.tasks.base import PREPARED_FIELDS, RawSplits, is_prepared
 
 if TYPE_CHECKING:
     from raysweep.spec import SweepSpec
