@@ -12,10 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from transformers import (
 from raysweep.errors import BadInput
 from raysweep.reproducible import pin_cpu_numerics
 from raysweep.spec import ModelSpec, locate_gguf
+from raysweep.store import replacing_dir
 
 # Bump when the tokenizer recipe, tiny configs or pretraining recipe change: it keys the cache.
 BUILTIN_RECIPE = 5
@@ -213,15 +211,10 @@ def ensure_builtin(spec: ModelSpec, models_dir: Path) -> Path:
 def _publish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, ready: dict) -> Path:
     """Save into a private folder, then rename it to `target`, so that concurrent builders
     never see half a model; READY (with `ready` in it) is written last."""
-    tmp = target.parent / f"_{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "READY").write_text(json.dumps(ready))
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race: use its copy
+    with replacing_dir(target, keep_existing=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "READY").write_text(json.dumps(ready))
     return target
 
 

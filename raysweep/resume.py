@@ -13,7 +13,6 @@ import fcntl
 import os
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,7 @@ from raysweep.distributed import Group
 from raysweep.errors import is_no_space
 from raysweep.integrity import bad_markers, quarantine, torch_file_problem
 from raysweep.models import LoadedModel
-from raysweep.store import Store
+from raysweep.store import Store, replacing
 from raysweep.train import resume_safe_globals
 
 
@@ -325,10 +324,5 @@ def torch_write(obj, fh, path: Path) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as fh:
-            torch_write(obj, fh, path)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        torch_write(obj, fh, path)

@@ -30,7 +30,7 @@ import contextlib
 import errno
 import json
 import os
-import socket
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, fields
@@ -195,7 +195,7 @@ def _name_full_disk(exc: OSError, path: Path) -> OSError:
 
 
 @contextlib.contextmanager
-def _replacing(path: Path):
+def replacing(path: Path):
     """Yield a temporary path beside `path`, then rename it over `path`: readers see the old
     file or the new one, never half of one. The temporary name starts with '_' and does not
     end in .parquet, so no reader's glob picks it up; a failed write (a full disk) leaves
@@ -214,15 +214,38 @@ def _replacing(path: Path):
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def replacing_dir(target: Path, *, keep_existing: bool = False):
+    """`replacing` for a folder: yield a private folder beside `target`, then rename it to
+    `target`, so that no reader (or concurrent builder) sees half of one. An existing target
+    is replaced, or with `keep_existing` kept (another builder won the race; its copy is as
+    good) and the new one dropped."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide a shared folder.
+    tmp = target.parent / f"_{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists() and not keep_existing:
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (keep_existing and target.exists()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with _replacing(path) as tmp, open(tmp, "wb") as fh:
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -238,6 +261,10 @@ class EpochKey:
     @property
     def rel(self) -> Path:
         return Path(self.sweep) / self.trial_id / self.phase / f"e{self.epoch:04d}"
+
+    def file(self, kind: str) -> Path:
+        """The epoch's `kind` table (scores, epochs, hidden), relative to the store root."""
+        return Path(kind) / f"{self.rel}.parquet"
 
 
 @dataclass
@@ -339,36 +366,6 @@ class Store:
             return None
         return plan if isinstance(plan, dict) and isinstance(plan.get("trial_ids"), list) else None
 
-    @contextlib.contextmanager
-    def driver_lock(self, sweep: str, version: str):
-        """Held by the driver for its whole run: one store runs one version of a sweep at a
-        time. Two versions at once would supersede each other's trials while both run, and
-        their rows would end up pooled as one condition. The kernel drops the lock when its
-        holder dies (SIGKILL included), so a killed driver never blocks the next one."""
-        import fcntl
-
-        path = self.path("sweeps", sweep, "driver.lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise BadInput(_lock_refusal(sweep, version, os.pread(fd, 4096, 0))) from None
-            except OSError:
-                pass  # a filesystem without locks: run unguarded rather than not at all
-
-            def claim() -> None:
-                """Name the holder, for the refusal a second driver prints. Separate from taking
-                the lock: a driver that finds its sweep finished leaves the store as it was."""
-                holder = {"version": version, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(holder).encode(), 0)
-
-            yield claim
-        finally:
-            os.close(fd)
-
     def read_trial_row(self, sweep: str, trial_id: str) -> dict | None:
         """One trial's current row, or None if it has none (or none readable)."""
         try:
@@ -386,15 +383,15 @@ class Store:
     def commit_epoch(self, rec: EpochRecord) -> None:
         """Data files first, marker last: an epoch without a marker is redone on resume,
         and rewriting its files by rename replaces them, so no row exists twice."""
-        rel = rec.key.rel
-        atomic_write_table(self.path("scores", f"{rel}.parquet"), rec.scores.cast(SCORES_SCHEMA))
-        atomic_write_table(self.path("epochs", f"{rel}.parquet"), rec.epoch_summary.cast(EPOCHS_SCHEMA))
-        files = [f"scores/{rel}.parquet", f"epochs/{rel}.parquet"]
-        if rec.hidden is not None:
-            atomic_write_table(self.path("hidden", f"{rel}.parquet"), rec.hidden)
-            files.append(f"hidden/{rel}.parquet")
-        marker = {"trial_id": rec.key.trial_id, "phase": rec.key.phase, "epoch": rec.key.epoch, "rows": rec.scores.num_rows, "files": files}
-        atomic_write_bytes(self.path("commits", f"{rel}.json"), json.dumps(marker).encode())
+        key = rec.key
+        tables = {"scores": rec.scores.cast(SCORES_SCHEMA), "epochs": rec.epoch_summary.cast(EPOCHS_SCHEMA), "hidden": rec.hidden}
+        files = []
+        for kind, table in tables.items():
+            if table is not None:
+                atomic_write_table(self.root / key.file(kind), table)
+                files.append(key.file(kind).as_posix())
+        marker = {"trial_id": key.trial_id, "phase": key.phase, "epoch": key.epoch, "rows": rec.scores.num_rows, "files": files}
+        atomic_write_bytes(self.path("commits", f"{key.rel}.json"), json.dumps(marker).encode())
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -443,16 +440,16 @@ class Store:
             meta["files"] = [f for f in meta.get("files", []) if f.split("/", 1)[0] not in kinds]
             atomic_write_bytes(marker, json.dumps(meta).encode())
         for kind in kinds:
-            self.path(kind, f"{key.rel}.parquet").unlink(missing_ok=True)
+            (self.root / key.file(kind)).unlink(missing_ok=True)
 
     def add_to_commit(self, key: EpochKey, kind: str, table: pa.Table) -> None:
         """Add a file to an epoch that is already committed (the best fine-tuning epoch's
         hidden states, known only when the phase ends): file first, then the marker's list."""
-        atomic_write_table(self.path(kind, f"{key.rel}.parquet"), table)
+        atomic_write_table(self.root / key.file(kind), table)
         marker = self.path("commits", f"{key.rel}.json")
         if marker.is_file():
             meta = json.loads(marker.read_text())
-            name = f"{kind}/{key.rel}.parquet"
+            name = key.file(kind).as_posix()
             if name not in meta.get("files", []):
                 meta["files"] = [*meta.get("files", []), name]
                 atomic_write_bytes(marker, json.dumps(meta).encode())
@@ -505,21 +502,6 @@ class Store:
     def sweeps(self) -> list[str]:
         base = self.path("trials")
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-
-
-def _lock_refusal(sweep: str, version: str, raw: bytes) -> str:
-    try:
-        holder = json.loads(raw.decode() or "{}")
-    except ValueError:
-        holder = {}
-    who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder.get("pid") else "another process"
-    if not holder.get("version"):
-        return f"sweep {sweep!r}: another driver is running this sweep on this store ({who}); wait for it to finish"
-    if holder.get("version") == version:
-        return (f"sweep {sweep!r}: this same version is already being run on this store ({who}); "
-                "wait for that driver to finish (a second one would only race it)")
-    return (f"sweep {sweep!r}: another version of this sweep is running on this store ({who}); "
-            "wait for it to finish, or run this version under another sweep name or store")
 
 
 MARKER_KEYS = ("trial_id", "phase", "epoch", "files")

@@ -10,9 +10,11 @@ the last one stopped.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -165,6 +167,50 @@ def auth_note() -> str:
         where = os.environ.get("RAY_AUTH_TOKEN_PATH") or ("$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "~/.ray/auth_token")
         return f"token auth on (token in {where})"
     return "token auth OFF (RAY_AUTH_MODE=disabled): anyone who can reach this machine's Ray ports can run code"
+
+
+@contextlib.contextmanager
+def driver_lock(store: Store, sweep: str, version: str):
+    """Held by the driver for its whole run: one store runs one version of a sweep at a
+    time. Two versions at once would supersede each other's trials while both run, and
+    their rows would end up pooled as one condition. The kernel drops the lock when its
+    holder dies (SIGKILL included), so a killed driver never blocks the next one."""
+    path = store.path("sweeps", sweep, "driver.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(_lock_refusal(sweep, version, os.pread(fd, 4096, 0))) from None
+        except OSError:
+            pass  # a filesystem without locks: run unguarded rather than not at all
+
+        def claim() -> None:
+            """Name the holder, for the refusal a second driver prints. Separate from taking
+            the lock: a driver that finds its sweep finished leaves the store as it was."""
+            holder = {"version": version, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+        yield claim
+    finally:
+        os.close(fd)
+
+
+def _lock_refusal(sweep: str, version: str, raw: bytes) -> str:
+    try:
+        holder = json.loads(raw.decode() or "{}")
+    except ValueError:
+        holder = {}
+    who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder.get("pid") else "another process"
+    if not holder.get("version"):
+        return f"sweep {sweep!r}: another driver is running this sweep on this store ({who}); wait for it to finish"
+    if holder.get("version") == version:
+        return (f"sweep {sweep!r}: this same version is already being run on this store ({who}); "
+                "wait for that driver to finish (a second one would only race it)")
+    return (f"sweep {sweep!r}: another version of this sweep is running on this store ({who}); "
+            "wait for it to finish, or run this version under another sweep name or store")
 
 
 def _check_resources(spec: SweepSpec) -> None:
@@ -376,7 +422,7 @@ def run_sweep(
         claim = None
         existing: dict[str, dict] = {}
         if store.exists():
-            claim = held.enter_context(store.driver_lock(spec.name, version))
+            claim = held.enter_context(driver_lock(store, spec.name, version))
             existing = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
         pending = [p for p in plans if existing.get(p.trial_id, {}).get("status") != "done"]
         recorded = store.current_plan(spec.name) if store.exists() else None
@@ -396,7 +442,7 @@ def run_sweep(
         except OSError as exc:
             raise BadInput(f"store: cannot create {str(store.root)!r} ({exc.strerror or exc})") from None
         if claim is None:
-            claim = held.enter_context(store.driver_lock(spec.name, version))
+            claim = held.enter_context(driver_lock(store, spec.name, version))
         claim()
         existing = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
         _record_plan(store, spec, spec_text, data, plans, version, existing)
@@ -502,8 +548,6 @@ def _interrupted_rows(store: Store, sweep: str, pending: list[TrialPlan], how: s
 def _stop_trials(store: Store, sweep: str, pending: list[TrialPlan], how: str, wait_s: float = 20.0) -> None:
     """Mark the trials that were running as interrupted, stop their workers and wait until
     each has let go of its trial (the kernel drops a trial's lock when its process dies)."""
-    import fcntl
-
     # First, so that a dying trial's own "failed" never lands on top (it refuses to
     # overwrite "interrupted"); again after the workers are gone, for any trial that was
     # just starting and wrote "running" in between.

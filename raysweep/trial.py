@@ -13,7 +13,6 @@ setup, the phases, the save after each epoch, and what happens when it fails.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -40,7 +39,7 @@ from raysweep.scoring import ScoreResult
 from raysweep.spec import PhaseConfig, TrialPlan
 from raysweep.store import Store
 from raysweep.tasks import Example, PreparedTask, prepare_task
-from raysweep.tasks.base import examples_from_table
+from raysweep.tasks.base import derived_seed, examples_from_table
 from raysweep.train import build_batches, make_optimizer, train_epoch
 
 __all__ = [
@@ -92,10 +91,6 @@ def forget_should_stop(test_acc: float, epoch: int, cfg, formula: str = "random"
 
 def relearn_should_stop(train_acc: float, epoch: int, cfg) -> bool:
     return train_acc >= cfg.stop_train_acc or epoch >= cfg.max_epochs
-
-
-def _seed_for(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -317,7 +312,7 @@ class TrialRunner:
         cfg, seed = self.plan.phases.forget, self.plan.seed
 
         def targets(epoch: int) -> list[int]:
-            return self.method.targets(self.train_set, epoch, random.Random(_seed_for(seed, "forget", epoch, "labels")))
+            return self.method.targets(self.train_set, epoch, random.Random(derived_seed(seed, "forget", epoch, "labels")))
 
         def should_stop(acc: Accuracies, epoch: int) -> bool:
             test_acc = acc[(self.plan.forget_task, "test")]
@@ -361,8 +356,8 @@ class TrialRunner:
         self.resume.save(progress, self.lm.model, optimizer, best_state)
 
     def _epoch_batches(self, phase: str, epoch: int, targets: list[int], cfg: PhaseConfig):
-        rng = random.Random(_seed_for(self.plan.seed, phase, epoch, "batches"))
-        torch.manual_seed(_seed_for(self.plan.seed, phase, epoch, "torch"))
+        rng = random.Random(derived_seed(self.plan.seed, phase, epoch, "batches"))
+        torch.manual_seed(derived_seed(self.plan.seed, phase, epoch, "torch"))
         examples = self.relearn_set if phase == "relearn" else self.train_set
         return build_batches(self.lm.tokenizer, self.lm.model, examples, targets, cfg.batch_size, rng)
 

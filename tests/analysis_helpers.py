@@ -259,3 +259,19 @@ def build_minimal_store(root: Path, *, with_forget: bool = True) -> Store:
         w.epoch("forget", 1, {("t0", "test"): conf_k_of_n(14, 16)})
     w.finish(best_finetune=1, last_forget=1 if with_forget else None)
     return store
+
+
+def build_cross_store(root) -> Store:
+    """Forget a or b, both evaluated on a and b. Fine-tuned accuracy on b is 17/32 (headroom
+    1/32 < 0.05) in a's trial and 32/32 in b's own; on a it is 32/32 everywhere."""
+    store = Store(root)
+    store.ensure()
+    ft = {("a", "a"): 32, ("a", "b"): 17, ("b", "a"): 32, ("b", "b"): 32}
+    fg = {("a", "a"): 16, ("a", "b"): 16, ("b", "a"): 24, ("b", "b"): 16}
+    for forget in ("a", "b"):
+        w = TrialWriter(store, TrialSpec(f"{forget}-s0", "m1", forget, eval_tasks=["a", "b"]), splits=("test",))
+        w.epoch("pretrained", 0, {(t, "test"): [0.8] * 16 + [0.3] * 16 for t in "ab"})
+        w.epoch("finetune", 1, {(t, "test"): [0.8] * ft[(forget, t)] + [0.3] * (32 - ft[(forget, t)]) for t in "ab"})
+        w.epoch("forget", 1, {(t, "test"): [0.8] * fg[(forget, t)] + [0.3] * (32 - fg[(forget, t)]) for t in "ab"})
+        w.finish(best_finetune=1, last_forget=1)
+    return store

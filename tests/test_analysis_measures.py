@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from analysis_helpers import SplitStates, TrialSpec, TrialWriter, build_rich_store, hidden_table
+from analysis_helpers import SplitStates, TrialSpec, TrialWriter, build_cross_store, build_rich_store, hidden_table
 from scipy import stats
 
 from raysweep.analysis import AnalysisParams, run_analyses
@@ -170,23 +170,8 @@ def test_one_seed_gives_a_seeded_bootstrap_over_examples(tmp_path):
 # ---- headroom -------------------------------------------------------------------------------
 
 
-def _cross_store(root) -> Store:
-    """Forget a or b, both evaluated on a and b. Fine-tuned accuracy on b is 17/32 (headroom
-    1/32 < 0.05) in a's trial and 32/32 in b's own; on a it is 32/32 everywhere."""
-    store = _store(root)
-    ft = {("a", "a"): 32, ("a", "b"): 17, ("b", "a"): 32, ("b", "b"): 32}
-    fg = {("a", "a"): 16, ("a", "b"): 16, ("b", "a"): 24, ("b", "b"): 16}
-    for forget in ("a", "b"):
-        w = TrialWriter(store, TrialSpec(f"{forget}-s0", "m1", forget, eval_tasks=["a", "b"]), splits=("test",))
-        w.epoch("pretrained", 0, {(t, "test"): [0.8] * 16 + [0.3] * 16 for t in "ab"})
-        w.epoch("finetune", 1, {(t, "test"): [0.8] * ft[(forget, t)] + [0.3] * (32 - ft[(forget, t)]) for t in "ab"})
-        w.epoch("forget", 1, {(t, "test"): [0.8] * fg[(forget, t)] + [0.3] * (32 - fg[(forget, t)]) for t in "ab"})
-        w.finish(best_finetune=1, last_forget=1)
-    return store
-
-
 def test_cells_without_headroom_are_masked_and_counted(tmp_path):
-    store = _cross_store(tmp_path / "s")
+    store = build_cross_store(tmp_path / "s")
     (o,) = run_analyses(store, only=["cross_task"], engine="local")
     cell = one(o.tables["cells"], forget_task="a", eval_task="b")
     assert cell["masked"] and cell["forget_ratio"] is None and cell["headroom"] == pytest.approx(1 / 32)
@@ -198,7 +183,7 @@ def test_cells_without_headroom_are_masked_and_counted(tmp_path):
 
 
 def test_own_denominator_divides_by_the_diagonal_run(tmp_path):
-    store = _cross_store(tmp_path / "s")
+    store = build_cross_store(tmp_path / "s")
     (o,) = run_analyses(store, only=["cross_task"], engine="local", params=AnalysisParams(denominator="own"))
     cell = one(o.tables["cells"], forget_task="a", eval_task="b")
     # b's own fine-tuned accuracy (1.0, in trial b) is the denominator: headroom 0.5.
@@ -316,7 +301,7 @@ def test_cli_analysis_options(tmp_path):
 
     from raysweep.cli import app
 
-    store = _cross_store(tmp_path / "s")
+    store = build_cross_store(tmp_path / "s")
     res = CliRunner().invoke(app, ["analyze", "--store", str(store.root), "--only", "cross_task", "--engine", "local",
                                    "--min-headroom", "0", "--denominator", "own"])
     assert res.exit_code == 0, res.output

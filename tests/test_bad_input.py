@@ -23,7 +23,7 @@ from raysweep.cli import app
 from raysweep.errors import BadInput
 from raysweep.spec import ModelSpec, load_spec, parse_spec
 from scripts.reliability import expected_rejections, make_bad_inputs, one_error_line, snapshot
-from tests.conftest import tiny_spec_text
+from tests.spec_helpers import tiny_spec_text
 
 BAD = Path(__file__).parent / "bad_specs"
 TABLE = expected_rejections()

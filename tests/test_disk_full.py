@@ -27,7 +27,7 @@ from raysweep.store import EpochKey, Store
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner
 from scripts.reliability import compare_stores, fill_disk, mount_tmpfs, raysweep
-from tests.conftest import tiny_spec_text
+from tests.spec_helpers import tiny_spec_text
 
 DEV_FULL = Path("/dev/full")
 needs_dev_full = pytest.mark.skipif(not DEV_FULL.exists(), reason="no /dev/full on this system")

@@ -16,7 +16,7 @@ from raysweep.lineage import LINEAGE_FIELDS, diff_stores
 from raysweep.spec import parse_spec
 from raysweep.store import TRIALS_SCHEMA, Store
 from raysweep.sweep import run_sweep
-from tests.conftest import REPO, tiny_spec_text
+from tests.spec_helpers import REPO, tiny_spec_text
 
 pytestmark = pytest.mark.slow
 

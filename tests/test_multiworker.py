@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from raysweep.spec import FinetuneConfig, TrainEngine, parse_spec
-from tests.conftest import tiny_spec_text
+from tests.spec_helpers import tiny_spec_text
 
 deepspeed = pytest.importorskip("deepspeed")
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from scripts.reliability import RAY_METRICS_EXPORTERS, anonymous_use, http_answer, http_status, process_name
-from tests.conftest import REPO
+from tests.spec_helpers import REPO
 
 
 def probe() -> None:

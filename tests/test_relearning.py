@@ -14,7 +14,7 @@ from raysweep.store import Store
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner
 from tests.analysis_helpers import TrialSpec, TrialWriter
-from tests.conftest import tiny_spec_text
+from tests.spec_helpers import tiny_spec_text
 
 N = 10
 # Test-split correct counts: finetuned 10/10, forgotten 2/10, then relearn epochs 1..3.

@@ -31,7 +31,7 @@ from scripts.reliability import (
     run_and_kill_driver,
     snapshot,
 )
-from tests.conftest import tiny_spec_text
+from tests.spec_helpers import tiny_spec_text
 
 SPEC = tiny_spec_text(name="rel", forget_tasks=("sentiment", "word_order"), ft_epochs=2, fg_epochs=2, max_failures=1)
 

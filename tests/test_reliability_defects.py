@@ -113,7 +113,7 @@ def _statuses(store: Path) -> dict[str, tuple[str, str | None]]:
 
 @pytest.mark.slow
 def test_sigterm_and_sigint_stop_the_driver_mark_trials_interrupted_and_a_rerun_completes(tmp_path):
-    from tests.conftest import tiny_spec_text
+    from tests.spec_helpers import tiny_spec_text
 
     # Budgets that run out (no early stop), so each trial is mid-way when the signal comes.
     text = tiny_spec_text(name="sig", forget_tasks=("sentiment", "word_order"), ft_epochs=5, fg_epochs=4)

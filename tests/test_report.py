@@ -115,13 +115,13 @@ def test_every_figure_renders_in_headless_chromium(rich_report, tmp_path):
 
 
 def test_masked_cells_are_hatched_and_intervals_drawn_as_error_bars(tmp_path):
+    from analysis_helpers import build_cross_store
     from matplotlib.container import ErrorbarContainer
-    from test_analysis_measures import _cross_store
 
     from raysweep.analysis import run_analyses
     from raysweep.analysis.registry import figure_for
 
-    store = _cross_store(tmp_path / "s")
+    store = build_cross_store(tmp_path / "s")
     out = {o.name: o for o in run_analyses(store, only=["cross_task", "single_task"], engine="local")}
     ((_, fig),) = figure_for("cross_task")(out["cross_task"])
     ax = fig.axes[0]

@@ -21,7 +21,7 @@ from raysweep.store import Store
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner
 from scripts.reliability import compare_stores, damage_tensor_bytes
-from tests.conftest import tiny_spec_text
+from tests.spec_helpers import tiny_spec_text
 
 # Fine-tuning runs its 2 epochs (a train accuracy of 1.0 is out of reach), then one epoch of
 # forgetting: an interruption after fine-tuning epoch 1 leaves a resume point and the best

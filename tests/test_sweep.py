@@ -11,7 +11,7 @@ import pytest
 from raysweep.spec import parse_spec
 from raysweep.store import Store
 from raysweep.sweep import run_sweep
-from tests.conftest import tiny_spec_text
+from tests.spec_helpers import tiny_spec_text
 
 pytestmark = pytest.mark.slow
 

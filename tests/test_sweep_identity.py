@@ -19,7 +19,7 @@ from raysweep.spec import parse_spec
 from raysweep.store import Store
 from raysweep.tasks.prepare import prepare_to_folder
 from scripts.reliability import kill_session
-from tests.conftest import tiny_spec_text
+from tests.spec_helpers import tiny_spec_text
 
 REPO = Path(__file__).resolve().parents[1]
 

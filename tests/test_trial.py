@@ -6,7 +6,7 @@ from raysweep.spec import FinetuneConfig, ForgetConfig, RelearnConfig, parse_spe
 from raysweep.store import Store
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner, finetune_should_stop, forget_should_stop, relearn_should_stop
-from tests.conftest import tiny_spec_text
+from tests.spec_helpers import tiny_spec_text
 
 
 def test_finetune_stop_rule():

@@ -17,7 +17,7 @@ from raysweep.analysis.engine import Engine, Scan, ScanFile, make_engine
 from raysweep.analysis.reducers import AccuracySums, CollectRows, FirstCrossing, PairedCorrect
 from raysweep.constants import MILESTONES, SPLITS
 from raysweep.errors import BadInput
-from raysweep.store import Store, TrialKey, trial_fields
+from raysweep.store import EpochKey, Store, TrialKey, trial_fields
 
 HIDDEN_CHUNK_BYTES = 256 * 1024**2
 DENOMINATORS = ("trial", "own")
@@ -112,7 +112,7 @@ class TrialInfo(TrialKey):
     committed: dict[str, tuple[int, ...]]
 
     def file(self, root: Path, kind: str, ref: EpochRef) -> Path:
-        return root / kind / self.sweep / self.trial_id / ref.phase / f"e{ref.epoch:04d}.parquet"
+        return root / EpochKey(self.sweep, self.trial_id, ref.phase, ref.epoch).file(kind)
 
     def scan_file(self, root: Path, kind: str, ref: EpochRef) -> ScanFile | None:
         if ref.epoch not in self.committed.get(ref.phase, ()):

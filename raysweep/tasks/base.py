@@ -162,9 +162,16 @@ def get_task(name: str) -> Task:
     return TASKS.get(name)
 
 
+def derived_seed(*parts: object, sep: str = ":", nbytes: int = 4) -> int:
+    """A seed that depends only on `parts`: every random draw of data preparation and of a
+    trial (labels, batch order, torch) comes from one, so a resumed or repeated run draws the
+    same. The separator and width are part of the value: data preparation uses ("\x1f", 8),
+    trials (":", 4), as they always have."""
+    return int.from_bytes(hashlib.sha256(sep.join(map(str, parts)).encode()).digest()[:nbytes], "little")
+
+
 def _seeded_rng(*parts: object) -> random.Random:
-    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return random.Random(int.from_bytes(h[:8], "little"))
+    return random.Random(derived_seed(*parts, sep="\x1f", nbytes=8))
 
 
 def _uid(task: str, prompt: str, choices: tuple[str, str]) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import pyarrow.parquet as pq
 
 from raysweep.constants import SPLITS
 from raysweep.errors import BadInput
+from raysweep.store import replacing_dir
 from raysweep.tasks.base import PreparedTask, PrepReport, examples_table, get_task, prepare_task
 from raysweep.tasks.sources import data_root_sources
 
@@ -60,20 +59,10 @@ def _report_json(report: PrepReport, params: PrepParams) -> str:
 def write_prepared(prepared: PreparedTask, folder: Path, params: PrepParams) -> Path:
     """Write into a sibling temporary folder, then swap it in: a half-written folder is never
     mistaken for a prepared one."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide a shared folder.
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with replacing_dir(folder) as tmp:
         for split in SPLITS:
             pq.write_table(examples_table(prepared.name, {split: prepared.splits[split]}), tmp / f"{split}.parquet")
         (tmp / REPORT_FILE).write_text(_report_json(prepared.report, params), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
