@@ -25,6 +25,7 @@ demo: $(VENV)/.installed
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check raysweep tests scripts
+	$(VENV)/bin/ruff format --check raysweep tests scripts
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests

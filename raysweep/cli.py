@@ -17,7 +17,9 @@ from rich.table import Table
 from raysweep.constants import SPLITS
 from raysweep.errors import BadInput, StoreError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parallel sweeps of forgetting experiments on language models.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Parallel sweeps of forgetting experiments on language models."
+)
 tasks_app = typer.Typer(no_args_is_help=True, help="The task registry.")
 app.add_typer(tasks_app, name="tasks")
 # Piped output (CI logs, files) is read later, not on an 80-column terminal: don't wrap tables.
@@ -100,7 +102,18 @@ def _after_disk_full(root: Path, started: float, exc: BaseException) -> tuple[in
 
     store = Store(root)
     full = DiskFull(store.root, no_space_where(exc, store.root))
-    for kind in ("scores", "hidden", "epochs", "commits", "checkpoints", "trials", "sweeps", "examples", "prep", "analysis"):
+    for kind in (
+        "scores",
+        "hidden",
+        "epochs",
+        "commits",
+        "checkpoints",
+        "trials",
+        "sweeps",
+        "examples",
+        "prep",
+        "analysis",
+    ):
         base = store.path(kind)
         for tmp in base.rglob("_*.tmp-*") if base.is_dir() else []:
             with contextlib.suppress(OSError):
@@ -125,21 +138,56 @@ def _fmt(x: float | None) -> str:
 
 def _progress_table(views: dict) -> Table:
     counts = {s: sum(v.status == s for v in views.values()) for s in ("done", "running", "failed", "pending")}
-    t = Table(title=f"trials: {counts['done']} done · {counts['running']} running · {counts['failed']} failed · {counts['pending']} pending", title_justify="left")
+    t = Table(
+        title=f"trials: {counts['done']} done · {counts['running']} running · {counts['failed']} failed · {counts['pending']} pending",
+        title_justify="left",
+    )
     for col in ("trial", "status", "phase", "epoch", "forget train acc", "forget test acc", "all tasks test acc"):
         t.add_column(col)
     style = {"done": "green", "running": "cyan", "failed": "red", "pending": "dim"}
     for v in views.values():
-        t.add_row(v.trial_id, f"[{style[v.status]}]{v.status}[/]", v.phase, str(v.epoch) if v.phase else "", _fmt(v.forget_train_acc), _fmt(v.forget_test_acc), _fmt(v.eval_test_acc))
+        t.add_row(
+            v.trial_id,
+            f"[{style[v.status]}]{v.status}[/]",
+            v.phase,
+            str(v.epoch) if v.phase else "",
+            _fmt(v.forget_train_acc),
+            _fmt(v.forget_test_acc),
+            _fmt(v.eval_test_acc),
+        )
     return t
 
 
 def _summary_table(rows, title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("model", "forget task", "method", "n", "seed", "status", "pretrained", "finetuned", "forgotten (test)", "forgotten (train)", "forget ratio"):
+    for col in (
+        "model",
+        "forget task",
+        "method",
+        "n",
+        "seed",
+        "status",
+        "pretrained",
+        "finetuned",
+        "forgotten (test)",
+        "forgotten (train)",
+        "forget ratio",
+    ):
         t.add_column(col)
     for r in rows:
-        t.add_row(r.model, r.forget_task, r.method, str(r.size), str(r.seed), r.status, _fmt(r.pretrained_test_acc), _fmt(r.finetuned_test_acc), _fmt(r.forgotten_test_acc), _fmt(r.forgotten_train_acc), _fmt(r.forget_ratio))
+        t.add_row(
+            r.model,
+            r.forget_task,
+            r.method,
+            str(r.size),
+            str(r.seed),
+            r.status,
+            _fmt(r.pretrained_test_acc),
+            _fmt(r.finetuned_test_acc),
+            _fmt(r.forgotten_test_acc),
+            _fmt(r.forgotten_train_acc),
+            _fmt(r.forget_ratio),
+        )
     return t
 
 
@@ -148,11 +196,17 @@ def _summary_table(rows, title: str) -> Table:
 def run(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="YAML sweep spec."),
     store_root: Path = STORE_OPT,
-    address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local one)."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local one)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the trial plan; run nothing."),
-    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Start the Ray dashboard (local clusters)."),
+    dashboard: bool = typer.Option(
+        True, "--dashboard/--no-dashboard", help="Start the Ray dashboard (local clusters)."
+    ),
     dashboard_host: str = typer.Option(
-        "127.0.0.1", "--dashboard-host", help="Interface the dashboard listens on (local clusters); 0.0.0.0 exposes it to the network."
+        "127.0.0.1",
+        "--dashboard-host",
+        help="Interface the dashboard listens on (local clusters); 0.0.0.0 exposes it to the network.",
     ),
     data_root: Optional[Path] = DATA_ROOT_OPT,
 ) -> None:
@@ -168,8 +222,21 @@ def run(
     if dry_run:
         plans = spec.trials()
         cols = ("trial_id", "model", "forget task", "method", "n", "seed", "eval tasks", "cpu", "gpu", "workers")
-        rows = ((p.trial_id, p.model.name, p.forget_task, p.method, str(p.size), str(p.seed), str(len(p.eval_tasks)),
-                 f"{p.resources.cpu:g}", f"{p.resources.gpu:g}", str(p.resources.n_workers)) for p in plans)
+        rows = (
+            (
+                p.trial_id,
+                p.model.name,
+                p.forget_task,
+                p.method,
+                str(p.size),
+                str(p.seed),
+                str(len(p.eval_tasks)),
+                f"{p.resources.cpu:g}",
+                f"{p.resources.gpu:g}",
+                str(p.resources.n_workers),
+            )
+            for p in plans
+        )
         if len(plans) > DRY_RUN_TABLE_MAX:
             # Laying out a rich table costs about a millisecond a row: 100,000 trials took minutes.
             # Tab-separated lines list every trial just as well, and scripts can read them.
@@ -217,7 +284,16 @@ def run(
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        outcome = run_sweep(spec, spec_path.read_text(), store, address=address, dashboard=dashboard, sink=sink, on_ready=ready, dashboard_host=dashboard_host)
+        outcome = run_sweep(
+            spec,
+            spec_path.read_text(),
+            store,
+            address=address,
+            dashboard=dashboard,
+            sink=sink,
+            on_ready=ready,
+            dashboard_host=dashboard_host,
+        )
     finally:
         if live is not None:
             live.stop()
@@ -227,11 +303,16 @@ def run(
         err.print(
             f"interrupted by {outcome.interrupted}: {done}/{outcome.total} trials done, {outcome.committed_epochs} epoch(s) of the "
             "unfinished ones committed and kept in the store; run the same command again to resume",
-            highlight=False, soft_wrap=True,
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(1)
-    console.print(_summary_table(summarize(store, spec.name), f"{spec.name}: accuracy on each forget task's test split"))
-    console.print(f"{outcome.done} trials ran, {outcome.already_done} were already complete, {len(outcome.failed)} failed · {outcome.seconds:.0f} s")
+    console.print(
+        _summary_table(summarize(store, spec.name), f"{spec.name}: accuracy on each forget task's test split")
+    )
+    console.print(
+        f"{outcome.done} trials ran, {outcome.already_done} were already complete, {len(outcome.failed)} failed · {outcome.seconds:.0f} s"
+    )
     for tid, reason in outcome.failed.items():
         err.print(f"[red]failed[/] {tid}: {reason}", highlight=False)
     raise typer.Exit(outcome.exit_code)
@@ -241,13 +322,23 @@ def run(
 @_guard
 def plan(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="YAML sweep spec."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="Estimate time on this GPU kind (h100, h200, a100, l40s, a10g, v100); default: this CPU, calibrated by a short timed pass."),
+    gpu: Optional[str] = typer.Option(
+        None,
+        "--gpu",
+        help="Estimate time on this GPU kind (h100, h200, a100, l40s, a10g, v100); default: this CPU, calibrated by a short timed pass.",
+    ),
     gpus: int = typer.Option(1, "--gpus", help="GPUs in the cluster (with --gpu)."),
     mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation assumed on the GPU."),
-    expect_epochs: Optional[str] = typer.Option(None, "--expect-epochs", help="Expected epochs per phase, e.g. finetune=40,forget=40 (default: the store's finished trials, else 40% of max_epochs)."),
+    expect_epochs: Optional[str] = typer.Option(
+        None,
+        "--expect-epochs",
+        help="Expected epochs per phase, e.g. finetune=40,forget=40 (default: the store's finished trials, else 40% of max_epochs).",
+    ),
     store_root: Path = STORE_OPT,
     data_root: Optional[Path] = DATA_ROOT_OPT,
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Count tokens with this tokenizer where a model's own cannot be loaded here."),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="Count tokens with this tokenizer where a model's own cannot be loaded here."
+    ),
 ) -> None:
     """Say what SPEC will cost before anything runs: trials, tokens, FLOPs, time, store and checkpoint disk."""
     from raysweep.planning import parse_expected, plan_sweep, render_plan
@@ -259,7 +350,15 @@ def plan(
         from raysweep.tasks.sources import apply_data_root
 
         spec = apply_data_root(spec, data_root)
-    result = plan_sweep(spec, Store(store_root), gpu=gpu, gpus=gpus, mfu=mfu, expected=parse_expected(expect_epochs), tokenizer=tokenizer)
+    result = plan_sweep(
+        spec,
+        Store(store_root),
+        gpu=gpu,
+        gpus=gpus,
+        mfu=mfu,
+        expected=parse_expected(expect_epochs),
+        tokenizer=tokenizer,
+    )
     for line in render_plan(result):
         console.print(line, highlight=False)
 
@@ -281,16 +380,27 @@ def status(store_root: Path = STORE_OPT, sweep: Optional[str] = typer.Option(Non
         # No figures computed next to (or from) files that cannot be read back.
         for path, reason in bad:
             err.print(f"[red]corrupt[/] {path}: {reason}", highlight=False)
-        raise StoreError(f"store: {len(bad)} corrupt file(s); refusing to summarise (`raysweep repair` quarantines them)")
+        raise StoreError(
+            f"store: {len(bad)} corrupt file(s); refusing to summarise (`raysweep repair` quarantines them)"
+        )
     sweeps = [sweep] if sweep else store.sweeps()
     for name in sweeps:
         rows = summarize(store, name)
         # The sweep as it is now: trials of its earlier versions are counted, not listed.
         plan = store.current_plan(name)
-        current = [r for r in rows if (r.trial_id in plan["trial_ids"] if plan is not None else r.status != "superseded")]
-        console.print(_summary_table(current, f"sweep {name}: {sum(r.status == 'done' for r in current)}/{len(current)} trials done"))
+        current = [
+            r for r in rows if (r.trial_id in plan["trial_ids"] if plan is not None else r.status != "superseded")
+        ]
+        console.print(
+            _summary_table(
+                current, f"sweep {name}: {sum(r.status == 'done' for r in current)}/{len(current)} trials done"
+            )
+        )
         if len(rows) > len(current):
-            console.print(f"{len(rows) - len(current)} trial(s) of earlier versions of this sweep are kept in the store (superseded); analyses leave them out", highlight=False)
+            console.print(
+                f"{len(rows) - len(current)} trial(s) of earlier versions of this sweep are kept in the store (superseded); analyses leave them out",
+                highlight=False,
+            )
         for r in current:
             if r.status in ("failed", "interrupted"):
                 err.print(f"[red]{r.status}[/] {r.trial_id}: {r.error}", highlight=False)
@@ -324,7 +434,9 @@ def analyze(
         raise BadInput(f"store: no raysweep store at {str(store.root)!r}")
     results = store.root / "analysis"
     if not os.access(results if results.is_dir() else store.root, os.W_OK):
-        raise BadInput(f"store: {str(results)!r} is not writable; `analyze` stores its results there (`raysweep report --out DIR` writes only to DIR)")
+        raise BadInput(
+            f"store: {str(results)!r} is not writable; `analyze` stores its results there (`raysweep report --out DIR` writes only to DIR)"
+        )
     bad = verify(store)
     if bad:
         for path, reason in bad:
@@ -345,9 +457,15 @@ def analyze(
 def predict(
     store_root: Path = STORE_OPT,
     k: Optional[int] = typer.Option(None, "--k", help="Cells revealed of each held-out run (default 10)."),
-    seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="Seeds of the reveal draws, repeatable or comma-separated (default 0,1,2)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="A cell above this counts as forgotten, for F1 (default 0.1)."),
-    measure: Optional[str] = typer.Option(None, "--measure", help="confidence (drop in confidence) | loss (rise in loss)."),
+    seeds: Optional[list[str]] = typer.Option(
+        None, "--seeds", help="Seeds of the reveal draws, repeatable or comma-separated (default 0,1,2)."
+    ),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="A cell above this counts as forgotten, for F1 (default 0.1)."
+    ),
+    measure: Optional[str] = typer.Option(
+        None, "--measure", help="confidence (drop in confidence) | loss (rise in loss)."
+    ),
     split: Optional[str] = typer.Option(None, "--split", help="Evaluation split of the matrix (default test)."),
     sweep: Optional[str] = typer.Option(None, help="Only this sweep."),
     engine: str = typer.Option("auto", "--engine", help="ray | local | auto"),
@@ -393,8 +511,11 @@ def report(
     from raysweep.store import Store
 
     given = {"layer": layer, "min_headroom": min_headroom, "denominator": denominator}
-    params = AnalysisParams(**{k: v for k, v in given.items() if v is not None}) if any(
-        v is not None for v in given.values()) else None
+    params = (
+        AnalysisParams(**{k: v for k, v in given.items() if v is not None})
+        if any(v is not None for v in given.values())
+        else None
+    )
 
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out: {str(out)!r} is a file; --out names the directory the report goes into")
@@ -426,7 +547,10 @@ def repair(store_root: Path = STORE_OPT) -> None:
     moved = quarantine(store, [p for p, _ in bad])
     for src, dest in zip(bad, moved):
         console.print(f"quarantined {src[0]} -> {dest} ({src[1]})", highlight=False)
-    console.print(f"{len(moved)} file(s) quarantined" + ("; trials that lost epochs rerun them with the next `raysweep run`" if moved else ""))
+    console.print(
+        f"{len(moved)} file(s) quarantined"
+        + ("; trials that lost epochs rerun them with the next `raysweep run`" if moved else "")
+    )
 
 
 @app.command()

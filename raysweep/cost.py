@@ -102,7 +102,9 @@ class TrainTokens:
         either with equal chance for random labels."""
         if bound == "upper":
             return float(self.upper)
-        return {"flipped": float(self.distractor), "random": (self.gold + self.distractor) / 2}.get(method, float(self.gold))
+        return {"flipped": float(self.distractor), "random": (self.gold + self.distractor) / 2}.get(
+            method, float(self.gold)
+        )
 
 
 @dataclass
@@ -149,7 +151,9 @@ class TrialCost:
         trained = sum(self.trained_tokens(bound).values())
         mean_sq = self.train.squared / max(self.train.upper, 1)  # tokens-weighted mean length
         train_flops = 3 * trained * (2 * m.body_params + head + 2 * m.layers * m.hidden * mean_sq)
-        per_epoch = sum(2 * m.body_params * s.scored + head * s.answer + 2 * m.layers * m.hidden * s.squared for s in self.slices)
+        per_epoch = sum(
+            2 * m.body_params * s.scored + head * s.answer + 2 * m.layers * m.hidden * s.squared for s in self.slices
+        )
         return {"train": train_flops, "score": self.scored_epochs(bound) * per_epoch}
 
     def hidden_rows(self, bound: str) -> float:
@@ -208,7 +212,10 @@ def phase_epochs(plan: TrialPlan, expected: dict[str, float] | None) -> dict[str
     if plan.phases.relearn.enabled:
         phases["relearn"] = plan.phases.relearn
     upper = {ph: float(cfg.max_epochs) for ph, cfg in phases.items()}
-    exp = {ph: min(upper[ph], (expected or {}).get(ph, max(1.0, round(DEFAULT_EXPECTED_FRACTION * upper[ph])))) for ph in phases}
+    exp = {
+        ph: min(upper[ph], (expected or {}).get(ph, max(1.0, round(DEFAULT_EXPECTED_FRACTION * upper[ph]))))
+        for ph in phases
+    }
     return {"upper": upper, "expected": exp}
 
 
@@ -219,7 +226,13 @@ def trial_slices(plan: TrialPlan, data: dict[str, PreparedTask]) -> list[tuple[s
     out = []
     for task in dict.fromkeys([plan.forget_task, *plan.eval_tasks]):
         for split in forget_splits if task == plan.forget_task else plan.scoring.splits:
-            examples = train_set if (task, split) == (plan.forget_task, "train") else data[task].splits.get(split, []) if task in data else []
+            examples = (
+                train_set
+                if (task, split) == (plan.forget_task, "train")
+                else data[task].splits.get(split, [])
+                if task in data
+                else []
+            )
             out.append((task, split, examples))
     return out
 
@@ -231,8 +244,14 @@ def planned_trials(spec: SweepSpec, data: dict[str, PreparedTask]) -> list[Trial
     return spec.trials({**data, **empty})
 
 
-def estimate(spec: SweepSpec, data: dict[str, PreparedTask], shapes: dict[str, ModelShape], tokenizers: dict,
-             expected: dict[str, float] | None = None, epochs_from: str = "") -> SweepCost:
+def estimate(
+    spec: SweepSpec,
+    data: dict[str, PreparedTask],
+    shapes: dict[str, ModelShape],
+    tokenizers: dict,
+    expected: dict[str, float] | None = None,
+    epochs_from: str = "",
+) -> SweepCost:
     """Count every trial of `spec` on its prepared data; each (model, task, split) is
     tokenized once however many trials read it."""
     missing = [t for t in spec.tasks if t not in data]
@@ -252,7 +271,9 @@ def estimate(spec: SweepSpec, data: dict[str, PreparedTask], shapes: dict[str, M
                 slice_cache[key] = SliceTokens.count(task, split, examples, tok, shape.max_length)
         tkey = (plan.model.name, plan.forget_task, plan.size)
         if tkey not in train_cache and not sized_from_others(plan, plan.forget_task, "train"):
-            train_cache[tkey] = TrainTokens.count(data[plan.forget_task].split("train")[: plan.size], tok, shape.max_length)
+            train_cache[tkey] = TrainTokens.count(
+                data[plan.forget_task].split("train")[: plan.size], tok, shape.max_length
+            )
     trials = []
     for plan in plans:
         counted = [v for k, v in slice_cache.items() if k[0] == plan.model.name]
@@ -265,20 +286,36 @@ def estimate(spec: SweepSpec, data: dict[str, PreparedTask], shapes: dict[str, M
                 slices.append(slice_cache[(plan.model.name, task, split, len(examples))])
         tkey = (plan.model.name, plan.forget_task, plan.size)
         if tkey not in train_cache:
-            train_cache[tkey] = _stand_in_train(plan.size, [v for k, v in train_cache.items() if k[0] == plan.model.name])
+            train_cache[tkey] = _stand_in_train(
+                plan.size, [v for k, v in train_cache.items() if k[0] == plan.model.name]
+            )
         relearn = None
         k = plan.phases.relearn.examples
         if plan.phases.relearn.enabled and k is not None and k < plan.size:
             rkey = (plan.model.name, plan.forget_task, k)
             if rkey not in train_cache:
-                train_cache[rkey] = (_stand_in_train(k, [train_cache[tkey]]) if sized_from_others(plan, plan.forget_task, "train")
-                                     else TrainTokens.count(data[plan.forget_task].split("train")[:k], tokenizers[plan.model.name],
-                                                            shapes[plan.model.name].max_length))
+                train_cache[rkey] = (
+                    _stand_in_train(k, [train_cache[tkey]])
+                    if sized_from_others(plan, plan.forget_task, "train")
+                    else TrainTokens.count(
+                        data[plan.forget_task].split("train")[:k],
+                        tokenizers[plan.model.name],
+                        shapes[plan.model.name].max_length,
+                    )
+                )
             relearn = train_cache[rkey]
-        trials.append(TrialCost(plan, slices, train_cache[tkey], phase_epochs(plan, expected), shapes[plan.model.name], relearn))
+        trials.append(
+            TrialCost(plan, slices, train_cache[tkey], phase_epochs(plan, expected), shapes[plan.model.name], relearn)
+        )
     hidden_bytes = {name: hidden_row_bytes(s.hidden) for name, s in shapes.items()}
-    return SweepCost(spec, trials, epochs_from or f"{DEFAULT_EXPECTED_FRACTION:.0%} of each phase's max_epochs (an assumption)",
-                     scores_row_bytes(), hidden_bytes, sorted({*missing, *no_train}))
+    return SweepCost(
+        spec,
+        trials,
+        epochs_from or f"{DEFAULT_EXPECTED_FRACTION:.0%} of each phase's max_epochs (an assumption)",
+        scores_row_bytes(),
+        hidden_bytes,
+        sorted({*missing, *no_train}),
+    )
 
 
 def _per_example(counted: list, n: int, fields: tuple[str, ...]) -> dict[str, int]:
@@ -310,17 +347,23 @@ def scores_row_bytes(rows: int = 20_000) -> float:
     ll = rng.normal(-20, 8, size=(rows, 4)).astype(np.float32)
     gold = rng.integers(0, 2, rows).astype(np.int8)
     cols = {
-        "sweep": pa.array(["sweep"] * rows), "trial_id": pa.array(["task-random-n1000-s0-0123456789"] * rows),
-        "phase": pa.array(["forget"] * rows), "epoch": pa.array(np.full(rows, 7, np.int32)),
+        "sweep": pa.array(["sweep"] * rows),
+        "trial_id": pa.array(["task-random-n1000-s0-0123456789"] * rows),
+        "phase": pa.array(["forget"] * rows),
+        "epoch": pa.array(np.full(rows, 7, np.int32)),
         "eval_task": pa.array([f"task{i * 21 // rows}" for i in range(rows)]),
         "split": pa.array([SPLITS[i * 3 // rows] for i in range(rows)]),
-        "example_idx": pa.array(np.arange(rows, dtype=np.int32) % 1000), "gold": pa.array(gold),
-        "ll_sum_correct": pa.array(ll[:, 0]), "ll_sum_distractor": pa.array(ll[:, 1]),
-        "ll_mean_correct": pa.array(ll[:, 2] / 5), "ll_mean_distractor": pa.array(ll[:, 3] / 5),
+        "example_idx": pa.array(np.arange(rows, dtype=np.int32) % 1000),
+        "gold": pa.array(gold),
+        "ll_sum_correct": pa.array(ll[:, 0]),
+        "ll_sum_distractor": pa.array(ll[:, 1]),
+        "ll_mean_correct": pa.array(ll[:, 2] / 5),
+        "ll_mean_distractor": pa.array(ll[:, 3] / 5),
         "n_tokens_correct": pa.array(rng.integers(1, 12, rows).astype(np.int16)),
         "n_tokens_distractor": pa.array(rng.integers(1, 12, rows).astype(np.int16)),
         "confidence": pa.array(rng.random(rows).astype(np.float32)),
-        "prediction": pa.array(rng.integers(0, 2, rows).astype(np.int8)), "correct": pa.array(rng.random(rows) < 0.7),
+        "prediction": pa.array(rng.integers(0, 2, rows).astype(np.int8)),
+        "correct": pa.array(rng.random(rows) < 0.7),
     }
     return _parquet_bytes_per_row(pa.table(cols, schema=SCORES_SCHEMA))
 

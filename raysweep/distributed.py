@@ -39,7 +39,9 @@ class Group:
         import torch.distributed as dist
 
         # NCCL moves only CUDA tensors; gloo only CPU ones.
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's `obj` on every rank."""

@@ -17,7 +17,13 @@ from raysweep.store import EPOCH_KINDS, EpochKey, Store, marker_problem
 
 def bad_markers(store: Store, sweep: str | None = None, trial_id: str | None = None) -> list[tuple[Path, str]]:
     """Commit markers that do not read back as their epoch's (empty, truncated, garbage)."""
-    base = store.path("commits") if sweep is None else store.path("commits", sweep) if trial_id is None else store.path("commits", sweep, trial_id)
+    base = (
+        store.path("commits")
+        if sweep is None
+        else store.path("commits", sweep)
+        if trial_id is None
+        else store.path("commits", sweep, trial_id)
+    )
     if not base.is_dir():
         return []
     bad = []
@@ -59,6 +65,7 @@ def verify(store: Store, deep: bool = False) -> list[tuple[Path, str]]:
             bad.append((f, problem))
     return bad
 
+
 def quarantine(store: Store, files: Iterable[Path], reopen: bool = True) -> list[Path]:
     """Move files to quarantine/. A data file or commit marker takes its epoch out of the
     store (and, with `reopen`, sends its trial back to be recomputed); a resume file only
@@ -81,8 +88,11 @@ def quarantine(store: Store, files: Iterable[Path], reopen: bool = True) -> list
         os.replace(f, dest)
         moved.append(dest)
     for sweep, trial_id in sorted(hit) if reopen else []:
-        reopen_trial(store, sweep, trial_id, "repair quarantined some of its epochs; run the sweep again to recompute them")
+        reopen_trial(
+            store, sweep, trial_id, "repair quarantined some of its epochs; run the sweep again to recompute them"
+        )
     return moved
+
 
 def reopen_trial(store: Store, sweep: str, trial_id: str, reason: str) -> None:
     """Make the next `raysweep run` recompute a trial that lost committed epochs.
@@ -122,7 +132,11 @@ def torch_file_problem(path: Path, deep: bool = False) -> str | None:
                     return f"member {broken!r} fails its CRC check (damaged)"
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
         # zipfile raises RuntimeError for some damaged headers, EOFError for cut members.
-        return f"not a readable torch file ({type(exc).__name__}: {exc})" if str(exc) else f"not a readable torch file ({type(exc).__name__})"
+        return (
+            f"not a readable torch file ({type(exc).__name__}: {exc})"
+            if str(exc)
+            else f"not a readable torch file ({type(exc).__name__})"
+        )
     return None
 
 
@@ -133,6 +147,22 @@ def check_footer(path: Path) -> None:
         rg = meta.row_group(i)
         for j in range(rg.num_columns):
             col = rg.column(j)
-            start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else col.data_page_offset
+            start = (
+                col.dictionary_page_offset
+                if col.has_dictionary_page and col.dictionary_page_offset
+                else col.data_page_offset
+            )
             if start + col.total_compressed_size > size:
                 raise OSError(f"column chunk {col.path_in_schema!r} of row group {i} ends past the end of the file")
+
+
+def remove_temp_files(store: Store, sweep: str, trial_id: str) -> int:
+    """Temporary files of writes that a killed process never renamed into place."""
+    n = 0
+    for kind in (*EPOCH_KINDS, "commits", "checkpoints"):
+        base = store.path(kind, sweep, trial_id)
+        if base.is_dir():
+            for f in base.rglob("_*.tmp-*"):
+                f.unlink(missing_ok=True)
+                n += 1
+    return n

@@ -25,7 +25,16 @@ PACKAGES = {
     "deepspeed_version": "deepspeed",
     "lm_eval_version": "lm-eval",
 }
-LINEAGE_FIELDS = (*PACKAGES, "git_commit", "model_revision", "data_digest", "device", "dtype", "precision", "world_size")
+LINEAGE_FIELDS = (
+    *PACKAGES,
+    "git_commit",
+    "model_revision",
+    "data_digest",
+    "device",
+    "dtype",
+    "precision",
+    "world_size",
+)
 # Weight and config files whose names and sizes stand for a local model directory's content
 # (hashing gigabytes of weights on every status write would cost more than the trial step).
 _MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -46,12 +55,19 @@ def _git_commit() -> str | None:
     """HEAD of the checkout raysweep is imported from; None for an installed copy."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = out.stdout.split()
     # A site-packages copy inside some other repository is not a raysweep checkout.
-    if out.returncode != 0 or len(lines) != 2 or not here.is_relative_to(Path(lines[0])) or not (Path(lines[0]) / "pyproject.toml").is_file():
+    if (
+        out.returncode != 0
+        or len(lines) != 2
+        or not here.is_relative_to(Path(lines[0]))
+        or not (Path(lines[0]) / "pyproject.toml").is_file()
+    ):
         return None
     return lines[1]
 
@@ -77,7 +93,9 @@ def _dir_digest(folder: Path) -> str | None:
         commit = None
     if commit:
         return f"commit:{commit}"
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name in _MODEL_FILES or p.suffix in _WEIGHT_SUFFIXES))
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and (p.name in _MODEL_FILES or p.suffix in _WEIGHT_SUFFIXES)
+    )
     if not files:
         return None
     h = hashlib.sha256()
@@ -207,7 +225,9 @@ def diff_stores(root_a: str | Path, root_b: str | Path) -> StoreDiff:
             d.values[h] = (va, vb)
             d.deltas[h] = None if va is None or vb is None else vb - va
         common.append(d)
-    return StoreDiff(str(a.root), str(b.root), common, sorted(rows_a.keys() - rows_b.keys()), sorted(rows_b.keys() - rows_a.keys()))
+    return StoreDiff(
+        str(a.root), str(b.root), common, sorted(rows_a.keys() - rows_b.keys()), sorted(rows_b.keys() - rows_a.keys())
+    )
 
 
 def _cell(v: object) -> str:
@@ -229,7 +249,9 @@ def render_diff(d: StoreDiff) -> list:
     for col in ("trial", "status A/B", "differs (A -> B)", *(f"Δ {h}" for h in HEADLINES)):
         t.add_column(col)
     for c in d.common:
-        fields = "\n".join(f"{k}: {_cell(a)} -> {_cell(b)}" for k, (a, b) in c.fields.items()) or "[green]no difference[/]"
+        fields = (
+            "\n".join(f"{k}: {_cell(a)} -> {_cell(b)}" for k, (a, b) in c.fields.items()) or "[green]no difference[/]"
+        )
         t.add_row(c.trial_id, f"{c.status[0]}/{c.status[1]}", fields, *(_delta(c.deltas[h]) for h in HEADLINES))
     out: list = [t]
     out += [f"only in A: {tid}" for tid in d.only_a]

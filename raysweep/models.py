@@ -53,7 +53,12 @@ class LoadedModel:
 
 
 def builtin_key(spec: ModelSpec) -> str:
-    ident = {"recipe": BUILTIN_RECIPE, "arch": spec.arch, "tiny": spec.tiny.model_dump(), "pretrain": spec.pretrain.model_dump()}
+    ident = {
+        "recipe": BUILTIN_RECIPE,
+        "arch": spec.arch,
+        "tiny": spec.tiny.model_dump(),
+        "pretrain": spec.pretrain.model_dump(),
+    }
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     return f"{spec.name}-{spec.arch}-{digest}"
 
@@ -108,11 +113,23 @@ def train_tokenizer(vocab_size: int, add_bos: bool, seed: int = 0) -> PreTrained
 
 def build_tiny(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     t = spec.tiny
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if spec.arch == "gpt2":
         cfg = GPT2Config(n_layer=t.layers, n_embd=t.hidden, n_head=t.heads, n_positions=t.max_positions, **ids)
     elif spec.arch == "gptj":
-        cfg = GPTJConfig(n_layer=t.layers, n_embd=t.hidden, n_head=t.heads, n_positions=t.max_positions, rotary_dim=t.hidden // t.heads // 2 * 2, **ids)
+        cfg = GPTJConfig(
+            n_layer=t.layers,
+            n_embd=t.hidden,
+            n_head=t.heads,
+            n_positions=t.max_positions,
+            rotary_dim=t.hidden // t.heads // 2 * 2,
+            **ids,
+        )
     elif spec.arch == "llama":
         cfg = LlamaConfig(
             num_hidden_layers=t.layers,
@@ -160,15 +177,26 @@ def pretrain_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sp
         model.eval()
 
 
-def _pretrain_loop(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docs: list[tuple[str, int]], cfg,
-                   rng: random.Random, device: str, seed: int) -> float:
+def _pretrain_loop(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    docs: list[tuple[str, int]],
+    cfg,
+    rng: random.Random,
+    device: str,
+    seed: int,
+) -> float:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     # At a constant rate the skills a batch-8 run has just picked up come and go from one
     # few hundred steps to the next (sentiment 0.54, 0.99, 0.59 at steps 600, 900, 1200), and
     # a skill caught on its way up is one the first fine-tuning epochs knock over again.
     # `lr_schedule: cosine` decays to zero and lands on a settled model.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: pretrain_lr_factor(i, cfg.steps)) if cfg.lr_schedule == "cosine" else None
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda i: pretrain_lr_factor(i, cfg.steps))
+        if cfg.lr_schedule == "cosine"
+        else None
+    )
     model.train()
     loss_val = float("nan")
     for step in range(cfg.steps):
@@ -176,8 +204,14 @@ def _pretrain_loop(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
         enc = tokenizer([d for d, _ in batch], return_tensors="pt", padding=True, return_offsets_mapping=True)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         # Mask tokens that end inside the unweighted prefix.
-        labels = labels.masked_fill(enc["offset_mapping"][..., 1] <= torch.tensor([n for _, n in batch]).unsqueeze(1), -100)
-        out = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), labels=labels.to(device))
+        labels = labels.masked_fill(
+            enc["offset_mapping"][..., 1] <= torch.tensor([n for _, n in batch]).unsqueeze(1), -100
+        )
+        out = model(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            labels=labels.to(device),
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -43,13 +43,24 @@ def parse_expected(text: str | None) -> dict[str, float] | None:
         except ValueError:
             n = -1.0
         if phase not in TRAINED_PHASES or not n >= 1:
-            raise BadInput(f"--expect-epochs: {part.strip()!r} is not PHASE=EPOCHS with PHASE one of {', '.join(TRAINED_PHASES)} and EPOCHS >= 1")
+            raise BadInput(
+                f"--expect-epochs: {part.strip()!r} is not PHASE=EPOCHS with PHASE one of {', '.join(TRAINED_PHASES)} and EPOCHS >= 1"
+            )
         out[phase] = n
     return out
 
 
-def plan_sweep(spec: SweepSpec, store=None, *, gpu: str | None = None, gpus: int = 1, mfu: float = 0.4,
-               expected: dict[str, float] | None = None, tokenizer: str | None = None, sample: int = 48) -> PlanResult:
+def plan_sweep(
+    spec: SweepSpec,
+    store=None,
+    *,
+    gpu: str | None = None,
+    gpus: int = 1,
+    mfu: float = 0.4,
+    expected: dict[str, float] | None = None,
+    tokenizer: str | None = None,
+    sample: int = 48,
+) -> PlanResult:
     rate_gpu = gpu_rate(gpu, gpus, mfu) if gpu else None  # bad options fail before any loading
     t0 = time.perf_counter()
     data, missing = prepare_plan_data(spec)
@@ -70,11 +81,19 @@ def plan_sweep(spec: SweepSpec, store=None, *, gpu: str | None = None, gpus: int
 
     if store is None:
         raise BadInput("plan: timing on this CPU needs a store (its model cache); or pass --gpu")
-    return PlanResult(cost, calibrate_cpu(spec, data, models_dir_for(store), sample=sample, data_seconds=data_seconds), missing)
+    return PlanResult(
+        cost, calibrate_cpu(spec, data, models_dir_for(store), sample=sample, data_seconds=data_seconds), missing
+    )
 
 
 def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.3g} h" if seconds >= 3600 else f"{seconds / 60:.3g} min" if seconds >= 120 else f"{seconds:.0f} s"
+    return (
+        f"{seconds / 3600:.3g} h"
+        if seconds >= 3600
+        else f"{seconds / 60:.3g} min"
+        if seconds >= 120
+        else f"{seconds:.0f} s"
+    )
 
 
 def render_plan(result: PlanResult) -> list:
@@ -83,22 +102,38 @@ def render_plan(result: PlanResult) -> list:
     out: list = [f"plan of sweep {spec.name}: {len(cost.trials)} trials"]
     for name in dict.fromkeys(t.model.name for t in cost.trials):
         m = next(t.model for t in cost.trials if t.model.name == name)
-        out.append(f"model {name}: {human(m.params)} parameters, {m.layers} layers, hidden {m.hidden}, vocab {m.vocab} ({m.source})")
+        out.append(
+            f"model {name}: {human(m.params)} parameters, {m.layers} layers, hidden {m.hidden}, vocab {m.vocab} ({m.source})"
+        )
     first = cost.trials[0]
-    out.append("epochs: upper bound = max_epochs (" + ", ".join(f"{p} {n:g}" for p, n in first.epochs["upper"].items())
-               + "); expected = " + ", ".join(f"{p} {n:g}" for p, n in first.epochs["expected"].items()) + f" ({cost.epochs_from})")
+    out.append(
+        "epochs: upper bound = max_epochs ("
+        + ", ".join(f"{p} {n:g}" for p, n in first.epochs["upper"].items())
+        + "); expected = "
+        + ", ".join(f"{p} {n:g}" for p, n in first.epochs["expected"].items())
+        + f" ({cost.epochs_from})"
+    )
     for task, reason in result.missing.items():
         if reason.startswith("no train split"):
             out.append(f"data: {task}: {reason}")
         else:
-            out.append(f"data: {task} cannot be read here: sized as {spec.data.cap} examples per split of the other tasks' mean length ({reason})")
+            out.append(
+                f"data: {task} cannot be read here: sized as {spec.data.cap} examples per split of the other tasks' mean length ({reason})"
+            )
 
     per = Table(title="per trial and epoch (mean over trials)", title_justify="left")
-    for col in ("rows scored", "tokens scored", "answer tokens", "tokens trained (fine-tune)", "tokens trained (forget, expected)"):
+    for col in (
+        "rows scored",
+        "tokens scored",
+        "answer tokens",
+        "tokens trained (fine-tune)",
+        "tokens trained (forget, expected)",
+    ):
         per.add_column(col, justify="right")
     n = len(cost.trials)
     per.add_row(
-        human(sum(t.rows_per_epoch for t in cost.trials) / n), human(sum(t.scored_per_epoch for t in cost.trials) / n),
+        human(sum(t.rows_per_epoch for t in cost.trials) / n),
+        human(sum(t.scored_per_epoch for t in cost.trials) / n),
         human(sum(sum(s.answer for s in t.slices) for t in cost.trials) / n),
         human(sum(t.train.gold for t in cost.trials) / n),
         human(sum(t.train.for_targets(t.plan.method, "expected") for t in cost.trials) / n),
@@ -119,11 +154,26 @@ def render_plan(result: PlanResult) -> list:
     ]
     if isinstance(rate, GpuRate):
         peak = rate.peak_flops(first.plan.train.precision) / 1e12
-        rows.append((f"GPU-hours on {rate.gpu} ({peak:g} TFLOP/s peak, MFU {rate.mfu:.0%})", lambda b: f"{sum(rate.trial_seconds(cost, b)) / 3600:.3g}"))
+        rows.append(
+            (
+                f"GPU-hours on {rate.gpu} ({peak:g} TFLOP/s peak, MFU {rate.mfu:.0%})",
+                lambda b: f"{sum(rate.trial_seconds(cost, b)) / 3600:.3g}",
+            )
+        )
         per_trial = max(1, int(round(spec.resources.gpu)) or 1)
-        rows.append((f"wall-clock on {rate.gpus} x {rate.gpu} ({per_trial} GPU per trial)", lambda b: _hours(rate.wall_seconds(cost, b))))
+        rows.append(
+            (
+                f"wall-clock on {rate.gpus} x {rate.gpu} ({per_trial} GPU per trial)",
+                lambda b: _hours(rate.wall_seconds(cost, b)),
+            )
+        )
     else:
-        rows.append((f"wall-clock on this CPU ({rate.cpus} cores, {spec.resources.cpu:g} per trial)", lambda b: _hours(rate.wall_seconds(cost, b))))
+        rows.append(
+            (
+                f"wall-clock on this CPU ({rate.cpus} cores, {spec.resources.cpu:g} per trial)",
+                lambda b: _hours(rate.wall_seconds(cost, b)),
+            )
+        )
     for label, fn in rows:
         tot.add_row(label, fn("upper"), fn("expected"))
     out.append(tot)
@@ -131,12 +181,16 @@ def render_plan(result: PlanResult) -> list:
     ck = [t.checkpoint_bytes() for t in cost.trials]
     slots = _slots(spec, rate)
     peak = sum(sorted((c["peak"] for c in ck), reverse=True)[:slots])
-    out.append(f"checkpoint disk: {human_bytes(peak)} at most while {slots} trial(s) run at once "
-               f"(resume point + best fine-tune weights each), {human_bytes(sum(c['kept'] for c in ck))} kept after the sweep (one resume point per trial)")
+    out.append(
+        f"checkpoint disk: {human_bytes(peak)} at most while {slots} trial(s) run at once "
+        f"(resume point + best fine-tune weights each), {human_bytes(sum(c['kept'] for c in ck))} kept after the sweep (one resume point per trial)"
+    )
     if isinstance(rate, CpuRate):
         for name in rate.score_s_per_token:
-            out.append(f"measured on this CPU, {name}: {1 / rate.score_s_per_token[name]:,.0f} tokens/s scored, "
-                       f"{1 / rate.train_s_per_token[name]:,.0f} tokens/s trained; {rate.trial_setup_s:.1f} s per trial to start")
+            out.append(
+                f"measured on this CPU, {name}: {1 / rate.score_s_per_token[name]:,.0f} tokens/s scored, "
+                f"{1 / rate.train_s_per_token[name]:,.0f} tokens/s trained; {rate.trial_setup_s:.1f} s per trial to start"
+            )
         for name, s in rate.sweep_setup_s.items():
             what = name if name.startswith("driver") else f"pretraining built-in model {name} (not cached yet)"
             out.append(f"before the first trial: {what}, about {s:.0f} s")

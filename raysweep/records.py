@@ -36,8 +36,12 @@ def score_all(lm: LoadedModel, slices: list[EvalSlice], scoring: ScoringConfig, 
     flat = [ex for sl in slices for ex in sl.examples]
     mine = flat[group.rank :: group.world]
     part = score_examples(
-        lm.model, lm.tokenizer, mine, batch_size=scoring.batch_size,
-        capture_hidden=scoring.hidden_states != "none", layers=scoring.layers,
+        lm.model,
+        lm.tokenizer,
+        mine,
+        batch_size=scoring.batch_size,
+        capture_hidden=scoring.hidden_states != "none",
+        layers=scoring.layers,
     )
     if group.world == 1:
         return part
@@ -56,7 +60,9 @@ def accuracies(slices: list[EvalSlice], res: ScoreResult) -> Accuracies:
     return out
 
 
-def epoch_tables(plan: TrialPlan, slices: list[EvalSlice], phase: str, epoch: int, res: ScoreResult, with_hidden: bool) -> tuple[pa.Table, pa.Table | None]:
+def epoch_tables(
+    plan: TrialPlan, slices: list[EvalSlice], phase: str, epoch: int, res: ScoreResult, with_hidden: bool
+) -> tuple[pa.Table, pa.Table | None]:
     """The scores table of one epoch (one row per scored example) and, when asked and
     captured, its hidden-states table."""
     flat = [ex for sl in slices for ex in sl.examples]
@@ -111,7 +117,17 @@ class TrialRecords:
         self.store = store
         self.plan = plan
 
-    def commit(self, slices: list[EvalSlice], phase: str, epoch: int, res: ScoreResult, acc: Accuracies, train_loss: float, seconds: float, phase_end: bool) -> None:
+    def commit(
+        self,
+        slices: list[EvalSlice],
+        phase: str,
+        epoch: int,
+        res: ScoreResult,
+        acc: Accuracies,
+        train_loss: float,
+        seconds: float,
+        phase_end: bool,
+    ) -> None:
         """One epoch's scores, summary row and (by the spec's policy) hidden states, marker last."""
         p = self.plan
         policy = p.scoring.hidden_states
@@ -168,7 +184,9 @@ class TrialRecords:
             # (a failure it cannot record is left unrecorded).
             if status == "failed":
                 return
-            raise RuntimeError(f"trial {p.trial_id} was superseded by another version of sweep {p.sweep!r}; it stops without recording {status!r}")
+            raise RuntimeError(
+                f"trial {p.trial_id} was superseded by another version of sweep {p.sweep!r}; it stops without recording {status!r}"
+            )
         if status == "failed" and (error or "").startswith(INTERRUPT_ERRORS):
             status = "interrupted"  # stopped from outside (Ctrl+C, Tune stopping it): it resumes
         if status in ("failed", "interrupted") and now is not None and now["status"] == "interrupted":

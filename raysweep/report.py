@@ -45,16 +45,20 @@ class Section:
     errors: list[str] = field(default_factory=list)
 
 
-def fresh_outcomes(store: Store, sweep: str | None = None,
-                   params: AnalysisParams | None = None) -> list[AnalysisOutcome]:
+def fresh_outcomes(
+    store: Store, sweep: str | None = None, params: AnalysisParams | None = None
+) -> list[AnalysisOutcome]:
     """Stored outcomes that still describe the store; the rest are rerun, in memory: a
     report writes only its page (the store may be read-only, or someone else's), and
     `raysweep analyze` is what stores outcomes. With `params` every analysis is rerun with
     them (stored outcomes may have used others)."""
     fp = store_fingerprint(store, sweep)
     have = {o.name: o for o in load_outcomes(store, sweep)}
-    stale = [n for n in registered_analyses()
-             if params is not None or n not in have or have[n].fingerprint != fp or have[n].status == "failed"]
+    stale = [
+        n
+        for n in registered_analyses()
+        if params is not None or n not in have or have[n].fingerprint != fp or have[n].status == "failed"
+    ]
     if stale:
         for o in run_analyses(store, only=stale, engine="local", sweep=sweep, params=params, write=False):
             have[o.name] = o
@@ -116,10 +120,15 @@ def table_html(table: pa.Table, max_rows: int = MAX_TABLE_ROWS) -> str:
     body = []
     for r in table.slice(0, max_rows).to_pylist():
         cells = "".join(
-            f"<td{' class=s' if c in strings else ''}>{html.escape(format_value(c, r[c]))}</td>" for c in table.column_names
+            f"<td{' class=s' if c in strings else ''}>{html.escape(format_value(c, r[c]))}</td>"
+            for c in table.column_names
         )
         body.append(f"<tr>{cells}</tr>")
-    more = f"<p class=meta>{table.num_rows - max_rows} more row(s) in the Parquet file.</p>" if table.num_rows > max_rows else ""
+    more = (
+        f"<p class=meta>{table.num_rows - max_rows} more row(s) in the Parquet file.</p>"
+        if table.num_rows > max_rows
+        else ""
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
 
 
@@ -135,7 +144,9 @@ def render_page(store: Store, sweep: str | None, sections: list[Section]) -> str
     if off:
         parts.append("<ul>")
         for s in off:
-            parts.append(f"<li class={s.status}><b>{html.escape(s.title)}</b> ({html.escape(s.figure)}): {s.status}: {html.escape(s.message)}</li>")
+            parts.append(
+                f"<li class={s.status}><b>{html.escape(s.title)}</b> ({html.escape(s.figure)}): {s.status}: {html.escape(s.message)}</li>"
+            )
         parts.append("</ul>")
     for s in sections:
         if s.status != "ok":

@@ -84,7 +84,13 @@ class ResumePoints:
     def optimizer_path(self, rank: int) -> Path:
         return self.dir / f"optimizer-rank{rank}.pt"
 
-    def save(self, progress: Progress, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, best_state: dict | None) -> None:
+    def save(
+        self,
+        progress: Progress,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        best_state: dict | None,
+    ) -> None:
         """The resume point after an epoch (older ones are pruned as the new one lands), plus
         the best fine-tuning weights while fine-tuning."""
         if self.checkpoint == "none" or (self.checkpoint == "phase" and not progress.phase_done):
@@ -106,7 +112,9 @@ class ResumePoints:
         payload = {
             "progress": progress.to_dict(),
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None and self.keep_optimizer and g.world == 1 else None,
+            "optimizer": optimizer.state_dict()
+            if optimizer is not None and self.keep_optimizer and g.world == 1
+            else None,
             # With several ranks the optimizer state is in their own files: a resume without
             # them would go on from this point with fresh moments, another trajectory.
             "optimizer_parts": g.world if g.world > 1 and optimizer is not None and self.keep_optimizer else 0,
@@ -168,7 +176,9 @@ class ResumePoints:
         if bad:
             # Out of the way before anything counts commits: their epochs are recomputed.
             for (marker, problem), dest in zip(bad, quarantine(self.store, [m for m, _ in bad], reopen=False)):
-                self.log(f"{marker}: {problem}; its epoch counts as uncommitted and is recomputed (marker moved to {dest})")
+                self.log(
+                    f"{marker}: {problem}; its epoch counts as uncommitted and is recomputed (marker moved to {dest})"
+                )
         path = self.dir / "latest.pt"
         if not path.exists():
             return Progress(), None, lm
@@ -179,11 +189,19 @@ class ResumePoints:
             return (*self.fresh_start(f"unreadable resume point ({exc})"), lm)
         missing = self.missing_epochs(progress)
         if missing:
-            return (*self.fresh_start(f"resume point {progress.phase}/e{progress.epoch} is past uncommitted epoch(s) {missing[:5]}"), lm)
+            return (
+                *self.fresh_start(
+                    f"resume point {progress.phase}/e{progress.epoch} is past uncommitted epoch(s) {missing[:5]}"
+                ),
+                lm,
+            )
         if progress.phase == "finetune" and not progress.phase_done and progress.best_epoch is not None:
             best = self.best_path(progress.best_epoch)
             if not best.exists():
-                return (*self.fresh_start(f"best fine-tuning weights of epoch {progress.best_epoch} are missing ({best})"), lm)
+                return (
+                    *self.fresh_start(f"best fine-tuning weights of epoch {progress.best_epoch} are missing ({best})"),
+                    lm,
+                )
             try:
                 # Read now, not when fine-tuning ends: a damaged file found there would fail
                 # every attempt at the same place.
@@ -251,7 +269,9 @@ class ResumePoints:
                     break
                 except BlockingIOError:
                     if time.time() > deadline:
-                        raise RuntimeError(f"trial {self.trial_id} is being run by another process (lock {self.dir / 'lock'})") from None
+                        raise RuntimeError(
+                            f"trial {self.trial_id} is being run by another process (lock {self.dir / 'lock'})"
+                        ) from None
                     time.sleep(0.5)
                 except OSError:
                     break  # a filesystem without locks: go on unguarded rather than not at all

@@ -38,7 +38,9 @@ def _adds_special_tokens(text: str, bos_text: str) -> bool:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=_adds_special_tokens(text, tokenizer.decode(_prefix_token(tokenizer))))
+    return tokenizer.encode(
+        text, add_special_tokens=_adds_special_tokens(text, tokenizer.decode(_prefix_token(tokenizer)))
+    )
 
 
 def _move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
@@ -182,10 +184,14 @@ def _windows(pairs: Sequence[EncodedPair], max_length: int) -> list[_Seq]:
     seqs = []
     for pair in pairs:
         if len(pair.continuation) > max_length:
-            raise ValueError(f"continuation of {len(pair.continuation)} tokens does not fit the model's {max_length}-token window")
+            raise ValueError(
+                f"continuation of {len(pair.continuation)} tokens does not fit the model's {max_length}-token window"
+            )
         full = (pair.context + pair.continuation)[-(max_length + 1) :]
         dropped = len(pair.context) + len(pair.continuation) - len(full)
-        seqs.append(_Seq(input_ids=full, n_cont=len(pair.continuation), last_prompt_pos=len(pair.context) - 1 - dropped))
+        seqs.append(
+            _Seq(input_ids=full, n_cont=len(pair.continuation), last_prompt_pos=len(pair.context) - 1 - dropped)
+        )
     return seqs
 
 
@@ -231,12 +237,16 @@ class _Taps:
         n = len(self.blocks) if self.blocks is not None else 0
         for k in set(self.layers) if self.blocks is not None else ():
             if k == 0:
+
                 def pre(module, args, kwargs, k=k):
                     self._keep(k, args[0] if args else kwargs["hidden_states"])
+
                 self.handles.append(self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
             elif k < n:
+
                 def post(module, args, output, k=k):
                     self._keep(k, output[0] if isinstance(output, tuple) else output)
+
                 self.handles.append(self.blocks[k - 1].register_forward_hook(post))
         return self
 
@@ -256,8 +266,15 @@ class _Taps:
 
 
 @torch.inference_mode()
-def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, want_hidden: Sequence[bool],
-                 layers: Sequence[int], max_length: int):
+def _run_windows(
+    model,
+    windows: Sequence[_Seq],
+    batch_size: int,
+    pad_id: int,
+    want_hidden: Sequence[bool],
+    layers: Sequence[int],
+    max_length: int,
+):
     """Summed continuation log-likelihood of each window, and where asked its hidden states
     at `layers`: (n_layers, 2, d) of the last prompt token and of the last token of the
     whole (prompt + continuation) sequence.
@@ -274,15 +291,22 @@ def _run_windows(model, windows: Sequence[_Seq], batch_size: int, pad_id: int, w
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
     sums = np.zeros(len(windows), dtype=np.float64)
     hidden: dict[int, np.ndarray] = {}
-    fed = [len(w.input_ids) - (0 if want and len(w.input_ids) <= max_length else 1) for w, want in zip(windows, want_hidden)]
+    fed = [
+        len(w.input_ids) - (0 if want and len(w.input_ids) <= max_length else 1)
+        for w, want in zip(windows, want_hidden)
+    ]
     late = [i for i in order if want_hidden[i] and fed[i] < len(windows[i].input_ids)]
     with _Taps(base, layers) as taps:
-        _window_batches(base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, sums, hidden)
+        _window_batches(
+            base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, sums, hidden
+        )
         _late_states(base, taps, windows, late, batch_size, max_length, device, hidden)
     return sums, hidden
 
 
-def _window_batches(base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, sums, hidden):
+def _window_batches(
+    base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, sums, hidden
+):
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(fed[i] for i in idx)
@@ -302,8 +326,11 @@ def _window_batches(base, head, taps, windows, order, fed, batch_size, pad_id, w
         ids, mask = ids.to(device), mask.to(device)
         reads = [(r, i) for r, i in enumerate(idx) if want_hidden[i]]
         read_r = torch.tensor([r for r, _ in reads for _ in (0, 1)], dtype=torch.long, device=device)
-        read_c = torch.tensor([c for _, i in reads for c in (max(windows[i].last_prompt_pos, 0), fed[i] - 1)],
-                              dtype=torch.long, device=device)
+        read_c = torch.tensor(
+            [c for _, i in reads for c in (max(windows[i].last_prompt_pos, 0), fed[i] - 1)],
+            dtype=torch.long,
+            device=device,
+        )
         out, per_layer = taps.forward(base, read_r, read_c, input_ids=ids, attention_mask=mask)
         states = out.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
         logp = torch.log_softmax(head(states).float(), dim=-1)
@@ -368,8 +395,14 @@ def _pack_rows(lengths: Sequence[int], order: Sequence[int], batch_size: int) ->
 
 
 @torch.inference_mode()
-def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[int], list[int]]], batch_size: int,
-                pad_id: int, layers: Sequence[int]):
+def _run_packed(
+    model,
+    prompts: Sequence[list[int]],
+    conts: Sequence[tuple[list[int], list[int]]],
+    batch_size: int,
+    pad_id: int,
+    layers: Sequence[int],
+):
     """Prefix sharing in one forward pass: each example is laid out as its prompt once and
     then both choices side by side, [prompt][choice 0][choice 1], each choice's last token
     fed only when hidden states are asked for (`layers`): the pair probes read the state there.
@@ -439,8 +472,14 @@ def _run_packed(model, prompts: Sequence[list[int]], conts: Sequence[tuple[list[
                             owner.append(2 * i + choice)
                     at = end
             mask = _block_mask(example.to(device), segment.to(device), dtype, additive) if masked else None
-            out, per_layer = taps.forward(base, torch.tensor(read_r, device=device), torch.tensor(read_c, device=device),
-                                          input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device))
+            out, per_layer = taps.forward(
+                base,
+                torch.tensor(read_r, device=device),
+                torch.tensor(read_c, device=device),
+                input_ids=ids.to(device),
+                attention_mask=mask,
+                position_ids=positions.to(device),
+            )
             states = out.last_hidden_state[torch.tensor(sel_r, device=device), torch.tensor(sel_c, device=device)]
             logp = torch.log_softmax(head(states).float(), dim=-1)
             picked = logp.gather(1, torch.tensor(sel_t, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
@@ -467,8 +506,15 @@ def _block_mask(example: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype
     return mask
 
 
-def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 32, capture_hidden: bool = True,
-                   share_prefix: bool = True, layers: Sequence[int] = (HIDDEN_LAYER,)) -> ScoreResult:
+def score_examples(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    capture_hidden: bool = True,
+    share_prefix: bool = True,
+    layers: Sequence[int] = (HIDDEN_LAYER,),
+) -> ScoreResult:
     """Both choices of every example, batched, with lm-eval's encoding. With `share_prefix`
     the prompt is encoded once per example; examples whose window must be truncated (where
     the two choices see different prompt tokens) are scored as separate sequences. With
@@ -489,11 +535,19 @@ def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: in
     for i, (p0, p1) in enumerate(pairs):
         n_tokens[i] = (len(p0.continuation), len(p1.continuation))
         fits = max(len(p0.context) + len(p0.continuation), len(p1.context) + len(p1.continuation)) <= room
-        ok = share_prefix and fits and p0.context == p1.context and len(p0.continuation) > 0 and len(p1.continuation) > 0
+        ok = (
+            share_prefix and fits and p0.context == p1.context and len(p0.continuation) > 0 and len(p1.continuation) > 0
+        )
         (shared if ok else separate).append(i)
     if shared:
-        sums, hid = _run_packed(model, [pairs[i][0].context for i in shared],
-                                [(pairs[i][0].continuation, pairs[i][1].continuation) for i in shared], batch_size, pad, layers)
+        sums, hid = _run_packed(
+            model,
+            [pairs[i][0].context for i in shared],
+            [(pairs[i][0].continuation, pairs[i][1].continuation) for i in shared],
+            batch_size,
+            pad,
+            layers,
+        )
         ll_sum[shared] = sums
         if capture_hidden:
             hidden[shared] = hid

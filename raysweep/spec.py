@@ -47,7 +47,6 @@ BatchSize = Annotated[int, Field(gt=0, le=65_536)]
 ExampleCount = Annotated[int, Field(gt=0, le=10_000_000)]
 
 
-
 def _known_method(name: str) -> str:
     # Imported here, not above: the methods (and torch) import the training code, which
     # imports this module.
@@ -67,6 +66,7 @@ def resolve_method_args(name: str, given: dict | None) -> dict:
 
 # A forgetting method by its registered name: a new method is one class, not a spec edit too.
 MethodName = Annotated[str, AfterValidator(_known_method)]
+
 
 class _Strict(BaseModel):
     # Unknown keys are almost always typos of real ones; refusing them beats silently ignoring.
@@ -215,8 +215,10 @@ class ForgetConfig(PhaseConfig):
     @classmethod
     def _npo_beta_moved(cls, data):
         if isinstance(data, dict) and "npo_beta" in data:
-            raise ValueError(f"npo_beta is NPO's own argument now: write `method_args: {{npo: {{beta: {data['npo_beta']}}}}}` "
-                             "at the top level of the spec")
+            raise ValueError(
+                f"npo_beta is NPO's own argument now: write `method_args: {{npo: {{beta: {data['npo_beta']}}}}}` "
+                "at the top level of the spec"
+            )
         return data
 
 
@@ -260,7 +262,9 @@ class Resources(_Strict):
         if self.gpu > 1 and self.gpu != int(self.gpu):
             raise ValueError(f"gpu: a trial holding more than one GPU holds whole GPUs (got {self.gpu:g})")
         if self.workers is not None and self.gpu and self.gpu != self.workers and (self.workers > 1 or self.gpu > 1):
-            raise ValueError(f"workers: each worker drives one GPU, so workers must equal gpu (workers {self.workers}, gpu {self.gpu:g})")
+            raise ValueError(
+                f"workers: each worker drives one GPU, so workers must equal gpu (workers {self.workers}, gpu {self.gpu:g})"
+            )
         return self
 
 
@@ -383,8 +387,10 @@ class SweepSpec(_Strict):
     def _relearn_examples_fit(self) -> "SweepSpec":
         k = self.phases.relearn.examples
         if k is not None and any(k > n for n in self.sizes):
-            raise ValueError(f"phases.relearn.examples: {k} is more than the smallest size ({min(self.sizes)}): "
-                             "the attack relearns on part of the trained set")
+            raise ValueError(
+                f"phases.relearn.examples: {k} is more than the smallest size ({min(self.sizes)}): "
+                "the attack relearns on part of the trained set"
+            )
         return self
 
     @model_validator(mode="after")
@@ -409,7 +415,9 @@ class SweepSpec(_Strict):
                 raise ValueError(f"data.sources: {name!r} is not one of the spec's tasks")
         if self.train.engine == "deepspeed" and self.resources.gpu < 1 and self.train.precision != "fp32":
             # DeepSpeed runs on CPU (gloo) only in fp32: its fp16/bf16 paths need a GPU.
-            raise ValueError(f"train.engine: deepspeed with precision {self.train.precision} needs resources.gpu >= 1 (on CPU use precision fp32)")
+            raise ValueError(
+                f"train.engine: deepspeed with precision {self.train.precision} needs resources.gpu >= 1 (on CPU use precision fp32)"
+            )
         return self
 
     @property
@@ -459,7 +467,13 @@ class TrialPlan(_Strict):
         # the kind of device (CPU and CUDA kernels round differently).
         ident = self.model_dump(
             mode="json",
-            exclude={"trial_id": True, "sweep": True, "resources": True, "train": {"checkpoint", "checkpoint_optimizer"}, "data": {"sources"}},
+            exclude={
+                "trial_id": True,
+                "sweep": True,
+                "resources": True,
+                "train": {"checkpoint", "checkpoint_optimizer"},
+                "data": {"sources"},
+            },
         )
         # Added after trial ids existed: hashed only when set, so every earlier trial keeps its id.
         if ident["phases"]["relearn"].get("examples") is None:
@@ -469,7 +483,9 @@ class TrialPlan(_Strict):
         # methods), so that earlier trials keep their ids; other methods' arguments, when
         # they have any, are hashed as such.
         args = dict(ident.pop("method_args"))
-        ident["phases"]["forget"]["npo_beta"] = args.pop("beta") if self.method == "npo" else _NPO_BETA_BEFORE_METHOD_ARGS
+        ident["phases"]["forget"]["npo_beta"] = (
+            args.pop("beta") if self.method == "npo" else _NPO_BETA_BEFORE_METHOD_ARGS
+        )
         if args:
             ident["method_args"] = args
         ident["world_size"] = self.resources.n_workers
@@ -492,7 +508,11 @@ def examples_digest(task: "PreparedTask") -> str:
 def _trial_id(plan_fields: dict) -> str:
     canon = json.dumps(plan_fields, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha1(canon.encode()).hexdigest()[:10]
-    readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{plan_fields['forget_task']}-{plan_fields['method']}-n{plan_fields['size']}-s{plan_fields['seed']}")
+    readable = re.sub(
+        r"[^A-Za-z0-9]+",
+        "-",
+        f"{plan_fields['forget_task']}-{plan_fields['method']}-n{plan_fields['size']}-s{plan_fields['seed']}",
+    )
     return f"{readable}-{digest}"
 
 
@@ -649,7 +669,9 @@ def parse_spec(text: str, origin: str = "spec") -> SweepSpec:
     if raw is None:
         raise BadInput(f"{origin}: the spec is empty; it needs at least name, models and tasks")
     if not isinstance(raw, dict):
-        raise BadInput(f"{origin}: expected a mapping (name:, models:, tasks:, ...) at the top level, got a {type(raw).__name__}")
+        raise BadInput(
+            f"{origin}: expected a mapping (name:, models:, tasks:, ...) at the top level, got a {type(raw).__name__}"
+        )
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:

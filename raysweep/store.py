@@ -50,6 +50,7 @@ INTERRUPT_ERRORS = ("KeyboardInterrupt", "SystemExit")
 # Files written per (trial, phase, epoch) and covered by that epoch's commit marker.
 EPOCH_KINDS = ("scores", "epochs", "hidden")
 
+
 @dataclass(frozen=True)
 class TrialKey:
     """Which trial a row belongs to: the sweep and trial id that key every table of the store,
@@ -78,8 +79,15 @@ class TrialKey:
 
 
 TRIAL_KEY = tuple(f.name for f in fields(TrialKey))
-_TRIAL_TYPES = {"sweep": pa.string(), "trial_id": pa.string(), "model": pa.string(), "forget_task": pa.string(),
-                "method": pa.string(), "size": pa.int32(), "seed": pa.int32()}
+_TRIAL_TYPES = {
+    "sweep": pa.string(),
+    "trial_id": pa.string(),
+    "model": pa.string(),
+    "forget_task": pa.string(),
+    "method": pa.string(),
+    "size": pa.int32(),
+    "seed": pa.int32(),
+}
 
 
 def trial_fields(*names: str) -> list[tuple[str, pa.DataType]]:
@@ -152,6 +160,7 @@ EPOCHS_SCHEMA = pa.schema(
         ("seconds", pa.float32()),
     ]
 )
+
 
 def hidden_schema(dim: int) -> pa.Schema:
     """One row per (example, layer). `hidden` is the last prompt token's state (what the
@@ -355,7 +364,9 @@ class Store:
         atomic_write_table(self.path("trials", row["sweep"], f"{row['trial_id']}.parquet"), table)
 
     def write_plan(self, sweep: str, version: str, trial_ids: list[str]) -> None:
-        atomic_write_bytes(self.path("sweeps", sweep, "plan.json"), json.dumps({"version": version, "trial_ids": trial_ids}).encode())
+        atomic_write_bytes(
+            self.path("sweeps", sweep, "plan.json"), json.dumps({"version": version, "trial_ids": trial_ids}).encode()
+        )
 
     def current_plan(self, sweep: str) -> dict | None:
         """{"version", "trial_ids"} of the sweep's current version, or None where no driver
@@ -384,13 +395,23 @@ class Store:
         """Data files first, marker last: an epoch without a marker is redone on resume,
         and rewriting its files by rename replaces them, so no row exists twice."""
         key = rec.key
-        tables = {"scores": rec.scores.cast(SCORES_SCHEMA), "epochs": rec.epoch_summary.cast(EPOCHS_SCHEMA), "hidden": rec.hidden}
+        tables = {
+            "scores": rec.scores.cast(SCORES_SCHEMA),
+            "epochs": rec.epoch_summary.cast(EPOCHS_SCHEMA),
+            "hidden": rec.hidden,
+        }
         files = []
         for kind, table in tables.items():
             if table is not None:
                 atomic_write_table(self.root / key.file(kind), table)
                 files.append(key.file(kind).as_posix())
-        marker = {"trial_id": key.trial_id, "phase": key.phase, "epoch": key.epoch, "rows": rec.scores.num_rows, "files": files}
+        marker = {
+            "trial_id": key.trial_id,
+            "phase": key.phase,
+            "epoch": key.epoch,
+            "rows": rec.scores.num_rows,
+            "files": files,
+        }
         atomic_write_bytes(self.path("commits", f"{key.rel}.json"), json.dumps(marker).encode())
 
     # ---- reads -------------------------------------------------------------------------
@@ -461,17 +482,6 @@ class Store:
             return {}
         return {int(f.stem[1:]): f for f in base.glob("e*.parquet")}
 
-    def remove_temp_files(self, sweep: str, trial_id: str) -> int:
-        """Temporary files of writes that a killed process never renamed into place."""
-        n = 0
-        for kind in (*EPOCH_KINDS, "commits", "checkpoints"):
-            base = self.path(kind, sweep, trial_id)
-            if base.is_dir():
-                for f in base.rglob("_*.tmp-*"):
-                    f.unlink(missing_ok=True)
-                    n += 1
-        return n
-
     def dataset(self, kind: str, sweep: str | None = None) -> ds.Dataset | None:
         files = self.files(kind, sweep)
         if not files:
@@ -482,11 +492,25 @@ class Store:
             schema = TRIALS_SCHEMA if kind == "trials" else None
             return ds.dataset([str(f) for f in files], format="parquet", schema=schema)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise StoreError(f"store: cannot open {kind} files ({exc}); run `raysweep repair` to quarantine bad files") from None
+            raise StoreError(
+                f"store: cannot open {kind} files ({exc}); run `raysweep repair` to quarantine bad files"
+            ) from None
 
-    def read(self, kind: str, *, sweep: str | None = None, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
+    def read(
+        self,
+        kind: str,
+        *,
+        sweep: str | None = None,
+        columns: list[str] | None = None,
+        filter: ds.Expression | None = None,
+    ) -> pa.Table:
         dset = self.dataset(kind, sweep)
-        schema = {"scores": SCORES_SCHEMA, "trials": TRIALS_SCHEMA, "epochs": EPOCHS_SCHEMA, "examples": EXAMPLES_SCHEMA}.get(kind)
+        schema = {
+            "scores": SCORES_SCHEMA,
+            "trials": TRIALS_SCHEMA,
+            "epochs": EPOCHS_SCHEMA,
+            "examples": EXAMPLES_SCHEMA,
+        }.get(kind)
         if dset is None:
             if schema is None:
                 return pa.table({})
@@ -494,7 +518,9 @@ class Store:
         try:
             return dset.to_table(columns=columns, filter=filter)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise StoreError(f"store: cannot read {kind} ({exc}); run `raysweep repair` to quarantine bad files") from None
+            raise StoreError(
+                f"store: cannot read {kind} ({exc}); run `raysweep repair` to quarantine bad files"
+            ) from None
 
     def trials(self, sweep: str | None = None) -> pa.Table:
         return self.read("trials", sweep=sweep)

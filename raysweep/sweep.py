@@ -140,7 +140,11 @@ def ensure_auth_token() -> None:
     Ray writes a missing ~/.ray/auth_token in place: two drivers starting at once (two
     sweeps, two users of one account) could each write their own, and the workers one cluster
     starts later would then present the other's token and be refused."""
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    if (
+        os.environ.get("RAY_AUTH_MODE", "token").lower() != "token"
+        or os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    ):
         return
     path = Path.home() / ".ray" / "auth_token"
     if path.exists():
@@ -164,7 +168,9 @@ def ensure_auth_token() -> None:
 def auth_note() -> str:
     """How this driver's cluster checks who talks to it, for the line under the dashboard's."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
-        where = os.environ.get("RAY_AUTH_TOKEN_PATH") or ("$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "~/.ray/auth_token")
+        where = os.environ.get("RAY_AUTH_TOKEN_PATH") or (
+            "$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "~/.ray/auth_token"
+        )
         return f"token auth on (token in {where})"
     return "token auth OFF (RAY_AUTH_MODE=disabled): anyone who can reach this machine's Ray ports can run code"
 
@@ -207,10 +213,14 @@ def _lock_refusal(sweep: str, version: str, raw: bytes) -> str:
     if not holder.get("version"):
         return f"sweep {sweep!r}: another driver is running this sweep on this store ({who}); wait for it to finish"
     if holder.get("version") == version:
-        return (f"sweep {sweep!r}: this same version is already being run on this store ({who}); "
-                "wait for that driver to finish (a second one would only race it)")
-    return (f"sweep {sweep!r}: another version of this sweep is running on this store ({who}); "
-            "wait for it to finish, or run this version under another sweep name or store")
+        return (
+            f"sweep {sweep!r}: this same version is already being run on this store ({who}); "
+            "wait for that driver to finish (a second one would only race it)"
+        )
+    return (
+        f"sweep {sweep!r}: another version of this sweep is running on this store ({who}); "
+        "wait for it to finish, or run this version under another sweep name or store"
+    )
 
 
 def _check_resources(spec: SweepSpec) -> None:
@@ -224,9 +234,13 @@ def _check_resources(spec: SweepSpec) -> None:
     # share on one node, and the cluster must hold all of them at once.
     cpu_each, gpu_each = r.per_worker
     if r.gpu > all_gpu or gpu_each > best_gpu:
-        raise BadInput(f"resources.gpu: each trial asks for {r.gpu:g} GPU(s) ({r.n_workers} worker(s) of {gpu_each:g}); the cluster has {all_gpu:g}, the largest node has {best_gpu:g}")
+        raise BadInput(
+            f"resources.gpu: each trial asks for {r.gpu:g} GPU(s) ({r.n_workers} worker(s) of {gpu_each:g}); the cluster has {all_gpu:g}, the largest node has {best_gpu:g}"
+        )
     if r.cpu > all_cpu or cpu_each > best_cpu:
-        raise BadInput(f"resources.cpu: each trial asks for {r.cpu:g} CPU(s) ({r.n_workers} worker(s) of {cpu_each:g}); the cluster has {all_cpu:g}, the largest node has {best_cpu:g}")
+        raise BadInput(
+            f"resources.cpu: each trial asks for {r.cpu:g} CPU(s) ({r.n_workers} worker(s) of {cpu_each:g}); the cluster has {all_cpu:g}, the largest node has {best_cpu:g}"
+        )
 
 
 def _cluster_capacity(spec: SweepSpec) -> int:
@@ -241,7 +255,9 @@ def _cluster_capacity(spec: SweepSpec) -> int:
     return max(1, min(fits))
 
 
-def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir: str, faults: str | None = None) -> None:
+def _trainable(
+    config: dict, plans: dict[str, str], store_root: str, models_dir: str, faults: str | None = None
+) -> None:
     """Runs inside a Ray worker: one trial, resuming from the store if it ran before."""
     import torch
 
@@ -256,7 +272,9 @@ def _trainable(config: dict, plans: dict[str, str], store_root: str, models_dir:
         _run_workers(plan, store, models_dir, faults, attempts + 1)
         return
     torch.set_num_threads(max(1, int(plan.resources.cpu)))
-    runner = TrialRunner(plan, store, Path(models_dir), reporter=lambda rep: tune.report(report_metrics(rep)), faults=faults or "")
+    runner = TrialRunner(
+        plan, store, Path(models_dir), reporter=lambda rep: tune.report(report_metrics(rep)), faults=faults or ""
+    )
     _log_attempt(runner.ckpt_dir, {"attempt": attempts + 1, "world": 1, "device": runner.device})
     try:
         runner.run(attempt=attempts + 1)
@@ -285,9 +303,17 @@ def _run_workers(plan: TrialPlan, store: Store, models_dir: str, faults: str | N
     resources_per_worker = {"CPU": cpu_each, **({"GPU": gpu_each} if gpu_each else {})}
     trainer = TorchTrainer(
         _trial_worker,
-        train_loop_config={"plan": plan.model_dump_json(), "store_root": str(store.root), "models_dir": models_dir, "faults": faults or "", "attempt": attempt},
+        train_loop_config={
+            "plan": plan.model_dump_json(),
+            "store_root": str(store.root),
+            "models_dir": models_dir,
+            "faults": faults or "",
+            "attempt": attempt,
+        },
         torch_config=TorchConfig(backend="nccl" if gpu_each else "gloo"),
-        scaling_config=ScalingConfig(num_workers=r.n_workers, use_gpu=bool(gpu_each), resources_per_worker=resources_per_worker),
+        scaling_config=ScalingConfig(
+            num_workers=r.n_workers, use_gpu=bool(gpu_each), resources_per_worker=resources_per_worker
+        ),
         run_config=RunConfig(
             name=f"{plan.trial_id}-attempt{attempt}",
             storage_path=str(store.ray_dir / "train"),
@@ -323,11 +349,20 @@ def _trial_worker(config: dict) -> None:
         torch.cuda.set_device(device)
     store = Store(config["store_root"])
     runner = TrialRunner(
-        plan, store, Path(config["models_dir"]), reporter=lambda rep: ray.train.report(report_metrics(rep)), device=str(device), faults=config["faults"], group=group
+        plan,
+        store,
+        Path(config["models_dir"]),
+        reporter=lambda rep: ray.train.report(report_metrics(rep)),
+        device=str(device),
+        faults=config["faults"],
+        group=group,
     )
     if group.is_main:
         master = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        _log_attempt(runner.ckpt_dir, {"attempt": config["attempt"], "world": group.world, "master": master, "device": str(device)})
+        _log_attempt(
+            runner.ckpt_dir,
+            {"attempt": config["attempt"], "world": group.world, "master": master, "device": str(device)},
+        )
     runner.run(attempt=config["attempt"])
 
 
@@ -447,7 +482,9 @@ def run_sweep(
         existing = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
         _record_plan(store, spec, spec_text, data, plans, version, existing)
         pending = [p for p in plans if existing.get(p.trial_id, {}).get("status") != "done"]
-        outcome = SweepOutcome(sweep=spec.name, total=len(plans), already_done=len(plans) - len(pending), dashboard_url=dashboard_url)
+        outcome = SweepOutcome(
+            sweep=spec.name, total=len(plans), already_done=len(plans) - len(pending), dashboard_url=dashboard_url
+        )
         if on_ready:
             on_ready(dashboard_url, len(plans), len(pending))
         if pending:
@@ -458,7 +495,15 @@ def run_sweep(
         return outcome
 
 
-def _record_plan(store: Store, spec: SweepSpec, spec_text: str, data: dict[str, PreparedTask], plans: list[TrialPlan], version: str, existing: dict[str, dict]) -> None:
+def _record_plan(
+    store: Store,
+    spec: SweepSpec,
+    spec_text: str,
+    data: dict[str, PreparedTask],
+    plans: list[TrialPlan],
+    version: str,
+    existing: dict[str, dict],
+) -> None:
     """Make `plans` the sweep's current version in the store (under the driver lock)."""
     from raysweep.trial import trial_row
 
@@ -483,7 +528,14 @@ def _record_plan(store: Store, spec: SweepSpec, spec_text: str, data: dict[str, 
     store.write_plan(spec.name, version, [p.trial_id for p in plans])
 
 
-def _run_pending(spec: SweepSpec, store: Store, pending: list[TrialPlan], faults: str | None, sink: ProgressSink | None, outcome: SweepOutcome) -> None:
+def _run_pending(
+    spec: SweepSpec,
+    store: Store,
+    pending: list[TrialPlan],
+    faults: str | None,
+    sink: ProgressSink | None,
+    outcome: SweepOutcome,
+) -> None:
     with _StopSignals() as stop:
         try:
             _tune_pending(spec, store, pending, faults, sink, outcome)
@@ -495,7 +547,9 @@ def _run_pending(spec: SweepSpec, store: Store, pending: list[TrialPlan], faults
             _stop_trials(store, spec.name, pending, outcome.interrupted)
             final = {r["trial_id"]: r for r in store.trials(spec.name).to_pylist()}
             outcome.done = sum(final.get(p.trial_id, {}).get("status") == "done" for p in pending)
-            outcome.committed_epochs = sum(len(e) for p in pending for e in store.committed_epochs(spec.name, p.trial_id).values())
+            outcome.committed_epochs = sum(
+                len(e) for p in pending for e in store.committed_epochs(spec.name, p.trial_id).values()
+            )
 
 
 class _StopSignals:
@@ -542,7 +596,9 @@ def _interrupted_rows(store: Store, sweep: str, pending: list[TrialPlan], how: s
             continue
         by_interrupt = row["status"] == "failed" and (row["error"] or "").startswith(INTERRUPT_ERRORS)
         if row["status"] == "running" or by_interrupt:
-            store.write_trial_row({**row, "status": "interrupted", "error": f"interrupted by {how}; run the sweep again to resume"})
+            store.write_trial_row(
+                {**row, "status": "interrupted", "error": f"interrupted by {how}; run the sweep again to resume"}
+            )
 
 
 def _stop_trials(store: Store, sweep: str, pending: list[TrialPlan], how: str, wait_s: float = 20.0) -> None:
@@ -571,7 +627,14 @@ def _stop_trials(store: Store, sweep: str, pending: list[TrialPlan], how: str, w
     _interrupted_rows(store, sweep, pending, how)
 
 
-def _tune_pending(spec: SweepSpec, store: Store, pending: list[TrialPlan], faults: str | None, sink: ProgressSink | None, outcome: SweepOutcome) -> None:
+def _tune_pending(
+    spec: SweepSpec,
+    store: Store,
+    pending: list[TrialPlan],
+    faults: str | None,
+    sink: ProgressSink | None,
+    outcome: SweepOutcome,
+) -> None:
     models_dir = models_dir_for(store)
     from raysweep.models import ensure_model
 
@@ -582,10 +645,18 @@ def _tune_pending(spec: SweepSpec, store: Store, pending: list[TrialPlan], fault
     multi_worker = spec.resources.n_workers > 1
     # A multi-worker trial's own process only waits on its Ray Train workers, which hold the
     # trial's CPUs and GPUs; it asks for a token of memory because Tune needs some request.
-    trial_resources = {"cpu": 0, "memory": 1 << 20} if multi_worker else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    trial_resources = (
+        {"cpu": 0, "memory": 1 << 20} if multi_worker else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    )
     max_concurrent = spec.max_concurrent_trials or (_cluster_capacity(spec) if multi_worker else None)
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, plans={p.trial_id: p.model_dump_json() for p in pending}, store_root=str(store.root), models_dir=str(models_dir), faults=faults),
+        tune.with_parameters(
+            _trainable,
+            plans={p.trial_id: p.model_dump_json() for p in pending},
+            store_root=str(store.root),
+            models_dir=str(models_dir),
+            faults=faults,
+        ),
         trial_resources,
     )
     from raysweep import tracking
@@ -594,7 +665,9 @@ def _tune_pending(spec: SweepSpec, store: Store, pending: list[TrialPlan], fault
     tracked = tracking.enabled(spec.tracking)
     tuner = tune.Tuner(
         trainable,
-        param_space=tracking.param_space(pending) if tracked else {"trial_id": tune.grid_search([p.trial_id for p in pending])},
+        param_space=tracking.param_space(pending)
+        if tracked
+        else {"trial_id": tune.grid_search([p.trial_id for p in pending])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent,
             trial_dirname_creator=lambda t: t.config["trial_id"],

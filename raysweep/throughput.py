@@ -45,8 +45,15 @@ def _meta_shape(name: str, config, weight_bytes: int, source: str) -> ModelShape
     embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     get = lambda *keys: next(int(getattr(config, k)) for k in keys if getattr(config, k, None))  # noqa: E731
     return ModelShape(
-        name, params, embedding, get("num_hidden_layers", "n_layer"), get("hidden_size", "n_embd"), get("vocab_size"),
-        get("max_position_embeddings", "n_positions", "n_ctx"), weight_bytes, source,
+        name,
+        params,
+        embedding,
+        get("num_hidden_layers", "n_layer"),
+        get("hidden_size", "n_embd"),
+        get("vocab_size"),
+        get("max_position_embeddings", "n_positions", "n_ctx"),
+        weight_bytes,
+        source,
     )
 
 
@@ -77,14 +84,18 @@ def model_shape_and_tokenizer(spec: ModelSpec, stand_in_tokenizer: str | None = 
         shape = _meta_shape(spec.name, config, weight_bytes, "config")
     except (OSError, ValueError):
         if ref not in KNOWN_SHAPES:
-            raise BadInput(f"model {spec.name}: cannot read the config of {ref!r} (no local copy, no hub access)") from None
+            raise BadInput(
+                f"model {spec.name}: cannot read the config of {ref!r} (no local copy, no hub access)"
+            ) from None
         layers, hidden, vocab, window, params, emb = KNOWN_SHAPES[ref]
         shape = ModelShape(spec.name, params, emb, layers, hidden, vocab, window, weight_bytes, "published config")
     try:
         tok = AutoTokenizer.from_pretrained(ref)
     except (OSError, ValueError):
         if stand_in_tokenizer is None:
-            raise BadInput(f"model {spec.name}: cannot load the tokenizer of {ref!r}; pass --tokenizer REF to count with a stand-in") from None
+            raise BadInput(
+                f"model {spec.name}: cannot load the tokenizer of {ref!r}; pass --tokenizer REF to count with a stand-in"
+            ) from None
         tok = load_tokenizer_ref(stand_in_tokenizer)
         shape = ModelShape(**{**vars(shape), "source": f"{shape.source}; tokens counted with {stand_in_tokenizer}"})
     return shape, tok
@@ -115,7 +126,9 @@ class GpuRate:
         return GPU_PEAK_TFLOPS[self.gpu]["fp32" if precision == "fp32" else "16bit"] * 1e12
 
     def trial_seconds(self, cost: SweepCost, bound: str) -> list[float]:
-        return [sum(t.flops(bound).values()) / (self.peak_flops(t.plan.train.precision) * self.mfu) for t in cost.trials]
+        return [
+            sum(t.flops(bound).values()) / (self.peak_flops(t.plan.train.precision) * self.mfu) for t in cost.trials
+        ]
 
     def wall_seconds(self, cost: SweepCost, bound: str) -> float:
         per_trial = max(1, int(round(cost.spec.resources.gpu)) or 1)
@@ -141,7 +154,9 @@ class CpuRate:
     train_s_per_token: dict[str, float]
     score_s_per_token: dict[str, float]
     trial_setup_s: float  # a Ray worker importing the trial code and loading model and data
-    sweep_setup_s: dict[str, float]  # the driver's imports, data and Ray start; pretraining built-in models not yet cached
+    sweep_setup_s: dict[
+        str, float
+    ]  # the driver's imports, data and Ray start; pretraining built-in models not yet cached
     cpus: int
 
     def trial_seconds(self, cost: SweepCost, bound: str) -> list[float]:
@@ -176,8 +191,14 @@ def _startup_seconds() -> tuple[float, float]:
     return imports, ray_start
 
 
-def calibrate_cpu(spec: SweepSpec, data: dict[str, PreparedTask], models_dir: Path, sample: int = 48, batches: int = 4,
-                  data_seconds: float = 0.0) -> CpuRate:
+def calibrate_cpu(
+    spec: SweepSpec,
+    data: dict[str, PreparedTask],
+    models_dir: Path,
+    sample: int = 48,
+    batches: int = 4,
+    data_seconds: float = 0.0,
+) -> CpuRate:
     """Time the real scorer on a seeded sample of the first trial's scored examples and the
     real trainer on a few batches of its training set, per model, with the trial's threads."""
     from raysweep.methods import nll_loss
@@ -202,7 +223,9 @@ def calibrate_cpu(spec: SweepSpec, data: dict[str, PreparedTask], models_dir: Pa
                 tok = train_tokenizer(model_spec.tiny.vocab, add_bos=model_spec.arch == "llama")
                 model = build_tiny(model_spec, tok)
                 steps = min(20, model_spec.pretrain.steps)
-                short = model_spec.model_copy(update={"pretrain": model_spec.pretrain.model_copy(update={"steps": steps})})
+                short = model_spec.model_copy(
+                    update={"pretrain": model_spec.pretrain.model_copy(update={"steps": steps})}
+                )
                 t1 = time.perf_counter()
                 pretrain_tiny(model, tok, short)
                 sweep_setup[model_spec.name] = (time.perf_counter() - t1) * model_spec.pretrain.steps / steps
@@ -211,17 +234,27 @@ def calibrate_cpu(spec: SweepSpec, data: dict[str, PreparedTask], models_dir: Pa
                 load_s = max(load_s, time.perf_counter() - t0)
             flat = [ex for _, _, exs in trial_slices(plan, data) for ex in exs]
             picked = random.Random(0).sample(flat, min(sample, len(flat)))
-            score_examples(model, tok, picked[:4], batch_size=plan.scoring.batch_size, layers=plan.scoring.layers)  # warm-up
+            score_examples(
+                model, tok, picked[:4], batch_size=plan.scoring.batch_size, layers=plan.scoring.layers
+            )  # warm-up
             t0 = time.perf_counter()
-            score_examples(model, tok, picked, batch_size=plan.scoring.batch_size,
-                           capture_hidden=plan.scoring.hidden_states != "none", layers=plan.scoring.layers)
+            score_examples(
+                model,
+                tok,
+                picked,
+                batch_size=plan.scoring.batch_size,
+                capture_hidden=plan.scoring.hidden_states != "none",
+                layers=plan.scoring.layers,
+            )
             seconds = time.perf_counter() - t0
             tokens = SliceTokens.count("sample", "all", picked, tok, model_max(model, tok)).scored
             score_rate[model_spec.name] = seconds / max(tokens, 1)
 
             cfg = plan.phases.finetune
             train_set = data[plan.forget_task].split("train")[: min(plan.size, batches * cfg.batch_size)]
-            built = build_batches(tok, model, train_set, [ex.gold for ex in train_set], cfg.batch_size, random.Random(0))
+            built = build_batches(
+                tok, model, train_set, [ex.gold for ex in train_set], cfg.batch_size, random.Random(0)
+            )
             opt = make_optimizer(model, cfg, None)
             train_epoch(model, opt, built[:1], nll_loss)  # warm-up
             t0 = time.perf_counter()
@@ -271,9 +304,17 @@ def prepare_plan_data(spec: SweepSpec) -> tuple[dict[str, PreparedTask], dict[st
     forget = set(spec.forget_task_list)
     data, missing = {}, {}
     for name in spec.tasks:
+
         def prepare(need_train: bool) -> PreparedTask:
-            return prepare_task(name, seed=spec.data.seed, cap=spec.data.cap, max_chars=spec.data.max_chars,
-                                source=spec.data.sources.get(name), need_train=need_train)
+            return prepare_task(
+                name,
+                seed=spec.data.seed,
+                cap=spec.data.cap,
+                max_chars=spec.data.max_chars,
+                source=spec.data.sources.get(name),
+                need_train=need_train,
+            )
+
         try:
             data[name] = prepare(name in forget)
         except (BadInput, TaskLoadError) as exc:

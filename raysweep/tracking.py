@@ -57,7 +57,14 @@ def trial_params(plan: TrialPlan) -> dict[str, object]:
         "eval_tasks": ",".join(plan.eval_tasks),
     }
     for name, cfg in (("finetune", ph.finetune), ("forget", ph.forget), ("relearn", ph.relearn)):
-        out.update({f"{name}_lr": cfg.lr, f"{name}_optimizer": cfg.optimizer, f"{name}_batch_size": cfg.batch_size, f"{name}_max_epochs": cfg.max_epochs})
+        out.update(
+            {
+                f"{name}_lr": cfg.lr,
+                f"{name}_optimizer": cfg.optimizer,
+                f"{name}_batch_size": cfg.batch_size,
+                f"{name}_max_epochs": cfg.max_epochs,
+            }
+        )
     out.update(
         relearn_enabled=ph.relearn.enabled,
         engine=plan.train.engine,
@@ -97,7 +104,11 @@ def report_metrics(rep: "EpochReport") -> dict:
 
 
 def _is_file_store(uri: str) -> bool:
-    return uri.startswith("file:") or "://" not in uri and not uri.startswith(("databricks", "sqlite", "postgresql", "mysql", "mssql"))
+    return (
+        uri.startswith("file:")
+        or "://" not in uri
+        and not uri.startswith(("databricks", "sqlite", "postgresql", "mysql", "mssql"))
+    )
 
 
 def _mlflow_uri(tracking: TrackingConfig) -> str:
@@ -119,7 +130,13 @@ def callbacks(tracking: TrackingConfig | None, store: "Store", sweep: str) -> li
     if tracking.mlflow is not None:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        out.append(MLflowLoggerCallback(tracking_uri=_mlflow_uri(tracking), experiment_name=tracking.mlflow.experiment or sweep, tags={"raysweep.sweep": sweep}))
+        out.append(
+            MLflowLoggerCallback(
+                tracking_uri=_mlflow_uri(tracking),
+                experiment_name=tracking.mlflow.experiment or sweep,
+                tags={"raysweep.sweep": sweep},
+            )
+        )
     if tracking.wandb is not None:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
@@ -127,7 +144,9 @@ def callbacks(tracking: TrackingConfig | None, store: "Store", sweep: str) -> li
         folder.mkdir(parents=True, exist_ok=True)
         # The logging actors run in Ray workers, which do not see this process's later
         # environment: mode and directory go to wandb.init as arguments.
-        out.append(WandbLoggerCallback(project=tracking.wandb.project, group=sweep, mode=tracking.wandb.mode, dir=str(folder)))
+        out.append(
+            WandbLoggerCallback(project=tracking.wandb.project, group=sweep, mode=tracking.wandb.mode, dir=str(folder))
+        )
     return out
 
 
@@ -140,7 +159,9 @@ def sweep_artifacts(store: "Store", sweep: str) -> list[Path]:
     # What `raysweep analyze --sweep S` stores; the report then reuses those outcomes.
     outcomes = run_analyses(store, engine="local", sweep=sweep)
     report = write_report(store, store.analysis_dir / "reports", sweep=sweep)
-    tables = sorted(p for o in outcomes for p in [*o.paths, outputs_dir(store, sweep, o.name) / "outcome.json"] if p.is_file())
+    tables = sorted(
+        p for o in outcomes for p in [*o.paths, outputs_dir(store, sweep, o.name) / "outcome.json"] if p.is_file()
+    )
     return [report, *tables]
 
 
@@ -180,8 +201,13 @@ def _log_wandb(tracking: TrackingConfig, store: "Store", sweep: str, files: list
     import wandb
 
     run = wandb.init(
-        project=tracking.wandb.project, group=sweep, name=sweep, job_type="sweep", mode=tracking.wandb.mode,
-        dir=str(wandb_dir(store)), settings=wandb.Settings(silent=True),
+        project=tracking.wandb.project,
+        group=sweep,
+        name=sweep,
+        job_type="sweep",
+        mode=tracking.wandb.mode,
+        dir=str(wandb_dir(store)),
+        settings=wandb.Settings(silent=True),
     )
     try:
         for f in files:

@@ -33,7 +33,9 @@ class TrainBatch:
         return int(self.input_ids.shape[0])
 
     def rows(self, index: torch.Tensor | slice) -> "TrainBatch":
-        return TrainBatch(self.input_ids[index], self.attention_mask[index], self.labels[index], self.example_idx[index])
+        return TrainBatch(
+            self.input_ids[index], self.attention_mask[index], self.labels[index], self.example_idx[index]
+        )
 
     def shard(self, rank: int, world: int) -> "TrainBatch":
         """This rank's rows of a global batch (every rank builds the same global batches)."""
@@ -54,7 +56,9 @@ class BatchLoss:
         return BatchLoss(-self.total, self.count)
 
 
-def build_batches(tokenizer, model, examples: Sequence[Example], targets: Sequence[int], batch_size: int, rng: random.Random) -> list[TrainBatch]:
+def build_batches(
+    tokenizer, model, examples: Sequence[Example], targets: Sequence[int], batch_size: int, rng: random.Random
+) -> list[TrainBatch]:
     """Shuffle, then lay out each (prompt, chosen response) exactly as scoring reads it, so
     what is trained is what is measured."""
     max_length = model_max_length(model, tokenizer)
@@ -194,7 +198,14 @@ def deepspeed_config(cfg: PhaseConfig, engine: TrainEngine, world: int = 1) -> d
     if cfg.grad_clip is not None:
         conf["gradient_clipping"] = cfg.grad_clip
     if engine.precision == "fp16":
-        conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+        conf["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     elif engine.precision == "bf16":
         conf["bf16"] = {"enabled": True}
     return conf
@@ -211,7 +222,9 @@ class DeepSpeedStepper(Stepper):
         ensure_single_process_group()
         optimizer = _torch_optimizer(model, cfg)
         # With several ranks, initialize() also broadcasts rank 0's weights to the others.
-        self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, engine, world))
+        self.engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, engine, world)
+        )
         super().__init__(model, ds_optimizer, None)
 
     @property
@@ -272,7 +285,9 @@ def make_optimizer(model, cfg: PhaseConfig, engine: TrainEngine | None = None, g
 LossFn = Callable[[torch.nn.Module, TrainBatch], BatchLoss]
 
 
-def train_epoch(model, stepper: Stepper, batches: Sequence[TrainBatch], loss_fn: LossFn, group: Group = SINGLE) -> float:
+def train_epoch(
+    model, stepper: Stepper, batches: Sequence[TrainBatch], loss_fn: LossFn, group: Group = SINGLE
+) -> float:
     """One pass over the batches; returns the mean batch loss. Each rank trains on its
     shard of every global batch; the ranks' gradients are averaged by DDP or DeepSpeed, so
     each rank's loss is scaled by world / global count to make that average the gradient of

@@ -31,6 +31,7 @@ from raysweep.distributed import SINGLE, Group
 from raysweep.errors import DiskFull, is_no_space, no_space_where
 from raysweep.faults import fire as fire_fault
 from raysweep.faults import parse_faults
+from raysweep.integrity import remove_temp_files
 from raysweep.methods import ForgetMethod, get_method, nll_loss
 from raysweep.models import LoadedModel, load_model
 from raysweep.records import Accuracies, EvalSlice, TrialRecords, accuracies, score_all, trial_row
@@ -43,8 +44,16 @@ from raysweep.tasks.base import derived_seed, examples_from_table
 from raysweep.train import build_batches, make_optimizer, train_epoch
 
 __all__ = [
-    "EpochReport", "EvalSlice", "Progress", "TrialRunner", "failure_reason", "finetune_should_stop",
-    "forget_should_stop", "prepare_tasks", "relearn_should_stop", "trial_row",
+    "EpochReport",
+    "EvalSlice",
+    "Progress",
+    "TrialRunner",
+    "failure_reason",
+    "finetune_should_stop",
+    "forget_should_stop",
+    "prepare_tasks",
+    "relearn_should_stop",
+    "trial_row",
 ]
 
 # checkpoint_optimizer: auto keeps optimizer state in resume points up to this model size.
@@ -70,10 +79,16 @@ Reporter = Callable[[EpochReport], None]
 
 def finetune_should_stop(train_acc: float, epoch: int, epochs_since_best: int, cfg) -> bool:
     """Paper: up to max_epochs, or once train accuracy reaches the target; optional patience."""
-    return train_acc >= cfg.stop_train_acc or epoch >= cfg.max_epochs or (cfg.patience is not None and epochs_since_best >= cfg.patience)
+    return (
+        train_acc >= cfg.stop_train_acc
+        or epoch >= cfg.max_epochs
+        or (cfg.patience is not None and epochs_since_best >= cfg.patience)
+    )
 
 
-def forget_should_stop(test_acc: float, epoch: int, cfg, formula: str = "random", finetuned_acc: float | None = None) -> bool:
+def forget_should_stop(
+    test_acc: float, epoch: int, cfg, formula: str = "random", finetuned_acc: float | None = None
+) -> bool:
     """Up to max_epochs, or until the forget task's test accuracy reaches the method's aim.
 
     Methods that aim at chance stop below `stop_test_acc` (the paper: 50%). Flipped labels aim
@@ -111,8 +126,12 @@ def prepare_tasks(plan: TrialPlan, store: Store | None = None) -> dict[str, Prep
             out[name] = _from_examples_table(name, pq.read_table(path), str(path))
         else:
             out[name] = prepare_task(
-                name, seed=plan.data.seed, cap=plan.data.cap, max_chars=plan.data.max_chars,
-                source=plan.data.sources.get(name), need_train=name == plan.forget_task,
+                name,
+                seed=plan.data.seed,
+                cap=plan.data.cap,
+                max_chars=plan.data.max_chars,
+                source=plan.data.sources.get(name),
+                need_train=name == plan.forget_task,
             )
     return out
 
@@ -205,14 +224,25 @@ class BestEpoch(PhaseHook):
             model.load_state_dict(self.state)
         runner.group.sync_module(model)
         if not self.scored and runner.plan.scoring.hidden_states == "phase_end":
-            self.res = score_all(runner.lm, runner.slices, runner.plan.scoring, runner.group)  # resumed after the best epoch
+            self.res = score_all(
+                runner.lm, runner.slices, runner.plan.scoring, runner.group
+            )  # resumed after the best epoch
         if runner.group.is_main:
             runner.records.add_best_hidden(runner.slices, progress.best_epoch, self.res)
         return progress.best_epoch
 
 
 class TrialRunner:
-    def __init__(self, plan: TrialPlan, store: Store, models_dir: Path, reporter: Reporter | None = None, device: str | None = None, faults: str | None = None, group: Group = SINGLE):
+    def __init__(
+        self,
+        plan: TrialPlan,
+        store: Store,
+        models_dir: Path,
+        reporter: Reporter | None = None,
+        device: str | None = None,
+        faults: str | None = None,
+        group: Group = SINGLE,
+    ):
         self.plan = plan
         # Data-parallel ranks all run this class; rank 0 alone writes (store, resume points,
         # status rows, fault log) and every rank reports the same epoch results.
@@ -259,7 +289,7 @@ class TrialRunner:
             try:
                 self.setup()
                 if main:
-                    self.store.remove_temp_files(self.plan.sweep, self.plan.trial_id)
+                    remove_temp_files(self.store, self.plan.sweep, self.plan.trial_id)
                 progress, opt_state, self.lm = self.resume.load(self.lm, self._load_model)
                 self._write_status("running", progress)
                 progress = self._run_phases(progress, opt_state)
@@ -274,7 +304,7 @@ class TrialRunner:
                 full = DiskFull(self.store.root, no_space_where(exc, self.store.root))
                 if main:
                     with contextlib.suppress(OSError):
-                        self.store.remove_temp_files(self.plan.sweep, self.plan.trial_id)
+                        remove_temp_files(self.store, self.plan.sweep, self.plan.trial_id)
                 with contextlib.suppress(Exception):
                     self._record_failure(full, progress, attempt)
                 raise full from exc
@@ -290,7 +320,10 @@ class TrialRunner:
             self.fault_point("resume", "pretrained", 0)
         if progress.phase == "finetune" and not progress.phase_done:
             hook = BestEpoch(self, progress)
-            progress, opt_state = self.train_phase(p.phases.finetune, progress, opt_state, lambda epoch: gold, nll_loss, hook), None
+            progress, opt_state = (
+                self.train_phase(p.phases.finetune, progress, opt_state, lambda epoch: gold, nll_loss, hook),
+                None,
+            )
         if progress.phase == "finetune" and progress.phase_done:
             progress = _next_phase(progress, "forget")
             self.method.prepare(self.lm.model, self._epoch_batches("forget", 0, gold, p.phases.forget))
@@ -312,7 +345,9 @@ class TrialRunner:
         cfg, seed = self.plan.phases.forget, self.plan.seed
 
         def targets(epoch: int) -> list[int]:
-            return self.method.targets(self.train_set, epoch, random.Random(derived_seed(seed, "forget", epoch, "labels")))
+            return self.method.targets(
+                self.train_set, epoch, random.Random(derived_seed(seed, "forget", epoch, "labels"))
+            )
 
         def should_stop(acc: Accuracies, epoch: int) -> bool:
             test_acc = acc[(self.plan.forget_task, "test")]
@@ -320,7 +355,9 @@ class TrialRunner:
 
         return self.train_phase(cfg, progress, opt_state, targets, self.method.loss, PhaseHook(should_stop))
 
-    def train_phase(self, cfg: PhaseConfig, progress: Progress, opt_state: dict | None, targets, loss_fn, hook: PhaseHook) -> Progress:
+    def train_phase(
+        self, cfg: PhaseConfig, progress: Progress, opt_state: dict | None, targets, loss_fn, hook: PhaseHook
+    ) -> Progress:
         """The one epoch loop: train towards `targets(epoch)`, score, commit, save a resume
         point, until the hook says the phase is over; then close the phase."""
         phase, model = progress.phase, self.lm.model
@@ -366,7 +403,16 @@ class TrialRunner:
         res = score_all(self.lm, self.slices, self.plan.scoring, self.group)
         return res, self.group.broadcast(accuracies(self.slices, res) if self.group.is_main else None)
 
-    def _commit(self, phase: str, epoch: int, res: ScoreResult | None, acc: Accuracies, train_loss: float, seconds: float, phase_end: bool) -> None:
+    def _commit(
+        self,
+        phase: str,
+        epoch: int,
+        res: ScoreResult | None,
+        acc: Accuracies,
+        train_loss: float,
+        seconds: float,
+        phase_end: bool,
+    ) -> None:
         ft = self.plan.forget_task
         if self.group.is_main:
             self.records.commit(self.slices, phase, epoch, res, acc, train_loss, seconds, phase_end)
@@ -374,8 +420,13 @@ class TrialRunner:
         test_accs = [v for (t, s), v in acc.items() if s == "test"]
         self.reporter(
             EpochReport(
-                self.plan.trial_id, phase, epoch, train_loss,
-                acc.get((ft, "train"), float("nan")), acc[(ft, "validation")], acc[(ft, "test")],
+                self.plan.trial_id,
+                phase,
+                epoch,
+                train_loss,
+                acc.get((ft, "train"), float("nan")),
+                acc[(ft, "validation")],
+                acc[(ft, "test")],
                 float(np.mean(test_accs)),
             )
         )
@@ -386,10 +437,26 @@ class TrialRunner:
             if f.matches(self.plan.trial_id, self.attempt, phase, epoch, point, self.group.rank):
                 # Logged before firing (a SIGKILL leaves no other trace): tests count real faults.
                 with open(self.ckpt_dir / "faults.log", "a") as fh:
-                    fh.write(json.dumps({"pid": os.getpid(), "rank": self.group.rank, "attempt": self.attempt, "action": f.action, "phase": phase, "epoch": epoch, "point": point, "time": time.time()}) + "\n")
+                    fh.write(
+                        json.dumps(
+                            {
+                                "pid": os.getpid(),
+                                "rank": self.group.rank,
+                                "attempt": self.attempt,
+                                "action": f.action,
+                                "phase": phase,
+                                "epoch": epoch,
+                                "point": point,
+                                "time": time.time(),
+                            }
+                        )
+                        + "\n"
+                    )
                 fire_fault(f, self.plan.trial_id, self.attempt)
 
-    def _write_status(self, status: str, progress: Progress, error: str | None = None, attempts: int | None = None) -> None:
+    def _write_status(
+        self, status: str, progress: Progress, error: str | None = None, attempts: int | None = None
+    ) -> None:
         if self.group.is_main:
             self.records.write_status(status, progress, attempts if attempts is not None else self.attempt, error)
 

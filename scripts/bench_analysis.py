@@ -50,7 +50,16 @@ from raysweep.store import EPOCHS_SCHEMA, SCORES_SCHEMA, EpochKey, EpochRecord, 
 
 SWEEP = "bench"
 # The paper's analyses, each with a DuckDB reference below; others run without one.
-PAPER_ANALYSES = ("single_task", "cross_task", "dataset_size", "flipped", "cross_model", "predictors", "order", "probes")
+PAPER_ANALYSES = (
+    "single_task",
+    "cross_task",
+    "dataset_size",
+    "flipped",
+    "cross_model",
+    "predictors",
+    "order",
+    "probes",
+)
 CONDITIONS = (("m1", "random", 1000), ("m1", "flipped", 1000), ("m2", "random", 1000), ("m1", "random", 100))
 
 
@@ -135,24 +144,56 @@ def generate(root: Path, cfg: SynthConfig) -> GenStats:
                         z = z + 0.7 * e * np.abs(2.0 - slope) * np.where(own, 1.0, 0.3)
                 return _sigmoid(z + rng.normal(0, 0.05, cols_per_file)).astype(np.float32)
 
-            milestones = {("pretrained", 0), ("finetune", best_ft), ("forget", pe["forget"]), ("relearn", pe["relearn"])}
+            milestones = {
+                ("pretrained", 0),
+                ("finetune", best_ft),
+                ("forget", pe["forget"]),
+                ("relearn", pe["relearn"]),
+            }
             for phase in PHASES:
                 epochs = [0] if phase == "pretrained" else list(range(1, pe[phase] + 1))
                 for e in epochs:
                     conf = confidence(phase, e)
                     key = EpochKey(SWEEP, trial_id, phase, e)
                     scores = _scores(key, eval_col, split_col, idx_col, gold, conf)
-                    hidden = _hidden(key, task, n, gold[own], cfg.hidden_dim, resist[ti], rng, phase) if (phase, e) in milestones else None
-                    summary = pa.table({"sweep": [SWEEP], "trial_id": [trial_id], "phase": [phase], "epoch": [e], "train_loss": [0.5],
-                                        "forget_train_acc": [0.5], "forget_validation_acc": [0.5], "forget_test_acc": [0.5],
-                                        "seconds": [1.0]}, schema=EPOCHS_SCHEMA)
+                    hidden = (
+                        _hidden(key, task, n, gold[own], cfg.hidden_dim, resist[ti], rng, phase)
+                        if (phase, e) in milestones
+                        else None
+                    )
+                    summary = pa.table(
+                        {
+                            "sweep": [SWEEP],
+                            "trial_id": [trial_id],
+                            "phase": [phase],
+                            "epoch": [e],
+                            "train_loss": [0.5],
+                            "forget_train_acc": [0.5],
+                            "forget_validation_acc": [0.5],
+                            "forget_test_acc": [0.5],
+                            "seconds": [1.0],
+                        },
+                        schema=EPOCHS_SCHEMA,
+                    )
                     store.commit_epoch(EpochRecord(key=key, scores=scores, epoch_summary=summary, hidden=hidden))
                     stats.rows += scores.num_rows
                     stats.files += 1
             store.write_trial_row(
-                dict(sweep=SWEEP, trial_id=trial_id, model=model, model_source="synthetic", forget_task=task, method=method,
-                     size=size, seed=0, status="done", attempts=1, best_finetune_epoch=best_ft, last_forget_epoch=pe["forget"],
-                     last_relearn_epoch=pe["relearn"])
+                dict(
+                    sweep=SWEEP,
+                    trial_id=trial_id,
+                    model=model,
+                    model_source="synthetic",
+                    forget_task=task,
+                    method=method,
+                    size=size,
+                    seed=0,
+                    status="done",
+                    attempts=1,
+                    best_finetune_epoch=best_ft,
+                    last_forget_epoch=pe["forget"],
+                    last_relearn_epoch=pe["relearn"],
+                )
             )
     stats.score_bytes = sum(p.stat().st_size for p in (root / "scores").rglob("*.parquet"))
     stats.seconds = time.perf_counter() - t0
@@ -166,13 +207,23 @@ def _scores(key: EpochKey, eval_col, split_col, idx_col, gold: np.ndarray, conf:
     ll_d = np.log1p(-conf)
     return pa.table(
         {
-            "sweep": pa.array([key.sweep] * n), "trial_id": pa.array([key.trial_id] * n), "phase": pa.array([key.phase] * n),
-            "epoch": pa.array(np.full(n, key.epoch, np.int32)), "eval_task": eval_col, "split": split_col, "example_idx": idx_col,
-            "gold": pa.array(gold), "ll_sum_correct": pa.array((5 * ll_c).astype(np.float32)),
-            "ll_sum_distractor": pa.array((5 * ll_d).astype(np.float32)), "ll_mean_correct": pa.array(ll_c.astype(np.float32)),
-            "ll_mean_distractor": pa.array(ll_d.astype(np.float32)), "n_tokens_correct": pa.array(np.full(n, 5, np.int16)),
-            "n_tokens_distractor": pa.array(np.full(n, 5, np.int16)), "confidence": pa.array(conf),
-            "prediction": pa.array(np.where(correct, gold, 1 - gold).astype(np.int8)), "correct": pa.array(correct),
+            "sweep": pa.array([key.sweep] * n),
+            "trial_id": pa.array([key.trial_id] * n),
+            "phase": pa.array([key.phase] * n),
+            "epoch": pa.array(np.full(n, key.epoch, np.int32)),
+            "eval_task": eval_col,
+            "split": split_col,
+            "example_idx": idx_col,
+            "gold": pa.array(gold),
+            "ll_sum_correct": pa.array((5 * ll_c).astype(np.float32)),
+            "ll_sum_distractor": pa.array((5 * ll_d).astype(np.float32)),
+            "ll_mean_correct": pa.array(ll_c.astype(np.float32)),
+            "ll_mean_distractor": pa.array(ll_d.astype(np.float32)),
+            "n_tokens_correct": pa.array(np.full(n, 5, np.int16)),
+            "n_tokens_distractor": pa.array(np.full(n, 5, np.int16)),
+            "confidence": pa.array(conf),
+            "prediction": pa.array(np.where(correct, gold, 1 - gold).astype(np.int8)),
+            "correct": pa.array(correct),
         },
         schema=SCORES_SCHEMA,
     )
@@ -203,17 +254,24 @@ def _hidden(key: EpochKey, task: str, n: int, gold: np.ndarray, dim: int, resist
         if layer == PROBE_LAYER:
             correct[:, 0] += signal
             distractor[:, 0] -= signal
-        parts.append(pa.table(
-            {
-                "sweep": [key.sweep] * m, "trial_id": [key.trial_id] * m, "phase": [key.phase] * m,
-                "epoch": pa.array(np.full(m, key.epoch, np.int32)), "eval_task": [task] * m,
-                "split": np.repeat(np.array(SPLITS), n),
-                "example_idx": pa.array(np.tile(np.arange(n, dtype=np.int32), len(SPLITS))),
-                "layer": pa.array(np.full(m, layer, np.int16)),
-                "hidden": vec(prompt), "hidden_correct": vec(correct), "hidden_distractor": vec(distractor),
-            },
-            schema=hidden_schema(dim),
-        ))
+        parts.append(
+            pa.table(
+                {
+                    "sweep": [key.sweep] * m,
+                    "trial_id": [key.trial_id] * m,
+                    "phase": [key.phase] * m,
+                    "epoch": pa.array(np.full(m, key.epoch, np.int32)),
+                    "eval_task": [task] * m,
+                    "split": np.repeat(np.array(SPLITS), n),
+                    "example_idx": pa.array(np.tile(np.arange(n, dtype=np.int32), len(SPLITS))),
+                    "layer": pa.array(np.full(m, layer, np.int16)),
+                    "hidden": vec(prompt),
+                    "hidden_correct": vec(correct),
+                    "hidden_distractor": vec(distractor),
+                },
+                schema=hidden_schema(dim),
+            )
+        )
     return pa.concat_tables(parts)
 
 
@@ -357,9 +415,15 @@ class DuckRef:
     def cross_task(self) -> pa.Table:
         cells = self.cells()
         # The clustering is scipy's in both pipelines; only the aggregation is SQL here.
-        keys = sorted({(r["model"], r["method"], r["size"]) for r in cells.select(["model", "method", "size"]).to_pylist()})
+        keys = sorted(
+            {(r["model"], r["method"], r["size"]) for r in cells.select(["model", "method", "size"]).to_pylist()}
+        )
         for k in keys:
-            rs = [r for r in cells.to_pylist() if (r["model"], r["method"], r["size"]) == k and r["acc_forgotten"] is not None]
+            rs = [
+                r
+                for r in cells.to_pylist()
+                if (r["model"], r["method"], r["size"]) == k and r["acc_forgotten"] is not None
+            ]
             rows = sorted({r["forget_task"] for r in rs})
             cols = sorted({r["eval_task"] for r in rs})
             m = np.zeros((len(rows), len(cols)))
@@ -424,13 +488,28 @@ class DuckRef:
                   FROM x GROUP BY ALL)
             SELECT model, method, size, forget_task, count(*) AS n, corr(before, drop) AS r FROM e GROUP BY ALL"""
         )
-        tasks = self._q("SELECT model, method, size, forget_task, forget_ratio, acc_finetuned, conf_finetuned FROM cells_t WHERE eval_task = forget_task")
-        tv = pa.array([np.mean([var[t] for t in var if t.startswith(r["forget_task"] + "-" + r["method"] + "-n" + str(r["size"]) + "-" + r["model"])] or [np.nan])
-                       for r in tasks.to_pylist()])
+        tasks = self._q(
+            "SELECT model, method, size, forget_task, forget_ratio, acc_finetuned, conf_finetuned FROM cells_t WHERE eval_task = forget_task"
+        )
+        tv = pa.array(
+            [
+                np.mean(
+                    [
+                        var[t]
+                        for t in var
+                        if t.startswith(r["forget_task"] + "-" + r["method"] + "-n" + str(r["size"]) + "-" + r["model"])
+                    ]
+                    or [np.nan]
+                )
+                for r in tasks.to_pylist()
+            ]
+        )
         return tasks.append_column("total_variance", tv)
 
     def order(self) -> pa.Table:
-        files = [f.path for t in self.index.trials for f in self.index.phase_files("scores", ("forget", "relearn"), (t,))]
+        files = [
+            f.path for t in self.index.trials for f in self.index.phase_files("scores", ("forget", "relearn"), (t,))
+        ]
         thr = self.params.order_threshold
         return self._q(
             f"""WITH x AS (
@@ -483,8 +562,9 @@ class DuckRef:
                 for m in PROBE_MILESTONES:
                     parts = {s: np.array(groups.get((tr.trial_id, m, s), []), dtype=np.int64) for s in SPLITS}
                     pairs = [Pairs(xc[parts[s]], xd[parts[s]]) for s in ("train", "validation", "test")]
-                    job = ProbeJob(tr.sweep, tr.trial_id, m, *pairs, self.params.probe_cs,
-                                   self.params.bootstrap_resamples)
+                    job = ProbeJob(
+                        tr.sweep, tr.trial_id, m, *pairs, self.params.probe_cs, self.params.bootstrap_resamples
+                    )
                     out.append(fit_probe(job))
         return pa.Table.from_pylist([asdict(f) for f in out])
 
@@ -495,8 +575,16 @@ class DuckRef:
 def _max_diff(a: list, b: list) -> float:
     worst = 0.0
     for x, y in zip(a, b):
-        if x is None or y is None or (isinstance(x, float) and math.isnan(x)) or (isinstance(y, float) and math.isnan(y)):
-            if not ((x is None or (isinstance(x, float) and math.isnan(x))) and (y is None or (isinstance(y, float) and math.isnan(y)))):
+        if (
+            x is None
+            or y is None
+            or (isinstance(x, float) and math.isnan(x))
+            or (isinstance(y, float) and math.isnan(y))
+        ):
+            if not (
+                (x is None or (isinstance(x, float) and math.isnan(x)))
+                and (y is None or (isinstance(y, float) and math.isnan(y)))
+            ):
                 return math.inf
             continue
         worst = max(worst, abs(x - y))
@@ -508,17 +596,26 @@ def check(name: str, ref: pa.Table, tables: dict[str, pa.Table]) -> str:
         if name in ("single_task",):
             d = _max_diff(ref["forget_ratio"].to_pylist(), tables["tasks"]["forget_ratio"].to_pylist())
         elif name == "cross_task":
-            c = tables["cells"].sort_by([("model", "ascending"), ("method", "ascending"), ("size", "ascending"),
-                                         ("forget_task", "ascending"), ("eval_task", "ascending")])
+            c = tables["cells"].sort_by(
+                [
+                    ("model", "ascending"),
+                    ("method", "ascending"),
+                    ("size", "ascending"),
+                    ("forget_task", "ascending"),
+                    ("eval_task", "ascending"),
+                ]
+            )
             d = _max_diff(ref["forget_ratio"].to_pylist(), c["forget_ratio"].to_pylist())
         elif name in ("dataset_size", "flipped", "cross_model"):
             s = tables["summary"]
             cols = [c for c in s.column_names if c.startswith("forget_ratio[")]
-            d = max(_max_diff(ref[c[len("forget_ratio["):-1]].to_pylist(), s[c].to_pylist()) for c in cols)
+            d = max(_max_diff(ref[c[len("forget_ratio[") : -1]].to_pylist(), s[c].to_pylist()) for c in cols)
         elif name == "predictors":
             t = tables["tasks"]
-            d = max(_max_diff(ref["total_variance"].to_pylist(), t["total_variance"].to_pylist()),
-                    _max_diff(ref["conf_finetuned"].to_pylist(), t["conf_finetuned"].to_pylist()))
+            d = max(
+                _max_diff(ref["total_variance"].to_pylist(), t["total_variance"].to_pylist()),
+                _max_diff(ref["conf_finetuned"].to_pylist(), t["conf_finetuned"].to_pylist()),
+            )
         elif name == "order":
             t = tables["tasks"]
             d = _max_diff(ref["spearman_r"].to_pylist(), t["spearman_r"].to_pylist())
@@ -550,13 +647,17 @@ def run(args: argparse.Namespace) -> Result:
     else:
         if root.exists():
             shutil.rmtree(root)
-        print(f"generating {cfg.rows:,} rows ({cfg.trials} trials x {cfg.epochs} epochs x {cfg.tasks} tasks x 3 splits x {cfg.per_split}) in {root}",
-              file=sys.stderr)
+        print(
+            f"generating {cfg.rows:,} rows ({cfg.trials} trials x {cfg.epochs} epochs x {cfg.tasks} tasks x 3 splits x {cfg.per_split}) in {root}",
+            file=sys.stderr,
+        )
         gen = generate(root, cfg)
         marker.write_text(json.dumps(asdict(cfg)))
         (base / "generated.json").write_text(json.dumps(asdict(gen)))
-    print(f"store: {gen.rows:,} rows in {gen.files} files, {gen.score_bytes / 1e6:.0f} MB of scores (generated in {gen.seconds:.0f} s)",
-          file=sys.stderr)
+    print(
+        f"store: {gen.rows:,} rows in {gen.files} files, {gen.score_bytes / 1e6:.0f} MB of scores (generated in {gen.seconds:.0f} s)",
+        file=sys.stderr,
+    )
     store = Store(root)
     # One untimed pass: the page cache, lazy imports (scipy, sklearn) and first-call costs
     # would otherwise land on whichever engine is timed first.
@@ -566,10 +667,17 @@ def run(args: argparse.Namespace) -> Result:
     import ray
 
     res = Result(
-        config=asdict(cfg), generated=asdict(gen),
-        machine={"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                 "ray": ray.__version__, "duckdb": duckdb.__version__, "pyarrow": pa.__version__,
-                 "load_avg_at_start": os.getloadavg()},
+        config=asdict(cfg),
+        generated=asdict(gen),
+        machine={
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "ray": ray.__version__,
+            "duckdb": duckdb.__version__,
+            "pyarrow": pa.__version__,
+            "load_avg_at_start": os.getloadavg(),
+        },
     )
     params = AnalysisParams()
     local_tables: dict[str, dict[str, pa.Table]] = {}
@@ -607,13 +715,18 @@ def run(args: argparse.Namespace) -> Result:
                 if engine == "local":
                     local_tables[name] = o.tables
                 elif name in local_tables:
-                    same = list(o.tables) == list(local_tables[name]) and all(o.tables[t].equals(local_tables[name][t]) for t in o.tables)
+                    same = list(o.tables) == list(local_tables[name]) and all(
+                        o.tables[t].equals(local_tables[name][t]) for t in o.tables
+                    )
                     chk = "identical to local" if same else "DIFFERENT from local"
             # In-process engines: this process only (the idle Ray cluster is not theirs).
             peak = tree if engine == "ray" else own
             t = Timing(name, engine, round(secs, 3), round(peak / 1e6, 1), round(own / 1e6, 1), status, chk)
             res.timings.append(t)
-            print(f"  {engine:6s} {name:13s} {secs:7.2f} s  peak {t.peak_tree_mb:7.0f} MB  {status} {chk}", file=sys.stderr)
+            print(
+                f"  {engine:6s} {name:13s} {secs:7.2f} s  peak {t.peak_tree_mb:7.0f} MB  {status} {chk}",
+                file=sys.stderr,
+            )
     by = {(t.analysis, t.engine): t for t in res.timings}
     for name in names:
         row: dict = {"analysis": name}

@@ -62,20 +62,36 @@ def main() -> None:
             spec.write_text(SPEC)
         store = Path(tmp) / "store"
         t0 = time.perf_counter()
-        plan = subprocess.run([raysweep, "plan", str(spec), "--store", str(store), "--expect-epochs", args.expect_epochs],
-                              capture_output=True, text=True, env=env, check=True)
+        plan = subprocess.run(
+            [raysweep, "plan", str(spec), "--store", str(store), "--expect-epochs", args.expect_epochs],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         plan_seconds = time.perf_counter() - t0
         line = next(ln for ln in plan.stdout.splitlines() if "wall-clock on this CPU" in ln)
         predicted = _seconds(line.split("│")[-2].strip())
         load_before = os.getloadavg()
         t0 = time.perf_counter()
-        subprocess.run([raysweep, "run", str(spec), "--store", str(store), "--no-dashboard"], capture_output=True, text=True, env=env, check=True)
+        subprocess.run(
+            [raysweep, "run", str(spec), "--store", str(store), "--no-dashboard"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         measured = time.perf_counter() - t0
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(["python", "scripts/bench_plan.py", *sys.argv[1:]]), "load_average_before_run": load_before,
-        "plan_seconds": round(plan_seconds, 1), "predicted_wall_s": predicted, "measured_wall_s": round(measured, 1),
-        "relative_error": round((predicted - measured) / measured, 3), "plan_output": plan.stdout,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join(["python", "scripts/bench_plan.py", *sys.argv[1:]]),
+        "load_average_before_run": load_before,
+        "plan_seconds": round(plan_seconds, 1),
+        "predicted_wall_s": predicted,
+        "measured_wall_s": round(measured, 1),
+        "relative_error": round((predicted - measured) / measured, 3),
+        "plan_output": plan.stdout,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

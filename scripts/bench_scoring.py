@@ -33,7 +33,16 @@ ARCHS = {
     "tiny": None,
     "smollm2-135m": None,
     "gpt2-124m": dict(kind="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
-    "llama-2-7b": dict(kind="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32000),
+    "llama-2-7b": dict(
+        kind="llama",
+        num_hidden_layers=32,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -44,7 +53,11 @@ def build(arch: str, device: str, dtype: torch.dtype):
     from raysweep.spec import ModelSpec
 
     if arch == "tiny":
-        lm = load_model(ModelSpec(name="tiny-gpt2", arch="gpt2"), Path(os.environ.get("RAYSWEEP_MODEL_CACHE", ".cache/bench-models")), device=device)
+        lm = load_model(
+            ModelSpec(name="tiny-gpt2", arch="gpt2"),
+            Path(os.environ.get("RAYSWEEP_MODEL_CACHE", ".cache/bench-models")),
+            device=device,
+        )
         return lm.model.to(dtype), lm.tokenizer
     if arch == "smollm2-135m":
         # The same cache as the real-model tests: the GGUF file is dequantised once.
@@ -80,11 +93,15 @@ def real_task_examples(n_examples: int, names=REAL_BENCH_TASKS):
     root = shared_tasks_dir()
     missing = [n for n in names if not (root / n).is_dir()]
     if missing:
-        raise SystemExit(f"bench_scoring: no real task records for {', '.join(missing)} under {root} (set RAYSWEEP_SHARED_DATA)")
+        raise SystemExit(
+            f"bench_scoring: no real task records for {', '.join(missing)} under {root} (set RAYSWEEP_SHARED_DATA)"
+        )
     per_task = max(1, n_examples // len(names))
     exs = []
     for name in names:
-        exs += prepare_task(name, seed=1234, cap=per_task, max_chars=2048, source=str(root / name), need_train=False).split("test")
+        exs += prepare_task(
+            name, seed=1234, cap=per_task, max_chars=2048, source=str(root / name), need_train=False
+        ).split("test")
     return exs
 
 
@@ -97,11 +114,18 @@ def paper_task_examples(n_examples: int):
     from raysweep.tasks.real import REAL_TASKS
 
     root = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tasks"
-    exs = [ex for name in REAL_TASKS for split in prepare_task(name, seed=1234, cap=1000, max_chars=4096, source=str(root / name)).splits.values() for ex in split]
+    exs = [
+        ex
+        for name in REAL_TASKS
+        for split in prepare_task(name, seed=1234, cap=1000, max_chars=4096, source=str(root / name)).splits.values()
+        for ex in split
+    ]
     out = []
     for i in range(n_examples):
         e, k = exs[i % len(exs)], i // len(exs)
-        out.append(Example(e.idx, f"{e.uid}-{k}", f"Item {k}.\n{e.prompt}" if k else e.prompt, e.choices, e.gold, e.delimiter))
+        out.append(
+            Example(e.idx, f"{e.uid}-{k}", f"Item {k}.\n{e.prompt}" if k else e.prompt, e.choices, e.gold, e.delimiter)
+        )
     return out
 
 
@@ -120,7 +144,9 @@ def requests_for(n_examples: int, long_prompts: bool, tasks=ALL_TASKS):
         # synthetic prompts to a comparable length so the measurement reflects them.
         from raysweep.tasks import Example
 
-        filler = "Passage: " + " ".join(["the quiet river runs past the old mill and the farmer watches it"] * 12) + "\n"
+        filler = (
+            "Passage: " + " ".join(["the quiet river runs past the old mill and the farmer watches it"] * 12) + "\n"
+        )
         exs = [Example(e.idx, e.uid, filler + e.prompt, e.choices, e.gold) for e in exs]
     return exs
 
@@ -166,7 +192,9 @@ def main() -> None:
         # sweep also keeps, then without prefix sharing.
         "ours": lambda: score_examples(model, tok, exs, batch_size=args.batch_size, capture_hidden=False),
         "hidden": lambda: score_examples(model, tok, exs, batch_size=args.batch_size, capture_hidden=True),
-        "separate": lambda: score_examples(model, tok, exs, batch_size=args.batch_size, capture_hidden=False, share_prefix=False),
+        "separate": lambda: score_examples(
+            model, tok, exs, batch_size=args.batch_size, capture_hidden=False, share_prefix=False
+        ),
         "lmeval": lambda: np.array([ll for ll, _ in lm.loglikelihood(inst, disable_tqdm=True)]).reshape(-1, 2),
     }
     if args.no_separate:
@@ -189,7 +217,9 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     res = {
         "arch": args.arch,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
+        "device": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
         "dtype": args.dtype,
         "pairs": len(pairs),
         "batch_size": args.batch_size,
@@ -222,7 +252,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     sep = f"{res['raysweep_no_prefix_sharing_pairs_per_s']:.0f}" if t_sep else "-"
-    print(f"| {res['arch']} | {res['device']} | {res['dtype']} | {res['pairs']} | {res['raysweep_pairs_per_s']:.1f} | {res['raysweep_with_hidden_states_pairs_per_s']:.1f} | {sep} | {res['lmeval_pairs_per_s']:.1f} | {res['speedup_vs_lmeval']:.2f}x | {res['speedup_with_hidden_states_vs_lmeval']:.2f}x | {res['max_abs_diff_vs_lmeval']:.1e} |")
+    print(
+        f"| {res['arch']} | {res['device']} | {res['dtype']} | {res['pairs']} | {res['raysweep_pairs_per_s']:.1f} | {res['raysweep_with_hidden_states_pairs_per_s']:.1f} | {sep} | {res['lmeval_pairs_per_s']:.1f} | {res['speedup_vs_lmeval']:.2f}x | {res['speedup_with_hidden_states_vs_lmeval']:.2f}x | {res['max_abs_diff_vs_lmeval']:.1e} |"
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,14 @@ def run_once(spec_path: Path, concurrency: int, cache: Path, resources: dict | N
         epochs = store.read("epochs").to_pylist()
         in_trial = sum(e["seconds"] for e in epochs)
     ray.shutdown()
-    return {"concurrency": concurrency, "resources": raw.get("resources"), "trials": out.total, "failed": len(out.failed), "wall_s": wall, "sum_epoch_seconds": in_trial}
+    return {
+        "concurrency": concurrency,
+        "resources": raw.get("resources"),
+        "trials": out.total,
+        "failed": len(out.failed),
+        "wall_s": wall,
+        "sum_epoch_seconds": in_trial,
+    }
 
 
 def tune_overhead(n: int) -> dict:
@@ -72,7 +79,11 @@ def main() -> None:
     ap.add_argument("--spec", default="specs/quickstart.yaml")
     ap.add_argument("--out", default="benchmarks_out/sweep.json")
     ap.add_argument("--noop-trials", type=int, default=8)
-    ap.add_argument("--workers", action="store_true", help="also time 2-worker trials (Ray Train inside Tune) against 1-process trials")
+    ap.add_argument(
+        "--workers",
+        action="store_true",
+        help="also time 2-worker trials (Ray Train inside Tune) against 1-process trials",
+    )
     args = ap.parse_args()
     cache = Path(os.environ.setdefault("RAYSWEEP_MODEL_CACHE", str(Path(".cache/bench-models").absolute())))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -86,17 +97,32 @@ def main() -> None:
     seq = run_once(Path(args.spec), 1, cache)
     par = run_once(Path(args.spec), 2, cache)
     over = tune_overhead(args.noop_trials)
-    res = {"machine": f"{os.cpu_count()} cores", "spec": args.spec, "sequential": seq, "concurrent_2": par, "speedup": seq["wall_s"] / par["wall_s"], "tune": over}
+    res = {
+        "machine": f"{os.cpu_count()} cores",
+        "spec": args.spec,
+        "sequential": seq,
+        "concurrent_2": par,
+        "speedup": seq["wall_s"] / par["wall_s"],
+        "tune": over,
+    }
     if args.workers:
         # The same CPUs either way: one process with 2 threads, or 2 gloo workers of 1 thread.
         one = run_once(Path(args.spec), 1, cache, {"cpu": 2, "gpu": 0})
         two = run_once(Path(args.spec), 1, cache, {"cpu": 2, "gpu": 0, "workers": 2})
-        res["workers"] = {"one_process": one, "two_workers": two, "extra_s_per_trial": (two["wall_s"] - one["wall_s"]) / one["trials"]}
-        print(f"| workers | 1 process {one['wall_s']:.1f} s | 2 workers {two['wall_s']:.1f} s | {(two['wall_s'] - one['wall_s']) / one['trials']:+.1f} s per trial |")
+        res["workers"] = {
+            "one_process": one,
+            "two_workers": two,
+            "extra_s_per_trial": (two["wall_s"] - one["wall_s"]) / one["trials"],
+        }
+        print(
+            f"| workers | 1 process {one['wall_s']:.1f} s | 2 workers {two['wall_s']:.1f} s | {(two['wall_s'] - one['wall_s']) / one['trials']:+.1f} s per trial |"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
-    print(f"| {args.spec} | {res['machine']} | {seq['wall_s']:.1f} | {par['wall_s']:.1f} | {res['speedup']:.2f}x | {over['per_trial_overhead_s']:.2f} |")
+    print(
+        f"| {args.spec} | {res['machine']} | {seq['wall_s']:.1f} | {par['wall_s']:.1f} | {res['speedup']:.2f}x | {over['per_trial_overhead_s']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

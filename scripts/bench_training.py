@@ -71,7 +71,9 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     res = {
         "arch": args.arch,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
+        "device": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
         "engine": args.engine,
         "precision": args.precision,
         "examples": len(exs),
@@ -156,7 +158,9 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
-    print(f"| {res['arch']} | {res['device']} | {res['engine']} {res['precision']} | {res['tokens']} | {res['raysweep_tokens_per_s']:.0f} | {res.get('hf_trainer_tokens_per_s', float('nan')):.0f} | {res.get('speedup_vs_hf_trainer', float('nan')):.2f}x | {res.get('training_mfu', float('nan')):.3f} |")
+    print(
+        f"| {res['arch']} | {res['device']} | {res['engine']} {res['precision']} | {res['tokens']} | {res['raysweep_tokens_per_s']:.0f} | {res.get('hf_trainer_tokens_per_s', float('nan')):.0f} | {res.get('speedup_vs_hf_trainer', float('nan')):.2f}x | {res.get('training_mfu', float('nan')):.3f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -128,11 +128,17 @@ def placement(store: Path, temps: dict[str, Path], seen: dict[str, int] | None =
             pid = r.get("pid")
             node = next((role for role, pids in by_node.items() if pid in pids), "unknown")
             if not attempts or attempts[-1]["pid"] != pid:
-                attempts.append({"pid": pid, "node": node, "node_ip": r.get("node_ip"), "hostname": r.get("hostname"), "results": 0})
+                attempts.append(
+                    {"pid": pid, "node": node, "node_ip": r.get("node_ip"), "hostname": r.get("hostname"), "results": 0}
+                )
             attempts[-1]["results"] += 0 if r.get("seen_only") else 1
         trials[tid] = attempts
     per_node = {role: sorted(t for t, a in trials.items() if any(x["node"] == role for x in a)) for role in ROLES}
-    return {"trials": trials, "trials_per_node": {role: len(v) for role, v in per_node.items()}, "trial_ids_per_node": per_node}
+    return {
+        "trials": trials,
+        "trials_per_node": {role: len(v) for role, v in per_node.items()},
+        "trial_ids_per_node": per_node,
+    }
 
 
 def cmd_node(args) -> int:
@@ -216,7 +222,9 @@ def cmd_kill_worker(args) -> int:
         t0 = time.time()
         while _state(out["trial_pid"]) not in ("", "Z") and time.time() - t0 < 60:
             time.sleep(0.2)
-        out["trial_process_exited_after_s"] = round(time.time() - t0, 1) if _state(out["trial_pid"]) in ("", "Z") else None
+        out["trial_process_exited_after_s"] = (
+            round(time.time() - t0, 1) if _state(out["trial_pid"]) in ("", "Z") else None
+        )
     Path(args.out).write_text(json.dumps(out))
     print(json.dumps(out))
     return 0 if out["killed"] else 1
@@ -253,7 +261,7 @@ def _attempt_log(store: Path, sweep: str, trial_id: str) -> list[dict]:
     """The trial's workers.jsonl: one line per attempt, written by the attempt as it starts."""
     f = store / "checkpoints" / sweep / trial_id / "workers.jsonl"
     rows = []
-    for line in (f.read_text().splitlines() if f.is_file() else []):
+    for line in f.read_text().splitlines() if f.is_file() else []:
         try:
             rows.append(json.loads(line))
         except ValueError:
@@ -288,17 +296,51 @@ def cmd_summary(args) -> int:
     moved_row = rows.get(moved, {})
     summary = {
         "nodes": [
-            {"role": role, "node_id": nodes[role]["node_id"], "resource": f"rsc_{role}", "raylet_pid": nodes[role]["raylet_pid"],
-             "session": nodes[role]["sid"], "alive_at_end": alive.get(nodes[role]["node_id"]) if "error" not in alive else None}
+            {
+                "role": role,
+                "node_id": nodes[role]["node_id"],
+                "resource": f"rsc_{role}",
+                "raylet_pid": nodes[role]["raylet_pid"],
+                "session": nodes[role]["sid"],
+                "alive_at_end": alive.get(nodes[role]["node_id"]) if "error" not in alive else None,
+            }
             for role in ROLES
         ],
-        "reference_run": {"returncode": args.reference_rc, **{k: ref_place[k] for k in ("trials_per_node", "trial_ids_per_node")}},
-        "killed_run": {"returncode": args.store_rc, **{k: kill_place[k] for k in ("trials_per_node", "trial_ids_per_node")},
-                       "attempts": kill_place["trials"]},
-        "killed_node": {**kill, "trial_attempts": moved_attempts, "trial_attempt_nodes": logged_nodes, "trial_attempt_log": attempt_log,
-                        "trial_status": moved_row.get("status"), "trial_attempts_in_store": moved_row.get("attempts")},
-        "compare": {k: cmp[k] for k in ("rows", "reference_rows", "lost", "duplicated", "extra", "trials_done", "trials_equal",
-                                         "hidden_equal", "epochs_equal", "max_confidence_diff", "uncommitted_files", "temp_files", "ok")},
+        "reference_run": {
+            "returncode": args.reference_rc,
+            **{k: ref_place[k] for k in ("trials_per_node", "trial_ids_per_node")},
+        },
+        "killed_run": {
+            "returncode": args.store_rc,
+            **{k: kill_place[k] for k in ("trials_per_node", "trial_ids_per_node")},
+            "attempts": kill_place["trials"],
+        },
+        "killed_node": {
+            **kill,
+            "trial_attempts": moved_attempts,
+            "trial_attempt_nodes": logged_nodes,
+            "trial_attempt_log": attempt_log,
+            "trial_status": moved_row.get("status"),
+            "trial_attempts_in_store": moved_row.get("attempts"),
+        },
+        "compare": {
+            k: cmp[k]
+            for k in (
+                "rows",
+                "reference_rows",
+                "lost",
+                "duplicated",
+                "extra",
+                "trials_done",
+                "trials_equal",
+                "hidden_equal",
+                "epochs_equal",
+                "max_confidence_diff",
+                "uncommitted_files",
+                "temp_files",
+                "ok",
+            )
+        },
         "rows_compared": cmp["reference_rows"],
         "lost": cmp["lost"],
         "duplicated": cmp["duplicated"],
@@ -309,11 +351,17 @@ def cmd_summary(args) -> int:
         "reference_on_both_nodes": all(ref_place["trials_per_node"][r] > 0 for r in ROLES),
         "killed_run_on_both_nodes": all(kill_place["trials_per_node"][r] > 0 for r in ROLES),
         "worker_raylet_killed": bool(kill.get("killed")) and bool(kill.get("raylet_gone")),
-        "gcs_saw_worker_die": alive.get(nodes["worker"]["node_id"]) is False and alive.get(nodes["head"]["node_id"]) is True,
+        "gcs_saw_worker_die": alive.get(nodes["worker"]["node_id"]) is False
+        and alive.get(nodes["head"]["node_id"]) is True,
         # Tune retried it: a second attempt, on the head, from where the first one stopped.
-        "killed_trial_finished_on_head": (len(logged_nodes) >= 2 and logged_nodes[0] == "worker" and logged_nodes[-1] == "head"
-                                          and attempt_log[0].get("pid") == kill.get("trial_pid")
-                                          and moved_row.get("status") == "done" and (moved_row.get("attempts") or 0) >= 2),
+        "killed_trial_finished_on_head": (
+            len(logged_nodes) >= 2
+            and logged_nodes[0] == "worker"
+            and logged_nodes[-1] == "head"
+            and attempt_log[0].get("pid") == kill.get("trial_pid")
+            and moved_row.get("status") == "done"
+            and (moved_row.get("attempts") or 0) >= 2
+        ),
         "both_runs_exit_0": args.reference_rc == 0 and args.store_rc == 0,
         "store_matches_reference": bool(cmp["ok"]),
     }
@@ -327,7 +375,11 @@ def cmd_cleanup(args) -> int:
     """Only our own sessions: `ray start` under setsid puts each node's processes (gcs,
     raylet, agents, every worker it forks) in one session, which they keep when re-parented."""
     work = Path(args.work)
-    recorded = {int(line.split()[1]) for line in (work / "sessions").read_text().splitlines() if line.strip()} if (work / "sessions").is_file() else set()
+    recorded = (
+        {int(line.split()[1]) for line in (work / "sessions").read_text().splitlines() if line.strip()}
+        if (work / "sessions").is_file()
+        else set()
+    )
     # A process started just before a signal may not have made it into the list: whatever
     # names the work dir (a fresh mktemp path) on its command line is ours too.
     own = os.getsid(0)
@@ -350,7 +402,12 @@ def cmd_cleanup(args) -> int:
     summary = Path(args.summary) if args.summary else None
     if summary is not None and summary.is_file():
         data = json.loads(summary.read_text())
-        data["cleanup"] = {"sessions": sids, "left_running": {str(k): v for k, v in left.items()}, "ok": not left, "work_dir": str(work)}
+        data["cleanup"] = {
+            "sessions": sids,
+            "left_running": {str(k): v for k, v in left.items()},
+            "ok": not left,
+            "work_dir": str(work),
+        }
         data["ok"] = bool(data.get("ok")) and not left
         summary.write_text(json.dumps(data, indent=2))
     return 1 if left else 0
@@ -384,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "ports":
         print(" ".join(map(str, free_ports(args.n))))
         return 0
-    return {"node": cmd_node, "kill-worker": cmd_kill_worker, "summary": cmd_summary, "cleanup": cmd_cleanup}[args.cmd](args)
+    return {"node": cmd_node, "kill-worker": cmd_kill_worker, "summary": cmd_summary, "cleanup": cmd_cleanup}[args.cmd](
+        args
+    )
 
 
 if __name__ == "__main__":

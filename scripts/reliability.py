@@ -105,8 +105,17 @@ max_failures: {max_failures}
 """
 
 
-def spec_text(name: str = SWEEP, ft: int = 3, fg: int = 3, relearn: bool = True, max_failures: int = 3, resources: str = "{cpu: 1, gpu: 0}") -> str:
-    return SPEC.format(name=name, ft=ft, fg=fg, relearn=str(relearn).lower(), max_failures=max_failures, resources=resources)
+def spec_text(
+    name: str = SWEEP,
+    ft: int = 3,
+    fg: int = 3,
+    relearn: bool = True,
+    max_failures: int = 3,
+    resources: str = "{cpu: 1, gpu: 0}",
+) -> str:
+    return SPEC.format(
+        name=name, ft=ft, fg=fg, relearn=str(relearn).lower(), max_failures=max_failures, resources=resources
+    )
 
 
 # ---- running the command line ---------------------------------------------------------------
@@ -163,8 +172,13 @@ def stop_session(proc: subprocess.Popen) -> None:
 def raysweep(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """`raysweep ARGS` in its own session; whatever it leaves running is killed after."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raysweep.cli", *args], cwd=ROOT, env=_env(env), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        [sys.executable, "-m", "raysweep.cli", *args],
+        cwd=ROOT,
+        env=_env(env),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -187,7 +201,11 @@ def run_and_kill_driver(spec: Path, store: Path, after_commits: int, timeout: fl
     start = commit_count(store)
     proc = subprocess.Popen(
         [sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store), "--no-dashboard"],
-        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     t0 = time.time()
     killed = False
@@ -209,8 +227,13 @@ def run_and_kill_driver(spec: Path, store: Path, after_commits: int, timeout: fl
         stop_session(proc)
     time.sleep(0.5)
     return {
-        "killed": killed, "sid": proc.pid, "commits_before": start, "commits_at_kill": at_kill, "returncode": proc.returncode,
-        "orphans_after_1s": len(leftovers), "left_running": len(session_alive(proc.pid)),
+        "killed": killed,
+        "sid": proc.pid,
+        "commits_before": start,
+        "commits_at_kill": at_kill,
+        "returncode": proc.returncode,
+        "orphans_after_1s": len(leftovers),
+        "left_running": len(session_alive(proc.pid)),
     }
 
 
@@ -268,7 +291,9 @@ def compare_stores(store: Path, reference: Path, atol: float = 1e-6, trials: set
     out: dict = {
         "rows": one("select count(*) from s"),
         "reference_rows": one("select count(*) from r"),
-        "duplicated": one(f"select coalesce(sum(c - 1), 0) from (select count(*) c from s group by {keys} having c > 1)"),
+        "duplicated": one(
+            f"select coalesce(sum(c - 1), 0) from (select count(*) c from s group by {keys} having c > 1)"
+        ),
         "lost": one(f"select count(*) from (select {keys} from r except select {keys} from s)"),
         "extra": one(f"select count(*) from (select {keys} from s except select {keys} from r)"),
     }
@@ -302,10 +327,14 @@ def compare_stores(store: Path, reference: Path, atol: float = 1e-6, trials: set
     out["epochs_equal"] = bool(
         one("select count(*) from es") == one("select count(*) from er")
         and one(f"select count(*) from (select {ekeys} from er except select {ekeys} from es)") == 0
-        and (one(
-            f"""select max(greatest({", ".join(f"abs({_num(f'es.{c}')} - {_num(f'er.{c}')})" for c in EPOCH_VALUES)}))
+        and (
+            one(
+                f"""select max(greatest({", ".join(f"abs({_num(f'es.{c}')} - {_num(f'er.{c}')})" for c in EPOCH_VALUES)}))
                 from es join er using ({ekeys})"""
-        ) or 0.0) <= max(atol, 1e-5)
+            )
+            or 0.0
+        )
+        <= max(atol, 1e-5)
     )
 
     def milestones(root: Path) -> dict:
@@ -314,16 +343,30 @@ def compare_stores(store: Path, reference: Path, atol: float = 1e-6, trials: set
         return {row["trial_id"]: tuple(row[c] for c in cols) for row in (t.to_pylist() if t is not None else [])}
 
     ms, mr = milestones(store), milestones(reference)
-    statuses = {row["trial_id"]: row["status"] for row in (_only(_read(data_files(store, "trials")), trials) or pa.table({"trial_id": [], "status": []})).to_pylist()}
+    statuses = {
+        row["trial_id"]: row["status"]
+        for row in (
+            _only(_read(data_files(store, "trials")), trials) or pa.table({"trial_id": [], "status": []})
+        ).to_pylist()
+    }
     out["trials_done"] = sum(v == "done" for v in statuses.values())
     out["trials_equal"] = ms == mr
     facts = store_facts(store)
     out["uncommitted_files"] = len(facts["uncommitted_files"])
     out["temp_files"] = len(facts["temp_files"])
     out["ok"] = (
-        out["lost"] == 0 and out["duplicated"] == 0 and out["extra"] == 0 and out["rows"] == out["reference_rows"]
-        and out["max_confidence_diff"] <= atol and out["max_loglik_diff"] <= max(atol, 1e-4) and out["prediction_mismatches"] == 0
-        and out["hidden_equal"] and out["epochs_equal"] and out["trials_equal"] and out["uncommitted_files"] == 0 and out["temp_files"] == 0
+        out["lost"] == 0
+        and out["duplicated"] == 0
+        and out["extra"] == 0
+        and out["rows"] == out["reference_rows"]
+        and out["max_confidence_diff"] <= atol
+        and out["max_loglik_diff"] <= max(atol, 1e-4)
+        and out["prediction_mismatches"] == 0
+        and out["hidden_equal"]
+        and out["epochs_equal"]
+        and out["trials_equal"]
+        and out["uncommitted_files"] == 0
+        and out["temp_files"] == 0
     )
     return out
 
@@ -333,12 +376,16 @@ def fault_log(store: Path) -> list[dict]:
     out: list[dict] = []
     base = store / "checkpoints"
     for log in sorted(base.rglob("faults.log")) if base.is_dir() else []:
-        out += [json.loads(line) | {"trial_id": log.parent.name} for line in log.read_text().splitlines() if line.strip()]
+        out += [
+            json.loads(line) | {"trial_id": log.parent.name} for line in log.read_text().splitlines() if line.strip()
+        ]
     return out
 
 
 def snapshot(store: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()
+    }
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -365,14 +412,37 @@ def make_bad_inputs(work: Path) -> list[dict]:
     cases = []
     a_file = work / "store-is-a-file"
     a_file.write_text("not a directory\n")
-    cases.append({"name": "store_is_a_file", "spec": good, "store": a_file, "field": "store:", "problem": "not a directory"})
-    cases.append({"name": "store_not_writable", "spec": good, "store": Path("/proc/raysweep-store"), "field": "store:", "problem": "not writable"})
-    cases.append({"name": "store_below_a_file", "spec": good, "store": a_file / "store", "field": "store:", "problem": "not writable"})
+    cases.append(
+        {"name": "store_is_a_file", "spec": good, "store": a_file, "field": "store:", "problem": "not a directory"}
+    )
+    cases.append(
+        {
+            "name": "store_not_writable",
+            "spec": good,
+            "store": Path("/proc/raysweep-store"),
+            "field": "store:",
+            "problem": "not writable",
+        }
+    )
+    cases.append(
+        {
+            "name": "store_below_a_file",
+            "spec": good,
+            "store": a_file / "store",
+            "field": "store:",
+            "problem": "not writable",
+        }
+    )
     newer = work / "newer-store"
     newer.mkdir(exist_ok=True)
     (newer / "store.json").write_text(json.dumps({"schema_version": 999}))
-    cases.append({"name": "store_newer_schema", "spec": good, "store": newer, "field": "store:", "problem": "newer raysweep"})
-    rows = [{"prompt": f"Review {i}: was it good?", "choice_0": "negative", "choice_1": "positive", "gold": i % 2} for i in range(30)]
+    cases.append(
+        {"name": "store_newer_schema", "spec": good, "store": newer, "field": "store:", "problem": "newer raysweep"}
+    )
+    rows = [
+        {"prompt": f"Review {i}: was it good?", "choice_0": "negative", "choice_1": "positive", "gold": i % 2}
+        for i in range(30)
+    ]
     missing = work / "data-missing-split"
     missing.mkdir(exist_ok=True)
     for split in ("train", "validation"):
@@ -380,16 +450,50 @@ def make_bad_inputs(work: Path) -> list[dict]:
     nonbinary = work / "data-nonbinary"
     nonbinary.mkdir(exist_ok=True)
     for split in ("train", "validation", "test"):
-        pq.write_table(pa.Table.from_pylist([dict(r, gold=2 if split == "train" and i == 5 else r["gold"]) for i, r in enumerate(rows)]), nonbinary / f"{split}.parquet")
-    for name, folder, problem in (("data_missing_split", missing, "no test split"), ("data_nonbinary_labels", nonbinary, "gold 2")):
+        pq.write_table(
+            pa.Table.from_pylist(
+                [dict(r, gold=2 if split == "train" and i == 5 else r["gold"]) for i, r in enumerate(rows)]
+            ),
+            nonbinary / f"{split}.parquet",
+        )
+    for name, folder, problem in (
+        ("data_missing_split", missing, "no test split"),
+        ("data_nonbinary_labels", nonbinary, "gold 2"),
+    ):
         spec = work / f"{name}.yaml"
-        spec.write_text(spec_text(name="badcase").replace("data: {cap: 24}", f"data: {{cap: 24, sources: {{sentiment: {folder}}}}}"))
-        cases.append({"name": name, "spec": spec, "store": work / f"store-{name}", "field": "data.sources.sentiment", "problem": problem})
+        spec.write_text(
+            spec_text(name="badcase").replace("data: {cap: 24}", f"data: {{cap: 24, sources: {{sentiment: {folder}}}}}")
+        )
+        cases.append(
+            {
+                "name": name,
+                "spec": spec,
+                "store": work / f"store-{name}",
+                "field": "data.sources.sentiment",
+                "problem": problem,
+            }
+        )
     # Spec files no corpus can hold: a device that never ends, and one too large to be a spec.
-    cases.append({"name": "spec_is_dev_zero", "spec": Path("/dev/zero"), "store": work / "store-dev-zero", "field": "spec:", "problem": "is not a regular file"})
+    cases.append(
+        {
+            "name": "spec_is_dev_zero",
+            "spec": Path("/dev/zero"),
+            "store": work / "store-dev-zero",
+            "field": "spec:",
+            "problem": "is not a regular file",
+        }
+    )
     huge = work / "huge.yaml"
     huge.write_text(spec_text(name="badcase") + "description: " + "x" * (50 << 20) + "\n")
-    cases.append({"name": "spec_too_large", "spec": huge, "store": work / "store-huge", "field": "spec:", "problem": "MB; a spec is a small YAML file"})
+    cases.append(
+        {
+            "name": "spec_too_large",
+            "spec": huge,
+            "store": work / "store-huge",
+            "field": "spec:",
+            "problem": "MB; a spec is a small YAML file",
+        }
+    )
     return cases
 
 
@@ -414,9 +518,19 @@ def _bad_analysis_commands(work: Path, reference: Path | None, undo: list) -> li
     empty.mkdir(exist_ok=True)
     page.write_text("someone else's page\n")
     cases = [
-        ("analyze_missing_store", ("analyze", "--store", str(missing), "--engine", "local"), "store:", "no raysweep store"),
+        (
+            "analyze_missing_store",
+            ("analyze", "--store", str(missing), "--engine", "local"),
+            "store:",
+            "no raysweep store",
+        ),
         ("analyze_empty_dir", ("analyze", "--store", str(empty), "--engine", "local"), "store:", "no raysweep store"),
-        ("report_missing_store", ("report", "--store", str(missing), "--out", str(work / "out")), "store:", "no raysweep store"),
+        (
+            "report_missing_store",
+            ("report", "--store", str(missing), "--out", str(work / "out")),
+            "store:",
+            "no raysweep store",
+        ),
         ("report_out_is_a_file", ("report", "--store", str(empty), "--out", str(page)), "--out:", "is a file"),
     ]
     if reference is not None:
@@ -424,20 +538,49 @@ def _bad_analysis_commands(work: Path, reference: Path | None, undo: list) -> li
         if not copy.exists():
             shutil.copytree(reference, copy, ignore=shutil.ignore_patterns("ray"))
         undo.append(read_only_view(copy, work / "finished-store-ro"))
-        cases.append(("analyze_read_only_store", ("analyze", "--store", str(work / "finished-store-ro"), "--engine", "local"), "store:", "is not writable"))
+        cases.append(
+            (
+                "analyze_read_only_store",
+                ("analyze", "--store", str(work / "finished-store-ro"), "--engine", "local"),
+                "store:",
+                "is not writable",
+            )
+        )
         # A store that can be read, so that the refusal is the output's.
         locked = work / "locked"
         locked.mkdir(exist_ok=True)
         undo.append(read_only_view(locked, work / "locked-ro"))
-        cases.append(("report_out_not_writable", ("report", "--store", str(copy), "--out", str(work / "locked-ro" / "rep")), "--out:", "cannot write the report"))
+        cases.append(
+            (
+                "report_out_not_writable",
+                ("report", "--store", str(copy), "--out", str(work / "locked-ro" / "rep")),
+                "--out:",
+                "cannot write the report",
+            )
+        )
     results = []
     for name, args, field_, problem in cases:
         before = (snapshot(work), page.read_text())
         r = raysweep(*args, timeout=300)
         line = one_error_line(r.stderr)
         same = (snapshot(work), page.read_text()) == before
-        ok = r.returncode == 2 and line is not None and field_ in line and problem in line and same and not r.stdout.strip()
-        results.append({"case": name, "returncode": r.returncode, "message": line or r.stderr.strip()[-300:], "nothing_written": same, "ok": ok})
+        ok = (
+            r.returncode == 2
+            and line is not None
+            and field_ in line
+            and problem in line
+            and same
+            and not r.stdout.strip()
+        )
+        results.append(
+            {
+                "case": name,
+                "returncode": r.returncode,
+                "message": line or r.stderr.strip()[-300:],
+                "nothing_written": same,
+                "ok": ok,
+            }
+        )
     return results
 
 
@@ -454,14 +597,27 @@ def bad_input_scenario(work: Path, reference: Path | None = None) -> dict:
 def _bad_input_scenario(work: Path, reference: Path | None, undo: list, t0: float) -> dict:
     table = expected_rejections()
     cases = [
-        {"name": f, "spec": BAD_SPECS / f, "store": work / f"store-{Path(f).stem}", "field": row["field"], "problem": row["problem"]}
+        {
+            "name": f,
+            "spec": BAD_SPECS / f,
+            "store": work / f"store-{Path(f).stem}",
+            "field": row["field"],
+            "problem": row["problem"],
+        }
         for f, row in sorted(table.items())
     ]
     cases += make_bad_inputs(work / "inputs")
     (work / "inputs" / "ro-dir").mkdir(parents=True, exist_ok=True)
     undo.append(read_only_view(work / "inputs" / "ro-dir", work / "inputs" / "ro-view"))
-    cases.append({"name": "store_in_read_only_dir", "spec": work / "inputs" / "good.yaml", "store": work / "inputs" / "ro-view" / "store",
-                  "field": "store:", "problem": "not writable"})
+    cases.append(
+        {
+            "name": "store_in_read_only_dir",
+            "spec": work / "inputs" / "good.yaml",
+            "store": work / "inputs" / "ro-view" / "store",
+            "field": "store:",
+            "problem": "not writable",
+        }
+    )
     sentinel = Path("/tmp/raysweep-pwned-by-spec")
     sentinel.unlink(missing_ok=True)
     results = []
@@ -471,8 +627,23 @@ def _bad_input_scenario(work: Path, reference: Path | None, undo: list, t0: floa
         r = raysweep("run", str(c["spec"]), "--store", str(store), "--no-dashboard", timeout=300)
         line = one_error_line(r.stderr)
         after = snapshot(store) if store.is_dir() else ("file" if store.exists() else None)
-        ok = r.returncode == 2 and line is not None and c["field"] in line and c["problem"] in line and before == after and not r.stdout.strip()
-        results.append({"case": c["name"], "returncode": r.returncode, "message": line or r.stderr.strip()[-300:], "nothing_written": before == after, "ok": ok})
+        ok = (
+            r.returncode == 2
+            and line is not None
+            and c["field"] in line
+            and c["problem"] in line
+            and before == after
+            and not r.stdout.strip()
+        )
+        results.append(
+            {
+                "case": c["name"],
+                "returncode": r.returncode,
+                "message": line or r.stderr.strip()[-300:],
+                "nothing_written": before == after,
+                "ok": ok,
+            }
+        )
     results += _bad_analysis_commands(work / "analysis", reference, undo)
     return {
         "scenario": "bad-input",
@@ -489,7 +660,15 @@ def _bad_input_scenario(work: Path, reference: Path | None, undo: list, t0: floa
 # ---- the scenarios --------------------------------------------------------------------------
 
 
-def _finish(name: str, store: Path, reference: Path, faults: int, t0: float, extra: dict | None = None, trials: set[str] | None = None) -> dict:
+def _finish(
+    name: str,
+    store: Path,
+    reference: Path,
+    faults: int,
+    t0: float,
+    extra: dict | None = None,
+    trials: set[str] | None = None,
+) -> dict:
     cmp = compare_stores(store, reference, trials=trials)
     res = {"scenario": name, "faults_injected": faults, "seconds": round(time.time() - t0, 1), **cmp, **(extra or {})}
     res["ok"] = cmp["ok"] and all(v for k, v in (extra or {}).items() if k.startswith("check_"))
@@ -518,11 +697,21 @@ def _run_with_kills(name: str, spec: Path, store: Path, reference: Path, faults:
     r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard", env={"RAYSWEEP_FAULT": ";".join(faults)})
     fired = fault_log(store)
     armed = sorted(int(dict(kv.split("=") for kv in f.split(",")).get("rank", 0)) for f in faults)
-    return _finish(name, store, reference, len(fired), t0, {
-        "returncode": r.returncode, "check_exit_0": r.returncode == 0,
-        "check_all_kills_fired": len(fired) == len(faults) and all(f["action"] == "kill" for f in fired) and sorted(f.get("rank", 0) for f in fired) == armed,
-        "killed_pids": sorted({f["pid"] for f in fired}),
-    })
+    return _finish(
+        name,
+        store,
+        reference,
+        len(fired),
+        t0,
+        {
+            "returncode": r.returncode,
+            "check_exit_0": r.returncode == 0,
+            "check_all_kills_fired": len(fired) == len(faults)
+            and all(f["action"] == "kill" for f in fired)
+            and sorted(f.get("rank", 0) for f in fired) == armed,
+            "killed_pids": sorted({f["pid"] for f in fired}),
+        },
+    )
 
 
 def rank_kill(work: Path) -> dict:
@@ -554,11 +743,20 @@ def driver_kill(work: Path, spec: Path, reference: Path, total_commits: int) -> 
         kills.append(run_and_kill_driver(spec, store, step))
     r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
     again = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
-    return _finish("driver-kill", store, reference, sum(k["killed"] for k in kills), t0, {
-        "kills": kills, "returncode": r.returncode, "check_exit_0": r.returncode == 0,
-        "check_all_killed_mid_sweep": all(k["killed"] for k in kills),
-        "check_then_nothing_to_do": again.returncode == 0 and "nothing to do" in again.stdout,
-    })
+    return _finish(
+        "driver-kill",
+        store,
+        reference,
+        sum(k["killed"] for k in kills),
+        t0,
+        {
+            "kills": kills,
+            "returncode": r.returncode,
+            "check_exit_0": r.returncode == 0,
+            "check_all_killed_mid_sweep": all(k["killed"] for k in kills),
+            "check_then_nothing_to_do": again.returncode == 0 and "nothing to do" in again.stdout,
+        },
+    )
 
 
 def trial_error(work: Path, spec: Path, reference: Path) -> dict:
@@ -571,15 +769,22 @@ def trial_error(work: Path, spec: Path, reference: Path) -> dict:
     status = raysweep("status", "--store", str(store))
     fired = fault_log(store)
     second = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
-    return _finish("trial-error", store, reference, len(fired), t0, {
-        "first_returncode": first.returncode,
-        "check_exit_1": first.returncode == 1,
-        "check_one_failed_with_reason": len(failed) == 1 and "OutOfMemoryError" in (failed[0]["error"] or ""),
-        "check_other_done": sum(r["status"] == "done" for r in rows.values()) == 1,
-        "check_status_shows_reason": "OutOfMemoryError" in status.stderr,
-        "check_rerun_exit_0": second.returncode == 0,
-        "failed_reason": failed[0]["error"] if failed else None,
-    })
+    return _finish(
+        "trial-error",
+        store,
+        reference,
+        len(fired),
+        t0,
+        {
+            "first_returncode": first.returncode,
+            "check_exit_1": first.returncode == 1,
+            "check_one_failed_with_reason": len(failed) == 1 and "OutOfMemoryError" in (failed[0]["error"] or ""),
+            "check_other_done": sum(r["status"] == "done" for r in rows.values()) == 1,
+            "check_status_shows_reason": "OutOfMemoryError" in status.stderr,
+            "check_rerun_exit_0": second.returncode == 0,
+            "failed_reason": failed[0]["error"] if failed else None,
+        },
+    )
 
 
 def corrupt_file(work: Path, reference: Path) -> dict:
@@ -601,14 +806,22 @@ def corrupt_file(work: Path, reference: Path) -> dict:
     repair = raysweep("repair", "--store", str(store))
     status_after = raysweep("status", "--store", str(store))
     rerun = raysweep("run", str(work / "spec.yaml"), "--store", str(store), "--no-dashboard")
-    return _finish("corrupt-file", store, reference, len(targets), t0, {
-        "check_status_refuses_and_names": status.returncode == 2 and named(status) and "done" not in status.stdout,
-        "check_analyze_refuses_and_names": analyze.returncode == 2 and named(analyze),
-        "check_repair_quarantines": repair.returncode == 0 and f"{len(targets)} file(s) quarantined" in repair.stdout,
-        "check_status_clean_after_repair": status_after.returncode == 0,
-        "check_rerun_exit_0": rerun.returncode == 0,
-        "quarantined": sorted(str(p.relative_to(store)) for p in (store / "quarantine").rglob("*.parquet")),
-    })
+    return _finish(
+        "corrupt-file",
+        store,
+        reference,
+        len(targets),
+        t0,
+        {
+            "check_status_refuses_and_names": status.returncode == 2 and named(status) and "done" not in status.stdout,
+            "check_analyze_refuses_and_names": analyze.returncode == 2 and named(analyze),
+            "check_repair_quarantines": repair.returncode == 0
+            and f"{len(targets)} file(s) quarantined" in repair.stdout,
+            "check_status_clean_after_repair": status_after.returncode == 0,
+            "check_rerun_exit_0": rerun.returncode == 0,
+            "quarantined": sorted(str(p.relative_to(store)) for p in (store / "quarantine").rglob("*.parquet")),
+        },
+    )
 
 
 def damage_tensor_bytes(path: Path) -> None:
@@ -651,17 +864,33 @@ def corrupt_resume(work: Path, spec: Path, reference: Path) -> dict:
     repair = raysweep("repair", "--store", str(store))
     status_after = raysweep("status", "--store", str(store))
     third = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
-    return _finish("corrupt-resume", store, reference, len(fault_log(store)) + 4, t0, {
-        "check_first_run_failed_the_killed_trial": first.returncode == 1,
-        # The marker is looked at first (quarantined, its epoch recomputed), then the resume
-        # point, whose damaged weights only the CRC of its members shows: a fresh start.
-        "check_trial_fell_back_and_said_so": (second.returncode == 0 and f"{marker}: commit marker is empty" in log and "unreadable resume point" in log
-                                              and "CRC" in log and "restarting it from the pretrained model" in log),
-        "check_status_names_resume_file_and_marker": status.returncode == 2 and str(latest) in status.stderr and str(garbage) in status.stderr,
-        "check_repair_quarantines": repair.returncode == 0 and "2 file(s) quarantined" in repair.stdout and status_after.returncode == 0,
-        "check_rerun_exit_0": third.returncode == 0,
-        "restarts_log": log.strip().splitlines(),
-    })
+    return _finish(
+        "corrupt-resume",
+        store,
+        reference,
+        len(fault_log(store)) + 4,
+        t0,
+        {
+            "check_first_run_failed_the_killed_trial": first.returncode == 1,
+            # The marker is looked at first (quarantined, its epoch recomputed), then the resume
+            # point, whose damaged weights only the CRC of its members shows: a fresh start.
+            "check_trial_fell_back_and_said_so": (
+                second.returncode == 0
+                and f"{marker}: commit marker is empty" in log
+                and "unreadable resume point" in log
+                and "CRC" in log
+                and "restarting it from the pretrained model" in log
+            ),
+            "check_status_names_resume_file_and_marker": status.returncode == 2
+            and str(latest) in status.stderr
+            and str(garbage) in status.stderr,
+            "check_repair_quarantines": repair.returncode == 0
+            and "2 file(s) quarantined" in repair.stdout
+            and status_after.returncode == 0,
+            "check_rerun_exit_0": third.returncode == 0,
+            "restarts_log": log.strip().splitlines(),
+        },
+    )
 
 
 def _signal_driver(spec: Path, store: Path, sig: signal.Signals, after_commits: int, timeout: float = 900) -> dict:
@@ -673,7 +902,12 @@ def _signal_driver(spec: Path, store: Path, sig: signal.Signals, after_commits: 
     with open(out_file, "w") as out, open(err_file, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store), "--no-dashboard"],
-            cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True, start_new_session=True,
+            cwd=ROOT,
+            env=_env(),
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,
         )
     t0, sent_at = time.time(), None
     try:
@@ -693,8 +927,16 @@ def _signal_driver(spec: Path, store: Path, sig: signal.Signals, after_commits: 
         stop_session(proc)
     lines = [ln for ln in err_file.read_text().splitlines() if ln.strip()]
     statuses = sorted(r["status"] for r in _read(data_files(store, "trials")).to_pylist())
-    return {"signal": sig.name, "sent": sent_at is not None, "returncode": proc.returncode, "stopped_in_s": stopped_in,
-            "last_line": lines[-1] if lines else "", "statuses": statuses, "left_running": left, "commits_at_signal": commit_count(store)}
+    return {
+        "signal": sig.name,
+        "sent": sent_at is not None,
+        "returncode": proc.returncode,
+        "stopped_in_s": stopped_in,
+        "last_line": lines[-1] if lines else "",
+        "statuses": statuses,
+        "left_running": left,
+        "commits_at_signal": commit_count(store),
+    }
 
 
 def driver_signal(work: Path, spec: Path, reference: Path) -> dict:
@@ -702,16 +944,30 @@ def driver_signal(work: Path, spec: Path, reference: Path) -> dict:
     store = work / "driver-signal"
     stops = [_signal_driver(spec, store, signal.SIGTERM, 3), _signal_driver(spec, store, signal.SIGINT, 4)]
     r = raysweep("run", str(spec), "--store", str(store), "--no-dashboard")
-    return _finish("driver-signal", store, reference, sum(s["sent"] for s in stops), t0, {
-        "stops": stops,
-        "returncode": r.returncode,
-        "check_all_sent_mid_sweep": all(s["sent"] for s in stops),
-        "check_exit_1": all(s["returncode"] == 1 for s in stops),
-        "check_stopped_within_30s": all(s["stopped_in_s"] is not None and s["stopped_in_s"] < 30 for s in stops),
-        "check_one_line_says_rerun": all(s["last_line"].startswith(f"interrupted by {s['signal']}: ") and "run the same command again" in s["last_line"] for s in stops),
-        "check_trials_marked_interrupted": all("interrupted" in s["statuses"] and set(s["statuses"]) <= {"interrupted", "done", "pending"} for s in stops),
-        "check_rerun_exit_0": r.returncode == 0,
-    })
+    return _finish(
+        "driver-signal",
+        store,
+        reference,
+        sum(s["sent"] for s in stops),
+        t0,
+        {
+            "stops": stops,
+            "returncode": r.returncode,
+            "check_all_sent_mid_sweep": all(s["sent"] for s in stops),
+            "check_exit_1": all(s["returncode"] == 1 for s in stops),
+            "check_stopped_within_30s": all(s["stopped_in_s"] is not None and s["stopped_in_s"] < 30 for s in stops),
+            "check_one_line_says_rerun": all(
+                s["last_line"].startswith(f"interrupted by {s['signal']}: ")
+                and "run the same command again" in s["last_line"]
+                for s in stops
+            ),
+            "check_trials_marked_interrupted": all(
+                "interrupted" in s["statuses"] and set(s["statuses"]) <= {"interrupted", "done", "pending"}
+                for s in stops
+            ),
+            "check_rerun_exit_0": r.returncode == 0,
+        },
+    )
 
 
 def two_versions(work: Path, spec: Path, reference: Path) -> dict:
@@ -721,7 +977,9 @@ def two_versions(work: Path, spec: Path, reference: Path) -> dict:
     t0 = time.time()
     store = work / "two-versions"
     other = work / "spec-other-forget-lr.yaml"
-    other.write_text(spec.read_text().replace("forget: {optimizer: adamw, lr: 2.0e-3", "forget: {optimizer: adamw, lr: 3.0e-3"))
+    other.write_text(
+        spec.read_text().replace("forget: {optimizer: adamw, lr: 2.0e-3", "forget: {optimizer: adamw, lr: 3.0e-3")
+    )
     # The first run is kept going long enough for two more drivers to start beside it (each
     # takes seconds to import torch and Ray): its workers are killed once in relearning and
     # Tune retries them from their resume points, which leaves the rows as they were
@@ -731,7 +989,12 @@ def two_versions(work: Path, spec: Path, reference: Path) -> dict:
     with open(work / "two-versions.err", "w") as err:
         first = subprocess.Popen(
             [sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store), "--no-dashboard"],
-            cwd=ROOT, env=_env({"RAYSWEEP_FAULT": slow}), stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True,
+            cwd=ROOT,
+            env=_env({"RAYSWEEP_FAULT": slow}),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+            start_new_session=True,
         )
     try:
         deadline = time.time() + 600
@@ -739,7 +1002,10 @@ def two_versions(work: Path, spec: Path, reference: Path) -> dict:
             time.sleep(0.1)
         # Both at once, as soon as the first holds the sweep.
         with ThreadPoolExecutor(2) as pool:
-            runs = [pool.submit(raysweep, "run", str(path), "--store", str(store), "--no-dashboard", timeout=300) for path in (other, spec)]
+            runs = [
+                pool.submit(raysweep, "run", str(path), "--store", str(store), "--no-dashboard", timeout=300)
+                for path in (other, spec)
+            ]
             second, same = (r.result() for r in runs)
         undisturbed = first.poll() is None
         first.wait(timeout=900)
@@ -747,13 +1013,23 @@ def two_versions(work: Path, spec: Path, reference: Path) -> dict:
         stop_session(first)
     analyze = raysweep("analyze", "--store", str(store), "--engine", "local")
     refusal, again = one_error_line(second.stderr) or "", one_error_line(same.stderr) or ""
-    return _finish("two-versions", store, reference, 2 + len(fault_log(store)), t0, {
-        "refusal": refusal, "same_version_refusal": again, "first_returncode": first.returncode,
-        "check_other_version_refused": second.returncode == 2 and "another version of this sweep is running" in refusal,
-        "check_same_version_refused": same.returncode == 2 and "this same version is already being run" in again,
-        "check_first_undisturbed": undisturbed and first.returncode == 0,
-        "check_analyze_exit_0": analyze.returncode == 0,
-    })
+    return _finish(
+        "two-versions",
+        store,
+        reference,
+        2 + len(fault_log(store)),
+        t0,
+        {
+            "refusal": refusal,
+            "same_version_refusal": again,
+            "first_returncode": first.returncode,
+            "check_other_version_refused": second.returncode == 2
+            and "another version of this sweep is running" in refusal,
+            "check_same_version_refused": same.returncode == 2 and "this same version is already being run" in again,
+            "check_first_undisturbed": undisturbed and first.returncode == 0,
+            "check_analyze_exit_0": analyze.returncode == 0,
+        },
+    )
 
 
 def rerun_finished(reference: Path, spec: Path) -> dict:
@@ -761,8 +1037,11 @@ def rerun_finished(reference: Path, spec: Path) -> dict:
     before = snapshot(reference)
     r = raysweep("run", str(spec), "--store", str(reference), "--no-dashboard")
     return {
-        "scenario": "rerun-finished", "faults_injected": 0, "seconds": round(time.time() - t0, 1),
-        "returncode": r.returncode, "says_nothing_to_do": "nothing to do" in r.stdout,
+        "scenario": "rerun-finished",
+        "faults_injected": 0,
+        "seconds": round(time.time() - t0, 1),
+        "returncode": r.returncode,
+        "says_nothing_to_do": "nothing to do" in r.stdout,
         "store_unchanged": snapshot(reference) == before,
         "ok": r.returncode == 0 and "nothing to do" in r.stdout and snapshot(reference) == before,
     }
@@ -779,10 +1058,18 @@ def two_drivers(work: Path, spec: Path, reference: Path) -> dict:
     codes = sorted(r.returncode for r in results)
     lines = [one_error_line(r.stderr) or "" for r in results if r.returncode == 2]
     refused_cleanly = codes == [0, 2] and len(lines) == 1 and "already being run on this store" in lines[0]
-    return _finish("two-drivers", store, reference, 1, t0, {
-        "returncodes": codes, "refusal": lines[0] if lines else None,
-        "check_one_refused_or_both_finished": refused_cleanly or codes == [0, 0],
-    })
+    return _finish(
+        "two-drivers",
+        store,
+        reference,
+        1,
+        t0,
+        {
+            "returncodes": codes,
+            "refusal": lines[0] if lines else None,
+            "check_one_refused_or_both_finished": refused_cleanly or codes == [0, 0],
+        },
+    )
 
 
 def edited_spec(work: Path, spec: Path, reference: Path) -> dict:
@@ -793,7 +1080,9 @@ def edited_spec(work: Path, spec: Path, reference: Path) -> dict:
     store, edited_ref = work / "edited-spec", work / "reference-edited"
     shutil.copytree(reference, store, ignore=shutil.ignore_patterns("ray"))
     edited = work / "spec-edited-forget-lr.yaml"
-    edited.write_text(spec.read_text().replace("forget: {optimizer: adamw, lr: 2.0e-3", "forget: {optimizer: adamw, lr: 3.0e-3"))
+    edited.write_text(
+        spec.read_text().replace("forget: {optimizer: adamw, lr: 2.0e-3", "forget: {optimizer: adamw, lr: 3.0e-3")
+    )
     alone = raysweep("run", str(edited), "--store", str(edited_ref), "--no-dashboard")
     rerun = raysweep("run", str(edited), "--store", str(store), "--no-dashboard")
     status = raysweep("status", "--store", str(store))
@@ -802,15 +1091,25 @@ def edited_spec(work: Path, spec: Path, reference: Path) -> dict:
     old_ids = {r["trial_id"] for r in _read(data_files(reference, "trials")).to_pylist()}
     new_ids = {r["trial_id"] for r in _read(data_files(edited_ref, "trials")).to_pylist()}
     old_kept = compare_stores(store, reference, trials=old_ids)
-    res = _finish("edited-spec", store, edited_ref, 1, t0, {
-        "returncode": rerun.returncode, "trial_statuses": statuses,
-        "check_runs_alone_and_rerun_exit_0": alone.returncode == 0 and rerun.returncode == 0,
-        "check_new_ids": bool(new_ids) and not (new_ids & old_ids),
-        "check_old_superseded_new_done": all(statuses.get(t) == "superseded" for t in old_ids) and all(statuses.get(t) == "done" for t in new_ids),
-        "check_old_rows_unchanged": old_kept["ok"],
-        "check_status_says_superseded": status.returncode == 0 and "superseded" in status.stdout,
-        "check_analyze_exit_0": analyze.returncode == 0,
-    }, trials=new_ids)
+    res = _finish(
+        "edited-spec",
+        store,
+        edited_ref,
+        1,
+        t0,
+        {
+            "returncode": rerun.returncode,
+            "trial_statuses": statuses,
+            "check_runs_alone_and_rerun_exit_0": alone.returncode == 0 and rerun.returncode == 0,
+            "check_new_ids": bool(new_ids) and not (new_ids & old_ids),
+            "check_old_superseded_new_done": all(statuses.get(t) == "superseded" for t in old_ids)
+            and all(statuses.get(t) == "done" for t in new_ids),
+            "check_old_rows_unchanged": old_kept["ok"],
+            "check_status_says_superseded": status.returncode == 0 and "superseded" in status.stdout,
+            "check_analyze_exit_0": analyze.returncode == 0,
+        },
+        trials=new_ids,
+    )
     res["old_version_rows_checked"] = old_kept["rows"]
     return res
 
@@ -830,7 +1129,9 @@ def mount_tmpfs(where: Path, size: str = "20m") -> str | None:
     if why:
         return why
     where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+    )
     return None if r.returncode == 0 else f"cannot mount a tmpfs here: {r.stderr.strip()}"
 
 
@@ -867,14 +1168,24 @@ def disk_full(work: Path, spec: Path, reference: Path) -> dict:
         filler.unlink()
         again = raysweep("run", str(spec), "--store", str(root), "--no-dashboard")
         trial_ids = {r["trial_id"] for r in failed_rows}
-        return _finish("disk-full", root, reference, 1, t0, {
-            "returncode": full.returncode, "message": next((ln for ln in (full.stderr + full.stdout).splitlines() if reason in ln), None),
-            "check_exit_1_naming_store_and_cause": full.returncode == 1 and reason in full.stderr + full.stdout,
-            "check_trials_failed_with_reason": bool(failed_rows) and all(r["status"] == "failed" and reason in (r["error"] or "") for r in failed_rows),
-            "check_nothing_half_committed": not facts["uncommitted_files"] and not facts["temp_files"],
-            "check_rerun_exit_0": again.returncode == 0,
-            "check_rerun_done": trial_statuses(root) == {t: "done" for t in trial_ids},
-        }, trials=trial_ids)
+        return _finish(
+            "disk-full",
+            root,
+            reference,
+            1,
+            t0,
+            {
+                "returncode": full.returncode,
+                "message": next((ln for ln in (full.stderr + full.stdout).splitlines() if reason in ln), None),
+                "check_exit_1_naming_store_and_cause": full.returncode == 1 and reason in full.stderr + full.stdout,
+                "check_trials_failed_with_reason": bool(failed_rows)
+                and all(r["status"] == "failed" and reason in (r["error"] or "") for r in failed_rows),
+                "check_nothing_half_committed": not facts["uncommitted_files"] and not facts["temp_files"],
+                "check_rerun_exit_0": again.returncode == 0,
+                "check_rerun_done": trial_statuses(root) == {t: "done" for t in trial_ids},
+            },
+            trials=trial_ids,
+        )
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
@@ -889,17 +1200,31 @@ def dead_node(work: Path) -> dict:
     while one of its trials runs; the trial is retried on the head and resumes."""
     t0 = time.time()
     out = work / "dead-node.json"
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "cluster_check.sh"), "--out", str(out)], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "cluster_check.sh"), "--out", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if not out.is_file():
         return {"scenario": "dead-node", "ok": False, "seconds": round(time.time() - t0, 1), "error": r.stderr[-2000:]}
     summary = json.loads(out.read_text())
     cmp = summary["compare"]
     return {
-        "scenario": "dead-node", "faults_injected": int(bool(summary["killed_node"].get("killed"))), "seconds": round(time.time() - t0, 1),
-        **{k: cmp[k] for k in ("rows", "reference_rows", "lost", "duplicated", "extra", "trials_done", "max_confidence_diff")},
-        "killed_trial": summary["killed_node"].get("trial"), "killed_trial_attempts": summary["killed_node"].get("trial_attempts"),
-        "checks": summary["checks"], "left_running": summary.get("cleanup"), "returncode": r.returncode,
+        "scenario": "dead-node",
+        "faults_injected": int(bool(summary["killed_node"].get("killed"))),
+        "seconds": round(time.time() - t0, 1),
+        **{
+            k: cmp[k]
+            for k in ("rows", "reference_rows", "lost", "duplicated", "extra", "trials_done", "max_confidence_diff")
+        },
+        "killed_trial": summary["killed_node"].get("trial"),
+        "killed_trial_attempts": summary["killed_node"].get("trial_attempts"),
+        "checks": summary["checks"],
+        "left_running": summary.get("cleanup"),
+        "returncode": r.returncode,
         "ok": r.returncode == 0 and summary["ok"],
     }
 
@@ -947,7 +1272,13 @@ def listening(pids: set[int]) -> list[tuple[str, int, int]]:
     """(address, port, pid) of every TCP socket these processes listen on."""
     import psutil
 
-    return sorted({(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in pids})
+    return sorted(
+        {
+            (c.laddr.ip, c.laddr.port, c.pid)
+            for c in psutil.net_connections("tcp")
+            if c.status == "LISTEN" and c.pid in pids
+        }
+    )
 
 
 def process_name(pid: int) -> str:
@@ -968,15 +1299,31 @@ def network_exposure(work: Path, spec: Path, reference: Path) -> dict:
     shutil.rmtree(store, ignore_errors=True)  # a finished store has nothing to run, and so no ports
     out_file, err_file = work / "network-exposure.out", work / "network-exposure.err"
     with open(out_file, "w") as out, open(err_file, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store)],
-                                cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raysweep.cli", "run", str(spec), "--store", str(store)],
+            cwd=ROOT,
+            env=_env(),
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+        )
     ports: list[tuple[str, int, int]] = []
     url = None
     try:
         deadline = time.time() + 600
         while commit_count(store) < 2 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        url = next((w for ln in out_file.read_text().splitlines() if ln.startswith("Ray dashboard: ") for w in ln.split() if w.startswith("http")), None)
+        url = next(
+            (
+                w
+                for ln in out_file.read_text().splitlines()
+                if ln.startswith("Ray dashboard: ")
+                for w in ln.split()
+                if w.startswith("http")
+            ),
+            None,
+        )
         ports = listening(set(session_alive(proc.pid)))
         token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
         token = token_file.read_text().strip() if token_file.is_file() else None
@@ -995,21 +1342,43 @@ def network_exposure(work: Path, spec: Path, reference: Path) -> dict:
     by_addr: dict[str, int] = {}
     for ip, _, _ in ports:
         by_addr[ip] = by_addr.get(ip, 0) + 1
-    return _finish("network-exposure", store, reference, 0, t0, {
-        "returncode": proc.returncode, "dashboard": url, "dashboard_addresses": dash_addrs, "ports": len(ports),
-        "ports_by_address": by_addr, "anonymous_answers": sorted({str(v[0]) for v in answers.values()}),
-        "port_table": [{"address": ip, "port": port, "process": names.get(pid), "answer": "dashboard" if port == dash_port else str(answers[port][0]),
-                        "anonymous_use": "token" if port == dash_port else answers[port][1]} for ip, port, pid in ports],
-        "metrics_exporters": sorted({(ip, port) for ip, port, _ in ports if answers.get(port, (0, ""))[1] == "metrics"}),
-        "api_without_token": api[0], "api_with_token": api[1],
-        "check_exit_0": proc.returncode == 0,
-        "check_dashboard_on_loopback_only": dash_addrs == ["127.0.0.1"],
-        "check_dashboard_needs_token": api == (401, 200),
-        # Ray binds its gRPC servers to the routable address (README: what the local cluster
-        # exposes); none of them may answer an anonymous request, and nothing but Ray's two
-        # read-only metrics exporters may serve one.
-        "check_no_port_open_anonymously": bool(answers) and all(v[1] != "OPEN" for v in answers.values()),
-    })
+    return _finish(
+        "network-exposure",
+        store,
+        reference,
+        0,
+        t0,
+        {
+            "returncode": proc.returncode,
+            "dashboard": url,
+            "dashboard_addresses": dash_addrs,
+            "ports": len(ports),
+            "ports_by_address": by_addr,
+            "anonymous_answers": sorted({str(v[0]) for v in answers.values()}),
+            "port_table": [
+                {
+                    "address": ip,
+                    "port": port,
+                    "process": names.get(pid),
+                    "answer": "dashboard" if port == dash_port else str(answers[port][0]),
+                    "anonymous_use": "token" if port == dash_port else answers[port][1],
+                }
+                for ip, port, pid in ports
+            ],
+            "metrics_exporters": sorted(
+                {(ip, port) for ip, port, _ in ports if answers.get(port, (0, ""))[1] == "metrics"}
+            ),
+            "api_without_token": api[0],
+            "api_with_token": api[1],
+            "check_exit_0": proc.returncode == 0,
+            "check_dashboard_on_loopback_only": dash_addrs == ["127.0.0.1"],
+            "check_dashboard_needs_token": api == (401, 200),
+            # Ray binds its gRPC servers to the routable address (README: what the local cluster
+            # exposes); none of them may answer an anonymous request, and nothing but Ray's two
+            # read-only metrics exporters may serve one.
+            "check_no_port_open_anonymously": bool(answers) and all(v[1] != "OPEN" for v in answers.values()),
+        },
+    )
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -1038,8 +1407,10 @@ def _table_row(s: dict) -> str:
         return f"| {name} | {s['specs']} bad inputs | — | — | — | — | — | — | {s['rejected_correctly']} of {s['specs']} refused (exit 2, one line, nothing written): {verdict} |"
     if name == "rerun-finished":
         return f"| {name} | 0 | — | — | — | — | — | — | nothing to do, store unchanged: {verdict} |"
-    return (f"| {name} | {s['faults_injected']} | {s['trials_done']} | {s['rows']} | {s['lost']} | {s['duplicated']} | {s['extra']} | "
-            f"{s['max_confidence_diff']:.1e} | {verdict} |")
+    return (
+        f"| {name} | {s['faults_injected']} | {s['trials_done']} | {s['rows']} | {s['lost']} | {s['duplicated']} | {s['extra']} | "
+        f"{s['max_confidence_diff']:.1e} | {verdict} |"
+    )
 
 
 def where(context: str) -> str:
@@ -1077,7 +1448,10 @@ def document(res: dict) -> str:
         "",
         "    .venv/bin/python scripts/reliability.py            # writes RELIABILITY.md and RELIABILITY.json",
         "",
-        *(f"Rerun on {r['date']} ({r['where']}), replacing their rows: {', '.join(r['scenarios'])}." for r in res.get("rerun", [])),
+        *(
+            f"Rerun on {r['date']} ({r['where']}), replacing their rows: {', '.join(r['scenarios'])}."
+            for r in res.get("rerun", [])
+        ),
         *([""] if res.get("rerun") else []),
         "Each scenario runs the `raysweep` command line in subprocesses on one small spec (micro GPT-2, two forget",
         "tasks, fine-tune 3 epochs -> forget 3 -> relearn 2, every example of both tasks scored after every epoch; the",
@@ -1141,7 +1515,10 @@ def document(res: dict) -> str:
         )
     if "driver-signal" in by:
         s = by["driver-signal"]
-        stops = "; ".join(f"{st['signal']} at {st['commits_at_signal']} committed epochs, stopped in {st['stopped_in_s']} s, exit {st['returncode']}" for st in s["stops"])
+        stops = "; ".join(
+            f"{st['signal']} at {st['commits_at_signal']} committed epochs, stopped in {st['stopped_in_s']} s, exit {st['returncode']}"
+            for st in s["stops"]
+        )
         out.append(
             f"- **driver-signal**: the `raysweep run` process (only it) was sent SIGTERM, and after a restart SIGINT, mid-sweep ({stops}). Each time "
             "the driver stopped its trials, marked them `interrupted` and said in one line what was committed and to rerun; "
@@ -1159,7 +1536,8 @@ def document(res: dict) -> str:
         s = by["two-drivers"]
         out.append(
             "- **two-drivers**: two `raysweep run` of the spec on one new store, started at the same moment: exit codes "
-            f"{s['returncodes']}" + (f"; the second refused in one line (`{s['refusal']}`)" if s.get("refusal") else "")
+            f"{s['returncodes']}"
+            + (f"; the second refused in one line (`{s['refusal']}`)" if s.get("refusal") else "")
             + "; the store has every row exactly once and equals the reference."
         )
     if "edited-spec" in by:
@@ -1184,7 +1562,9 @@ def document(res: dict) -> str:
     if "disk-full" in by:
         s = by["disk-full"]
         if s.get("skipped"):
-            out.append(f"- **disk-full**: skipped ({s['skipped']}); `tests/test_disk_full.py` runs the same with /dev/full where it can.")
+            out.append(
+                f"- **disk-full**: skipped ({s['skipped']}); `tests/test_disk_full.py` runs the same with /dev/full where it can."
+            )
         else:
             out.append(
                 "- **disk-full**: the store on a 20 MB tmpfs filled to 300 kB free (room for the plan, the examples and the pretrained "
@@ -1199,30 +1579,50 @@ def document(res: dict) -> str:
                 "--address`, 1 CPU each), a 4-trial sweep across both; the worker node's raylet SIGKILLed while trial "
                 f"`{s['killed_trial']}` ran on it. Tune retried it on the head, where it resumed ({len(s.get('killed_trial_attempts') or [])} "
                 f"attempts); the store equals an uninterrupted run's on the same cluster ({s['rows']} rows; its own spec, not the one above). "
-                f"Checks: {', '.join(k for k, v in s['checks'].items() if v)}" + ("" if all(s["checks"].values()) else
-                f"; FAILED: {', '.join(k for k, v in s['checks'].items() if not v)}") + "."
+                f"Checks: {', '.join(k for k, v in s['checks'].items() if v)}"
+                + (
+                    ""
+                    if all(s["checks"].values())
+                    else f"; FAILED: {', '.join(k for k, v in s['checks'].items() if not v)}"
+                )
+                + "."
             )
         else:
             out.append(f"- **dead-node**: FAILED: {s.get('error', '')[-300:]}")
     if "network-exposure" in by:
         s = by["network-exposure"]
-        exporters = ", ".join(f"{port} ({RAY_METRICS_EXPORTERS.get(port)}, on {ip})" for ip, port in s.get("metrics_exporters", []))
+        exporters = ", ".join(
+            f"{port} ({RAY_METRICS_EXPORTERS.get(port)}, on {ip})" for ip, port in s.get("metrics_exporters", [])
+        )
         out.append(
             f"- **network-exposure**: `raysweep run` with its dashboard, as a user starts it. While it ran, its processes listened on "
             f"{s['ports']} TCP ports ({', '.join(f'{n} on {ip}' for ip, n in sorted(s['ports_by_address'].items()))}). The dashboard "
             f"({s['dashboard']}) listened on {', '.join(s['dashboard_addresses'])} only, and its API answered {s['api_without_token']} "
             f"without the token and {s['api_with_token']} with it. Ray binds its gRPC servers to the machine's routable address even "
             "for a local cluster and cannot be told otherwise; they answer nothing without the token. "
-            + (f"Two ports serve anonymous callers: Ray's Prometheus exporters {exporters}, read-only metrics (request timings, "
-               "node counts) that no Ray setting turns off (the README says so)." if exporters else "")
+            + (
+                f"Two ports serve anonymous callers: Ray's Prometheus exporters {exporters}, read-only metrics (request timings, "
+                "node counts) that no Ray setting turns off (the README says so)."
+                if exporters
+                else ""
+            )
             + " Every port:"
         )
-        out += ["", "  | address | port | process | anonymous HTTP GET | what an anonymous caller gets |", "  |---|---:|---|---|---|"]
-        out += [f"  | {p['address']} | {p['port']} | {p['process']} | {p['answer']} | {p['anonymous_use']} |" for p in s.get("port_table", [])]
+        out += [
+            "",
+            "  | address | port | process | anonymous HTTP GET | what an anonymous caller gets |",
+            "  |---|---:|---|---|---|",
+        ]
+        out += [
+            f"  | {p['address']} | {p['port']} | {p['process']} | {p['answer']} | {p['anonymous_use']} |"
+            for p in s.get("port_table", [])
+        ]
         out.append("")
     if "rerun-finished" in by:
         s = by["rerun-finished"]
-        out.append(f"- **rerun-finished**: `raysweep run` on the finished reference store: exit {s['returncode']}, 'nothing to do', no file written or touched: {s['store_unchanged']}.")
+        out.append(
+            f"- **rerun-finished**: `raysweep run` on the finished reference store: exit {s['returncode']}, 'nothing to do', no file written or touched: {s['store_unchanged']}."
+        )
     if "bad-input" in by:
         s = by["bad-input"]
         out.append(
@@ -1235,15 +1635,32 @@ def document(res: dict) -> str:
             "disk (a file, not writable, in a read-only directory, written by a newer schema), data folders missing a split or with a "
             "label of 2, and `analyze` / `report` on a missing, empty or read-only store or with an `--out` that is an existing file or "
             f"cannot be written. {s['rejected_correctly']} of {s['specs']} exited with code 2 and exactly one line naming the "
-            "field and the problem, with nothing written; code executed by a spec: " + ("YES" if s["code_executed"] else "none") + "."
+            "field and the problem, with nothing written; code executed by a spec: "
+            + ("YES" if s["code_executed"] else "none")
+            + "."
         )
         for f in s["failures"]:
             out.append(f"  - not as expected: {f['case']}: exit {f['returncode']}: {f['message']}")
     return "\n".join(out) + "\n"
 
 
-SCENARIOS = ("worker-kill", "rank-kill", "driver-kill", "driver-signal", "two-drivers", "two-versions", "edited-spec", "trial-error",
-             "corrupt-file", "corrupt-resume", "disk-full", "dead-node", "network-exposure", "rerun-finished", "bad-input")
+SCENARIOS = (
+    "worker-kill",
+    "rank-kill",
+    "driver-kill",
+    "driver-signal",
+    "two-drivers",
+    "two-versions",
+    "edited-spec",
+    "trial-error",
+    "corrupt-file",
+    "corrupt-resume",
+    "disk-full",
+    "dead-node",
+    "network-exposure",
+    "rerun-finished",
+    "bad-input",
+)
 
 
 def run_scenario(name: str, work: Path, spec: Path, reference: Path, total_commits: int) -> dict:
@@ -1276,7 +1693,9 @@ def totals_of(scenarios: list[dict], seconds: float) -> dict:
         "rows_lost": sum(s["lost"] for s in store_runs),
         "rows_duplicated": sum(s["duplicated"] for s in store_runs),
         "rows_extra": sum(s["extra"] for s in store_runs),
-        "specs_rejected": next((f"{s['rejected_correctly']}/{s['specs']}" for s in scenarios if s["scenario"] == "bad-input"), None),
+        "specs_rejected": next(
+            (f"{s['rejected_correctly']}/{s['specs']}" for s in scenarios if s["scenario"] == "bad-input"), None
+        ),
         "all_ok": all(s["ok"] for s in scenarios),
         "seconds": round(seconds, 1),
     }
@@ -1284,13 +1703,28 @@ def totals_of(scenarios: list[dict], seconds: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, help="Working directory for the stores (default: a temporary one, removed afterwards).")
+    ap.add_argument(
+        "--work", type=Path, help="Working directory for the stores (default: a temporary one, removed afterwards)."
+    )
     ap.add_argument("--only", action="append", choices=SCENARIOS, help="Run only these scenarios (repeatable).")
     ap.add_argument("--json", type=Path, default=ROOT / "RELIABILITY.json")
-    ap.add_argument("--markdown", type=Path, default=ROOT / "RELIABILITY.md", help="The markdown document (table and scenario notes).")
+    ap.add_argument(
+        "--markdown",
+        type=Path,
+        default=ROOT / "RELIABILITY.md",
+        help="The markdown document (table and scenario notes).",
+    )
     ap.add_argument("--render", action="store_true", help="Only rewrite --markdown from the results already in --json.")
-    ap.add_argument("--merge", action="store_true", help="Replace only the scenarios run now (--only) in the results already in --json.")
-    ap.add_argument("--context", default="", help="Said after the commit in RELIABILITY.md, e.g. 'on a fresh clone, nothing else running'.")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="Replace only the scenarios run now (--only) in the results already in --json.",
+    )
+    ap.add_argument(
+        "--context",
+        default="",
+        help="Said after the commit in RELIABILITY.md, e.g. 'on a fresh clone, nothing else running'.",
+    )
     args = ap.parse_args(argv)
     if args.render:
         args.markdown.write_text(document(json.loads(args.json.read_text())))
@@ -1321,20 +1755,34 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - one scenario's crash is its result, not the run's end
                 import traceback
 
-                res = {"scenario": name, "ok": False, "seconds": round(time.time() - t1, 1), "error": "".join(traceback.format_exception(exc))[-3000:]}
+                res = {
+                    "scenario": name,
+                    "ok": False,
+                    "seconds": round(time.time() - t1, 1),
+                    "error": "".join(traceback.format_exception(exc))[-3000:],
+                }
             print(f"  {'ok' if res['ok'] else 'FAILED'} ({res.get('seconds', '')} s)", flush=True)
             scenarios.append(res)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    res = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "where": where(args.context), "spec": spec_text(),
-           "reference_commits": total, "scenarios": scenarios}
+    res = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine(),
+        "where": where(args.context),
+        "spec": spec_text(),
+        "reference_commits": total,
+        "scenarios": scenarios,
+    }
     if args.merge and args.json.is_file():
         old = json.loads(args.json.read_text())
         rerun = {s["scenario"] for s in scenarios}
-        res = {**old, "rerun": [*old.get("rerun", []), {"date": res["date"], "where": res["where"], "scenarios": sorted(rerun)}],
-               "scenarios": [next((n for n in scenarios if n["scenario"] == o["scenario"]), o) for o in old["scenarios"]]
-               + [n for n in scenarios if n["scenario"] not in {o["scenario"] for o in old["scenarios"]}]}
+        res = {
+            **old,
+            "rerun": [*old.get("rerun", []), {"date": res["date"], "where": res["where"], "scenarios": sorted(rerun)}],
+            "scenarios": [next((n for n in scenarios if n["scenario"] == o["scenario"]), o) for o in old["scenarios"]]
+            + [n for n in scenarios if n["scenario"] not in {o["scenario"] for o in old["scenarios"]}],
+        }
     res["totals"] = totals_of(res["scenarios"], res["totals"]["seconds"] if "rerun" in res else time.time() - t0)
     args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
     args.markdown.write_text(document(res))

@@ -107,8 +107,10 @@ def hidden_table(key: EpochKey, task: str, states: dict[str, SplitStates], layer
                 vecs["hidden"].append(x.prompt[i])
                 vecs["hidden_correct"].append(x.correct[i])
                 vecs["hidden_distractor"].append(x.distractor[i])
-    arrays = {n: pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(v).astype(np.float32)), dim)
-              for n, v in vecs.items()}
+    arrays = {
+        n: pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(v).astype(np.float32)), dim)
+        for n, v in vecs.items()
+    }
     return pa.table({**rows, **arrays}, schema=hidden_schema(dim))
 
 
@@ -127,18 +129,39 @@ class TrialSpec:
 class TrialWriter:
     """Writes one trial epoch by epoch; unspecified (task, split) cells get half correct."""
 
-    def __init__(self, store: Store, spec: TrialSpec, splits: tuple[str, ...] = ("train", "validation", "test"),
-                 sweep: str = SWEEP):
+    def __init__(
+        self,
+        store: Store,
+        spec: TrialSpec,
+        splits: tuple[str, ...] = ("train", "validation", "test"),
+        sweep: str = SWEEP,
+    ):
         self.store, self.spec, self.splits, self.sweep = store, spec, splits, sweep
 
-    def epoch(self, phase: str, epoch: int, cells: dict[tuple[str, str], list[float]] | None = None,
-              hidden: dict[str, SplitStates] | pa.Table | None = None) -> None:
+    def epoch(
+        self,
+        phase: str,
+        epoch: int,
+        cells: dict[tuple[str, str], list[float]] | None = None,
+        hidden: dict[str, SplitStates] | pa.Table | None = None,
+    ) -> None:
         key = EpochKey(self.sweep, self.spec.trial_id, phase, epoch)
         rows = {(t, s): conf_k_of_n(N[s] // 2, N[s]) for t in self.spec.eval_tasks for s in self.splits}
         rows.update(cells or {})
-        summary = pa.table({"sweep": [self.sweep], "trial_id": [self.spec.trial_id], "phase": [phase], "epoch": [epoch],
-                            "train_loss": [0.0], "forget_train_acc": [0.5], "forget_validation_acc": [0.5],
-                            "forget_test_acc": [0.5], "seconds": [0.1]}, schema=EPOCHS_SCHEMA)
+        summary = pa.table(
+            {
+                "sweep": [self.sweep],
+                "trial_id": [self.spec.trial_id],
+                "phase": [phase],
+                "epoch": [epoch],
+                "train_loss": [0.0],
+                "forget_train_acc": [0.5],
+                "forget_validation_acc": [0.5],
+                "forget_test_acc": [0.5],
+                "seconds": [0.1],
+            },
+            schema=EPOCHS_SCHEMA,
+        )
         h = hidden
         if hidden is not None and not isinstance(hidden, pa.Table):
             h = hidden_table(key, self.spec.forget_task, hidden)
@@ -147,9 +170,21 @@ class TrialWriter:
     def finish(self, best_finetune: int | None, last_forget: int | None, last_relearn: int | None = None) -> None:
         s = self.spec
         self.store.write_trial_row(
-            dict(sweep=self.sweep, trial_id=s.trial_id, model=s.model, model_source="builtin", forget_task=s.forget_task,
-                 method=s.method, size=s.size, seed=s.seed, status=s.status, attempts=1, best_finetune_epoch=best_finetune,
-                 last_forget_epoch=last_forget, last_relearn_epoch=last_relearn)
+            dict(
+                sweep=self.sweep,
+                trial_id=s.trial_id,
+                model=s.model,
+                model_source="builtin",
+                forget_task=s.forget_task,
+                method=s.method,
+                size=s.size,
+                seed=s.seed,
+                status=s.status,
+                attempts=1,
+                best_finetune_epoch=best_finetune,
+                last_forget_epoch=last_forget,
+                last_relearn_epoch=last_relearn,
+            )
         )
 
 
@@ -188,13 +223,27 @@ def _order_confs(phase: str, epoch: int, n_kept: int) -> list[float]:
     return out
 
 
-def _write_forgetting_trial(store: Store, spec: TrialSpec, *, ft_test_k: int, ft_conf: float, forget_test_k: dict[str, int],
-                            dim: int, task_index: int, order_kept: int | None = None, hidden: bool = True,
-                            sweep: str = SWEEP) -> None:
+def _write_forgetting_trial(
+    store: Store,
+    spec: TrialSpec,
+    *,
+    ft_test_k: int,
+    ft_conf: float,
+    forget_test_k: dict[str, int],
+    dim: int,
+    task_index: int,
+    order_kept: int | None = None,
+    hidden: bool = True,
+    sweep: str = SWEEP,
+) -> None:
     w = TrialWriter(store, spec, sweep=sweep)
     ft = spec.forget_task
-    w.epoch("pretrained", 0, {(t, "test"): conf_k_of_n(8, 16) for t in spec.eval_tasks},
-            hidden=_states(task_index, dim, False, seed=task_index) if hidden else None)
+    w.epoch(
+        "pretrained",
+        0,
+        {(t, "test"): conf_k_of_n(8, 16) for t in spec.eval_tasks},
+        hidden=_states(task_index, dim, False, seed=task_index) if hidden else None,
+    )
     for e in (1, 2, 3):
         if e == 2:
             cells = {(t, "test"): conf_k_of_n(ft_test_k, 16, hi=ft_conf) for t in spec.eval_tasks}
@@ -230,16 +279,26 @@ def build_rich_store(root: Path, sweeps: tuple[str, ...] = (SWEEP,)) -> Store:
             spec = TrialSpec(f"{task}-random-n100-s0", "m1", task)
             k = {t: int(16 - 8 * R[i][j]) for j, t in enumerate(TASKS)}
             kept = {0: ORDER_KEPT, 1: 50}.get(i)
-            _write_forgetting_trial(store, spec, ft_test_k=16, ft_conf=FT_CONF[i], forget_test_k=k, dim=4, task_index=i,
-                                    order_kept=kept, sweep=sw)
+            _write_forgetting_trial(
+                store,
+                spec,
+                ft_test_k=16,
+                ft_conf=FT_CONF[i],
+                forget_test_k=k,
+                dim=4,
+                task_index=i,
+                order_kept=kept,
+                sweep=sw,
+            )
         extras = [
             (TrialSpec("t0-flipped-n100-s0", "m1", "t0", method="flipped", eval_tasks=["t0"]), 12, 6, 4),
             (TrialSpec("t0-random-n1000-s0", "m1", "t0", size=1000, eval_tasks=["t0"]), 16, 12, 4),
             (TrialSpec("t0-random-n100-s0-m2", "m2", "t0", eval_tasks=["t0"]), 16, 16, 3),
         ]
         for spec, ft_k, fg_k, dim in extras:
-            _write_forgetting_trial(store, spec, ft_test_k=ft_k, ft_conf=0.8, forget_test_k={"t0": fg_k}, dim=dim,
-                                    task_index=0, sweep=sw)
+            _write_forgetting_trial(
+                store, spec, ft_test_k=ft_k, ft_conf=0.8, forget_test_k={"t0": fg_k}, dim=dim, task_index=0, sweep=sw
+            )
         # A trial that never finished: analyses must ignore it.
         unfinished = TrialSpec("t1-random-n100-s9", "m1", "t1", seed=9, status="running")
         TrialWriter(store, unfinished, sweep=sw).finish(None, None)

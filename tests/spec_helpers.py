@@ -31,7 +31,15 @@ max_failures: {max_failures}
 """
 
 
-def tiny_spec_text(name: str = "tiny", forget_tasks=("sentiment",), methods=("random",), ft_epochs: int = 2, fg_epochs: int = 2, relearn: bool = False, max_failures: int = 1) -> str:
+def tiny_spec_text(
+    name: str = "tiny",
+    forget_tasks=("sentiment",),
+    methods=("random",),
+    ft_epochs: int = 2,
+    fg_epochs: int = 2,
+    relearn: bool = False,
+    max_failures: int = 1,
+) -> str:
     return TINY_SPEC.format(
         name=name,
         forget_tasks="[" + ", ".join(forget_tasks) + "]",

@@ -117,7 +117,12 @@ def test_forget_ratio_formulas():
 
 def test_flipped_trials_use_the_flipped_baseline(local):
     r = one(local["single_task"].tables["tasks"], method="flipped", forget_task="t0")
-    assert (r["acc_finetuned"], r["acc_forgotten"], r["forget_ratio"], r["ratio_formula"]) == (0.75, 0.375, 0.75, "flipped")
+    assert (r["acc_finetuned"], r["acc_forgotten"], r["forget_ratio"], r["ratio_formula"]) == (
+        0.75,
+        0.375,
+        0.75,
+        "flipped",
+    )
     s = one(local["flipped"].tables["summary"], model="m1", size=100, forget_task="t0")
     assert s["forget_ratio[flipped]"] == 0.75
     assert s["forget_ratio[random]"] == 0.25
@@ -224,7 +229,9 @@ def test_order_known_spearman(local):
 
 
 def test_order_min_examples_is_a_parameter(rich_store):
-    (o,) = run_analyses(rich_store, only=["order"], engine="local", params=AnalysisParams(order_min_examples=ORDER_KEPT))
+    (o,) = run_analyses(
+        rich_store, only=["order"], engine="local", params=AnalysisParams(order_min_examples=ORDER_KEPT)
+    )
     assert o.status == "skipped"
     assert o.message == f"no task has more than {ORDER_KEPT} examples both forgotten and learned (most: {ORDER_KEPT})"
     (o,) = run_analyses(rich_store, only=["order"], engine="local", params=AnalysisParams(order_min_examples=40))
@@ -336,12 +343,19 @@ def test_engine_auto_choice(rich_store, monkeypatch):
 def test_reducers_do_not_depend_on_batching():
     rng = np.random.default_rng(0)
     n = 5000
-    t = pa.table({
-        "sweep": ["s"] * n, "trial_id": rng.choice(["a", "b"], n).tolist(), "phase": rng.choice(["forget", "relearn"], n).tolist(),
-        "epoch": pa.array(rng.integers(1, 9, n), pa.int32()), "eval_task": ["t"] * n, "split": ["test"] * n,
-        "example_idx": pa.array(rng.integers(0, 50, n), pa.int32()),
-        "confidence": pa.array(rng.random(n), pa.float32()), "correct": pa.array(rng.random(n) > 0.5),
-    })
+    t = pa.table(
+        {
+            "sweep": ["s"] * n,
+            "trial_id": rng.choice(["a", "b"], n).tolist(),
+            "phase": rng.choice(["forget", "relearn"], n).tolist(),
+            "epoch": pa.array(rng.integers(1, 9, n), pa.int32()),
+            "eval_task": ["t"] * n,
+            "split": ["test"] * n,
+            "example_idx": pa.array(rng.integers(0, 50, n), pa.int32()),
+            "confidence": pa.array(rng.random(n), pa.float32()),
+            "correct": pa.array(rng.random(n) > 0.5),
+        }
+    )
     for red in (AccuracySums(), FirstCrossing()):
         whole = red.combine([red.partial(t)])
         pieces = red.combine([red.partial(t.slice(i, 337)) for i in range(0, n, 337)][::-1])
@@ -356,11 +370,18 @@ def test_duckdb_partial_matches_the_arrow_partial():
     rng = np.random.default_rng(1)
     n = 4000
     conf = np.concatenate([rng.random(n - 6), [0.0, 1.0, 0.6, 2.0**-30, 3.0 * 2.0**-42, 1e-9]]).astype(np.float32)
-    t = pa.table({
-        "sweep": ["s"] * n, "trial_id": rng.choice(["a", "b", "c"], n).tolist(), "phase": ["forget"] * n,
-        "epoch": pa.array(rng.integers(1, 4, n), pa.int32()), "eval_task": rng.choice(["x", "y"], n).tolist(),
-        "split": ["test"] * n, "confidence": pa.array(conf), "correct": pa.array(rng.random(n) > 0.5),
-    })
+    t = pa.table(
+        {
+            "sweep": ["s"] * n,
+            "trial_id": rng.choice(["a", "b", "c"], n).tolist(),
+            "phase": ["forget"] * n,
+            "epoch": pa.array(rng.integers(1, 4, n), pa.int32()),
+            "eval_task": rng.choice(["x", "y"], n).tolist(),
+            "split": ["test"] * n,
+            "confidence": pa.array(conf),
+            "correct": pa.array(rng.random(n) > 0.5),
+        }
+    )
     red = AccuracySums()
     con = duckdb.connect()
     con.register("rows_t", t)

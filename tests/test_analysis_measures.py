@@ -64,8 +64,9 @@ def build_probe_store(root, layers: dict[int, str]) -> Store:
     cells = {("t0", s): [0.8] * n for s, n in SPLIT_N.items()}
     for phase, epoch in (("pretrained", 0), ("finetune", 1), ("forget", 1)):
         key = EpochKey("s1", spec.trial_id, phase, epoch)
-        h = pa.concat_tables([hidden_table(key, "t0", _probe_states(kind, rng), layers=(layer,))
-                              for layer, kind in layers.items()])
+        h = pa.concat_tables(
+            [hidden_table(key, "t0", _probe_states(kind, rng), layers=(layer,)) for layer, kind in layers.items()]
+        )
         w.epoch(phase, epoch, cells, hidden=h)
     w.finish(best_finetune=1, last_forget=1)
     return store
@@ -104,14 +105,30 @@ def test_probe_reads_the_named_layer_and_says_when_it_is_missing(tmp_path):
 
 # ---- one copy per trial ---------------------------------------------------------------------
 
-EVERY = ["single_task", "cross_task", "dataset_size", "flipped", "cross_model", "predictors", "order", "probes",
-         "association", "by_method", "predict", "forgetting_events", "membership", "relearning"]
+EVERY = [
+    "single_task",
+    "cross_task",
+    "dataset_size",
+    "flipped",
+    "cross_model",
+    "predictors",
+    "order",
+    "probes",
+    "association",
+    "by_method",
+    "predict",
+    "forgetting_events",
+    "membership",
+    "relearning",
+]
 
 
 def test_a_sweep_stored_twice_analyses_as_once(tmp_path):
     once = {o.name: o for o in run_analyses(build_rich_store(tmp_path / "once"), only=EVERY, engine="local")}
-    twice = {o.name: o for o in run_analyses(build_rich_store(tmp_path / "twice", sweeps=("s1", "s2")), only=EVERY,
-                                             engine="local")}
+    twice = {
+        o.name: o
+        for o in run_analyses(build_rich_store(tmp_path / "twice", sweeps=("s1", "s2")), only=EVERY, engine="local")
+    }
     for name in EVERY:
         a, b = once[name], twice[name]
         assert (a.status, b.status) == ("ok", "ok"), (name, a.message, b.message)
@@ -247,6 +264,7 @@ def test_forgetting_that_ignores_confidence_correlates_with_nothing(tmp_path):
 def test_order_counts_only_what_was_learned(tmp_path):
     store = _store(tmp_path / "s")
     n = 120
+
     # i < 100: learned (0.9), forgotten at 1 + i % 4, relearned at 4 - i % 4.
     # 100 <= i < 110: never learned (0.55 until relearn epoch 2: <= 0.6 at forget epoch 1,
     # which counted them as forgotten there), learned in relearn epoch 2.
@@ -302,8 +320,22 @@ def test_cli_analysis_options(tmp_path):
     from raysweep.cli import app
 
     store = build_cross_store(tmp_path / "s")
-    res = CliRunner().invoke(app, ["analyze", "--store", str(store.root), "--only", "cross_task", "--engine", "local",
-                                   "--min-headroom", "0", "--denominator", "own"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "analyze",
+            "--store",
+            str(store.root),
+            "--only",
+            "cross_task",
+            "--engine",
+            "local",
+            "--min-headroom",
+            "0",
+            "--denominator",
+            "own",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "0 of 4 cell(s) masked (headroom below 0, own denominator)" in " ".join(res.output.split())
     for bad in (["--denominator", "mean"], ["--min-headroom", "0.7"]):
@@ -319,9 +351,14 @@ def test_ray_engine_agrees_on_copies_layers_and_intervals(tmp_path):
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        cases = [(build_rich_store(tmp_path / "twice", sweeps=("s1", "s2")), EVERY, AnalysisParams()),
-                 (build_probe_store(tmp_path / "layers", {-5: "position", -1: "pairs"}), ["probes", "predictors"],
-                  AnalysisParams(layer=-1))]
+        cases = [
+            (build_rich_store(tmp_path / "twice", sweeps=("s1", "s2")), EVERY, AnalysisParams()),
+            (
+                build_probe_store(tmp_path / "layers", {-5: "position", -1: "pairs"}),
+                ["probes", "predictors"],
+                AnalysisParams(layer=-1),
+            ),
+        ]
         for store, names, params in cases:
             local = run_analyses(store, only=names, engine="local", params=params)
             remote = run_analyses(store, only=names, engine="ray", params=params)
@@ -340,19 +377,30 @@ def test_paired_counts_do_not_depend_on_batching():
     rng = np.random.default_rng(5)
     n = 3000
     phase = rng.choice(["finetune", "forget", "pretrained"], n)
-    t = pa.table({
-        "sweep": ["s"] * n, "trial_id": rng.choice(["a", "b"], n).tolist(), "phase": phase.tolist(),
-        "epoch": pa.array(np.where(phase == "finetune", 2, np.where(phase == "forget", 3, 0)), pa.int32()),
-        "eval_task": rng.choice(["x", "y"], n).tolist(), "example_idx": pa.array(rng.integers(0, 5000, n), pa.int32()),
-        "correct": pa.array(rng.random(n) > 0.5),
-    })
+    t = pa.table(
+        {
+            "sweep": ["s"] * n,
+            "trial_id": rng.choice(["a", "b"], n).tolist(),
+            "phase": phase.tolist(),
+            "epoch": pa.array(np.where(phase == "finetune", 2, np.where(phase == "forget", 3, 0)), pa.int32()),
+            "eval_task": rng.choice(["x", "y"], n).tolist(),
+            "example_idx": pa.array(rng.integers(0, 5000, n), pa.int32()),
+            "correct": pa.array(rng.random(n) > 0.5),
+        }
+    )
     # Each (trial, task, example, phase) once, as in a store.
     keep = {}
     for i, r in enumerate(t.select(["trial_id", "eval_task", "example_idx", "phase"]).to_pylist()):
         keep.setdefault(tuple(r.values()), i)
     t = t.take(pa.array(sorted(keep.values())))
-    red = PairedCorrect((("s", "a", "finetune", 2, 0), ("s", "a", "forget", 3, 1), ("s", "b", "finetune", 2, 0),
-                         ("s", "b", "forget", 3, 1)))
+    red = PairedCorrect(
+        (
+            ("s", "a", "finetune", 2, 0),
+            ("s", "a", "forget", 3, 1),
+            ("s", "b", "finetune", 2, 0),
+            ("s", "b", "forget", 3, 1),
+        )
+    )
     whole = red.combine([red.partial(t)])
     pieces = red.combine([red.partial(t.slice(i, 211)) for i in range(0, t.num_rows, 211)][::-1])
     assert whole.equals(pieces)

@@ -39,7 +39,9 @@ def _cli_in_process(*args: str):
 
 
 def _cli_subprocess(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raysweep.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "raysweep.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def _assert_refused(code: int, stdout: str, stderr: str, field: str, problem: str) -> str:
@@ -76,7 +78,17 @@ def test_malformed_spec_through_the_cli_exits_2_with_one_line_and_writes_nothing
     assert not store.exists()
 
 
-@pytest.mark.parametrize("case", ["store_is_a_file", "store_not_writable", "store_below_a_file", "store_newer_schema", "data_missing_split", "data_nonbinary_labels"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "store_is_a_file",
+        "store_not_writable",
+        "store_below_a_file",
+        "store_newer_schema",
+        "data_missing_split",
+        "data_nonbinary_labels",
+    ],
+)
 def test_bad_store_or_data_folder_exits_2_with_one_line_and_writes_nothing(case, tmp_path):
     c = next(c for c in make_bad_inputs(tmp_path) if c["name"] == case)
     before = _state(c["store"])
@@ -101,7 +113,17 @@ def test_store_that_exists_but_cannot_be_written_is_refused_even_for_root(tmp_pa
 # ---- through `raysweep run` as a real subprocess --------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["yaml_unclosed_bracket.yaml", "unknown_phase_key.yaml", "lr_negative.yaml", "duplicate_seeds.yaml", "sizes_exceed_data.yaml", "data_source_missing_folder.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "yaml_unclosed_bracket.yaml",
+        "unknown_phase_key.yaml",
+        "lr_negative.yaml",
+        "duplicate_seeds.yaml",
+        "sizes_exceed_data.yaml",
+        "data_source_missing_folder.yaml",
+    ],
+)
 def test_subprocess_run_refuses_bad_spec(name, tmp_path):
     store = tmp_path / "store"
     r = _cli_subprocess("run", str(BAD / name), "--store", str(store))
@@ -114,7 +136,11 @@ def test_subprocess_python_object_spec_is_refused_and_never_runs(tmp_path):
     spec = tmp_path / "evil.yaml"
     spec.write_text(f'!!python/object/apply:os.system ["touch {sentinel}"]\n')
     also = tmp_path / "evil2.yaml"
-    also.write_text(tiny_spec_text(name="x").replace("name: x", f'name: !!python/object/apply:subprocess.check_call [["touch", "{sentinel}"]]'))
+    also.write_text(
+        tiny_spec_text(name="x").replace(
+            "name: x", f'name: !!python/object/apply:subprocess.check_call [["touch", "{sentinel}"]]'
+        )
+    )
     for path in (spec, also):
         r = _cli_subprocess("run", str(path), "--store", str(tmp_path / "store"))
         _assert_refused(r.returncode, r.stdout, r.stderr, "invalid YAML", "is not allowed")
@@ -141,8 +167,15 @@ def test_subprocess_unmeetable_gpu_request_is_refused_after_ray_starts_and_write
     # As a user runs it: no RAY_AUTH_MODE, so Ray's token auth is on by default, and still the
     # refusal is the only line (Ray announces default token auth in a warning of its own).
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    r = subprocess.run([sys.executable, "-m", "raysweep.cli", "run", str(BAD / name), "--store", str(store), "--no-dashboard"],
-                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env, start_new_session=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "raysweep.cli", "run", str(BAD / name), "--store", str(store), "--no-dashboard"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+    )
     _assert_refused(r.returncode, r.stdout, r.stderr, TABLE[name]["field"], TABLE[name]["problem"])
     assert not store.exists()
 
@@ -158,7 +191,14 @@ def test_remote_code_in_a_model_folder_is_not_run_unless_the_spec_says_so(tmp_pa
     train_tokenizer(300, add_bos=False).save_pretrained(folder)
     sentinel = tmp_path / "remote-code-ran"
     # A model whose class exists only in code shipped with it: loading needs that code run.
-    (folder / "config.json").write_text(json.dumps({"model_type": "raysweep_remote", "auto_map": {"AutoConfig": "remote.Cfg", "AutoModelForCausalLM": "remote.Model"}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "raysweep_remote",
+                "auto_map": {"AutoConfig": "remote.Cfg", "AutoModelForCausalLM": "remote.Model"},
+            }
+        )
+    )
     (folder / "remote.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
     # The spec refuses it before anything runs (the trials would only find out one by one).
     with pytest.raises(ValidationError, match="needs remote code"):
@@ -245,8 +285,12 @@ def test_a_hundred_thousand_seeds_validate_in_linear_time():
 
     from raysweep.spec import SweepSpec
 
-    raw = {"name": "s", "models": [{"name": "m", "arch": "gpt2"}], "tasks": ["sentiment"],
-           "seeds": list(range(100_000))}
+    raw = {
+        "name": "s",
+        "models": [{"name": "m", "arch": "gpt2"}],
+        "tasks": ["sentiment"],
+        "seeds": list(range(100_000)),
+    }
     t0 = time.perf_counter()
     SweepSpec.model_validate(raw)
     # The quadratic duplicate check took minutes here; linear takes well under a second.

@@ -46,8 +46,14 @@ def test_lock_holders_names_the_process_that_holds_a_trial_lock(tmp_path):
     (tmp_path / "checkpoints" / "sw" / "trial-b").mkdir()
     (tmp_path / "checkpoints" / "sw" / "trial-b" / "lock").touch()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; fh = open(sys.argv[1], 'a+'); fcntl.flock(fh, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; fh = open(sys.argv[1], 'a+'); fcntl.flock(fh, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -85,7 +91,10 @@ def test_rayjob_parses_with_gpu_workers_and_the_store_on_a_shared_claim():
         assert any(vols[m["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"] for m in mounts)
         # Every pod sees the store at the same path the driver writes it to.
         assert any(store.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts), (store, mounts)
-    gpus = [g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in cluster["workerGroupSpecs"]]
+    gpus = [
+        g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        for g in cluster["workerGroupSpecs"]
+    ]
     assert all(int(g) >= 1 for g in gpus)
 
 
@@ -105,8 +114,15 @@ def _processes_naming(path: str) -> list[int]:
 @pytest.mark.timeout(600)
 def test_cluster_check_stopped_by_a_signal_leaves_no_node_running():
     """The EXIT trap runs on SIGTERM too: the nodes it started go, the work dir with them."""
-    proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     work, sessions, seen = None, [], []
     try:
         for line in proc.stderr:
@@ -134,8 +150,15 @@ def test_two_node_cluster_loses_its_worker_node_mid_sweep_and_loses_no_row(tmp_p
     # token auth on for the head node and off for the worker's join.
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, "PYTHON": sys.executable}
     t0 = time.time()
-    proc = subprocess.Popen(["bash", str(SCRIPT), "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=1300)
     except subprocess.TimeoutExpired:
@@ -167,7 +190,9 @@ def test_two_node_cluster_loses_its_worker_node_mid_sweep_and_loses_no_row(tmp_p
     assert killed["trial_attempt_nodes"][0] == "worker" and killed["trial_attempt_nodes"][-1] == "head"
     log = killed["trial_attempt_log"]
     assert log[0]["pid"] == killed["trial_pid"] and log[0]["node_id"] == nodes["worker"]["node_id"]
-    assert log[-1]["node_id"] == nodes["head"]["node_id"] and [a["attempt"] for a in log] == sorted(a["attempt"] for a in log)
+    assert log[-1]["node_id"] == nodes["head"]["node_id"] and [a["attempt"] for a in log] == sorted(
+        a["attempt"] for a in log
+    )
     assert killed["trial_status"] == "done" and killed["trial_attempts_in_store"] >= 2
 
     # Nothing lost, nothing duplicated: the store equals the uninterrupted run's.

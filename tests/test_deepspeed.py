@@ -31,7 +31,9 @@ def _micro(seed=0):
 
     tok = train_tokenizer(400, add_bos=False)
     torch.manual_seed(seed)
-    model = build_tiny(ModelSpec(name="x", arch="gpt2", tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400}), tok)
+    model = build_tiny(
+        ModelSpec(name="x", arch="gpt2", tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400}), tok
+    )
     model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -65,13 +67,20 @@ def test_deepspeed_fp32_sgd_matches_plain_torch(zero_stage):
         model, tok = _micro()
         stepper = make_optimizer(model, cfg, engine)
         assert isinstance(stepper, DeepSpeedStepper if engine else Stepper)
-        losses = [train_epoch(model, stepper, build_batches(tok, model, exs, [e.gold for e in exs], 4, random.Random(e)), nll_loss) for e in range(2)]
+        losses = [
+            train_epoch(
+                model, stepper, build_batches(tok, model, exs, [e.gold for e in exs], 4, random.Random(e)), nll_loss
+            )
+            for e in range(2)
+        ]
         results.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
         # A second phase on the same model must work, and the first engine must let go.
         stepper.close()
         if engine is not None:
             nxt = make_optimizer(model, cfg, engine)
-            train_epoch(model, nxt, build_batches(tok, model, exs, [e.gold for e in exs], 4, random.Random(9)), nll_loss)
+            train_epoch(
+                model, nxt, build_batches(tok, model, exs, [e.gold for e in exs], 4, random.Random(9)), nll_loss
+            )
             # A resume point must load back under weights_only (no code from a store), and
             # into a fresh engine of the next attempt.
             with torch.serialization.safe_globals(resume_safe_globals()):
@@ -93,7 +102,14 @@ def test_deepspeed_fp16_trains_on_gpu():
     model, tok = _micro()
     model.cuda()
     exs = prepare_task("sentiment", seed=1, cap=24, max_chars=2048).split("train")
-    stepper = make_optimizer(model, FinetuneConfig(lr=1e-2, batch_size=8), TrainEngine(engine="deepspeed", precision="fp16"))
-    losses = [train_epoch(model, stepper, build_batches(tok, model, exs, [e.gold for e in exs], 8, random.Random(e)), nll_loss) for e in range(4)]
+    stepper = make_optimizer(
+        model, FinetuneConfig(lr=1e-2, batch_size=8), TrainEngine(engine="deepspeed", precision="fp16")
+    )
+    losses = [
+        train_epoch(
+            model, stepper, build_batches(tok, model, exs, [e.gold for e in exs], 8, random.Random(e)), nll_loss
+        )
+        for e in range(4)
+    ]
     assert next(model.parameters()).dtype == torch.float16
     assert stepper.loss_scale is not None and losses[-1] < losses[0]

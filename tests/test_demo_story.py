@@ -45,8 +45,12 @@ def test_pretraining_takes_its_last_steps_at_a_vanishing_rate(tmp_path, monkeypa
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording)
-    spec = ModelSpec(name="story", arch="gpt2", tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400},
-                     pretrain={"steps": 40, "batch_size": 4, "lr": 3e-3, "examples_per_task": 20, "lr_schedule": "cosine"})
+    spec = ModelSpec(
+        name="story",
+        arch="gpt2",
+        tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400},
+        pretrain={"steps": 40, "batch_size": 4, "lr": 3e-3, "examples_per_task": 20, "lr_schedule": "cosine"},
+    )
     tokenizer = models.train_tokenizer(spec.tiny.vocab, add_bos=False)
     models.pretrain_tiny(models.build_tiny(spec, tokenizer), tokenizer, spec)
     assert len(seen) == 40

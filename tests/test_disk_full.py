@@ -92,7 +92,9 @@ def test_the_command_line_says_one_line_cleans_up_and_marks_running_trials_faile
         assert len(lines) == 1 and f"store {store.root}: no space left on device" in lines[0], lines
         assert not temp.exists()
     (row,) = store.trials().to_pylist()
-    assert row["status"] == "failed" and row["error"].startswith(f"DiskFull: store {store.root}: no space left on device")
+    assert row["status"] == "failed" and row["error"].startswith(
+        f"DiskFull: store {store.root}: no space left on device"
+    )
 
 
 # ---- a whole sweep on a full tmpfs ---------------------------------------------------------
@@ -152,7 +154,13 @@ def test_the_live_view_shows_a_trial_that_ran_out_of_space_as_failed(tmp_path, s
     spec = parse_spec(SPEC)
     seen: list[dict[str, str]] = []
     with contextlib.suppress(DiskFull):
-        run_sweep(spec, SPEC, Store(root), dashboard=False, sink=lambda views: seen.append({k: v.status for k, v in views.items()}))
+        run_sweep(
+            spec,
+            SPEC,
+            Store(root),
+            dashboard=False,
+            sink=lambda views: seen.append({k: v.status for k, v in views.items()}),
+        )
     rows = Store(root).trials("dfull").to_pylist()
     assert rows and all(r["status"] == "failed" for r in rows), rows
     assert seen and set(seen[-1].values()) == {"failed"}, seen[-3:]

@@ -13,23 +13,27 @@ from raysweep.store import Store
 from tests.analysis_helpers import TrialSpec, TrialWriter
 
 # Per example (rows), the forget task's test split: pretrained, finetune e1..e3 (best: e2).
-FINETUNE = np.array([
-    [0, 1, 1, 0],
-    [0, 0, 1, 0],  # the best epoch (e2) is correct, the last (e3) is not
-    [0, 0, 0, 0],
-    [1, 0, 0, 1],
-    [1, 1, 1, 1],
-    [0, 1, 1, 1],
-])
+FINETUNE = np.array(
+    [
+        [0, 1, 1, 0],
+        [0, 0, 1, 0],  # the best epoch (e2) is correct, the last (e3) is not
+        [0, 0, 0, 0],
+        [1, 0, 0, 1],
+        [1, 1, 1, 1],
+        [0, 1, 1, 1],
+    ]
+)
 # Forget epochs 1..4; the phase starts from FINETUNE[:, 2] (the best epoch).
-FORGET = np.array([
-    [0, 1, 0, 0],  # from 1: 1 -> 0 -> 1 -> 0 -> 0: two forgetting events, one learning
-    [1, 1, 1, 1],  # never forgotten (from e3 it would have a learning event)
-    [0, 0, 0, 0],  # never learned
-    [1, 1, 1, 1],  # learned at forget epoch 1, never forgotten after
-    [0, 0, 0, 0],  # one event
-    [1, 1, 1, 0],  # one event
-])
+FORGET = np.array(
+    [
+        [0, 1, 0, 0],  # from 1: 1 -> 0 -> 1 -> 0 -> 0: two forgetting events, one learning
+        [1, 1, 1, 1],  # never forgotten (from e3 it would have a learning event)
+        [0, 0, 0, 0],  # never learned
+        [1, 1, 1, 1],  # learned at forget epoch 1, never forgotten after
+        [0, 0, 0, 0],  # one event
+        [1, 1, 1, 0],  # one event
+    ]
+)
 FORGET_EVENTS = [2, 0, 0, 0, 1, 1]
 FORGET_LEARNING = [1, 0, 0, 1, 0, 0]
 UNFORGETTABLE = [False, True, False, True, False, False]
@@ -76,8 +80,13 @@ def test_events_per_example_are_counted_from_the_state_each_phase_starts_from(tm
     assert finetune["forgetting_events"] == FINETUNE_EVENTS
     assert finetune["start_correct"] == [bool(b) for b in FINETUNE[:, 0]]
 
-    summary = o.tables["summary"].filter(pc.and_(pc.equal(o.tables["summary"]["phase"], "forget"),
-                                                 pc.equal(o.tables["summary"]["eval_task"], "t0"))).to_pylist()
+    summary = (
+        o.tables["summary"]
+        .filter(
+            pc.and_(pc.equal(o.tables["summary"]["phase"], "forget"), pc.equal(o.tables["summary"]["eval_task"], "t0"))
+        )
+        .to_pylist()
+    )
     (row,) = summary
     assert row["own_task"] and row["n_examples"] == 6 and row["n_seeds"] == 1 and row["interval"] == "bootstrap95"
     assert row["mean_forgetting_events"] == pytest.approx(4 / 6)
@@ -90,11 +99,16 @@ def test_seeds_are_replicates_and_overlap_is_the_jaccard_of_unforgettable_sets(t
     flipped[1] = [1, 0, 0, 0]  # example 1 is forgotten under this method: sets {1, 3} vs {3}
     other_task = FORGET.copy()
     other_task[5] = [1, 1, 1, 1]  # example 5 survives: {1, 3, 5}
-    store = _store(tmp_path, [
-        ("a0", "t0", "random", 0, FORGET), ("a1", "t0", "random", 1, FORGET),
-        ("f0", "t0", "flipped", 0, flipped), ("f1", "t0", "flipped", 1, FORGET),
-        ("b0", "t1", "random", 0, other_task),
-    ])
+    store = _store(
+        tmp_path,
+        [
+            ("a0", "t0", "random", 0, FORGET),
+            ("a1", "t0", "random", 1, FORGET),
+            ("f0", "t0", "flipped", 0, flipped),
+            ("f1", "t0", "flipped", 1, FORGET),
+            ("b0", "t1", "random", 0, other_task),
+        ],
+    )
     (o,) = run_analyses(store, only=["forgetting_events"], engine="local")
     assert o.status == "ok", o.message
     s = {(r["method"], r["forget_task"], r["eval_task"], r["phase"]): r for r in o.tables["summary"].to_pylist()}
@@ -102,9 +116,14 @@ def test_seeds_are_replicates_and_overlap_is_the_jaccard_of_unforgettable_sets(t
     # Two seeds: the mean over seeds with a t-interval (both seeds equal here: zero width).
     assert random_t0["n_seeds"] == 2 and random_t0["interval"] == "seeds-t95" and random_t0["n_trials"] == 2
     assert random_t0["unforgettable_frac"] == pytest.approx(2 / 6)
-    assert random_t0["unforgettable_frac_lo"] == pytest.approx(2 / 6) and random_t0["unforgettable_frac_hi"] == pytest.approx(2 / 6)
+    assert random_t0["unforgettable_frac_lo"] == pytest.approx(2 / 6) and random_t0[
+        "unforgettable_frac_hi"
+    ] == pytest.approx(2 / 6)
     mixed = s[("flipped", "t0", "t0", "forget")]
-    assert mixed["unforgettable_frac"] == pytest.approx((1 / 6 + 2 / 6) / 2) and mixed["unforgettable_frac_lo"] < mixed["unforgettable_frac"]
+    assert (
+        mixed["unforgettable_frac"] == pytest.approx((1 / 6 + 2 / 6) / 2)
+        and mixed["unforgettable_frac_lo"] < mixed["unforgettable_frac"]
+    )
     assert not s[("random", "t1", "t0", "forget")]["own_task"]
 
     ov = {(r["axis"], r["fixed"], r["a"], r["b"], r["eval_task"]): r for r in o.tables["overlap"].to_pylist()}

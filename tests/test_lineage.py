@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "raysweep.cli", *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    return subprocess.run(
+        [sys.executable, "-m", "raysweep.cli", *args], capture_output=True, text=True, timeout=300, env=dict(os.environ)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +101,22 @@ def test_rows_without_lineage_columns_still_read(tmp_path):
     store = Store(tmp_path / "s")
     store.ensure()
     old_schema = pa.schema([f for f in TRIALS_SCHEMA if f.name not in LINEAGE_FIELDS])
-    base = {"sweep": "old", "model": "m", "model_source": "builtin:gpt2", "forget_task": "sentiment", "method": "random", "size": 1, "seed": 0, "status": "done"}
+    base = {
+        "sweep": "old",
+        "model": "m",
+        "model_source": "builtin:gpt2",
+        "forget_task": "sentiment",
+        "method": "random",
+        "size": 1,
+        "seed": 0,
+        "status": "done",
+    }
     path = store.path("trials", "old", "a-old.parquet")
     path.parent.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([{**{f.name: None for f in old_schema}, **base, "trial_id": "a-old"}], schema=old_schema), path)
+    pq.write_table(
+        pa.Table.from_pylist([{**{f.name: None for f in old_schema}, **base, "trial_id": "a-old"}], schema=old_schema),
+        path,
+    )
     store.write_trial_row({**base, "trial_id": "b-new", "torch_version": "9.9"})
     rows = {r["trial_id"]: r for r in store.trials("old").to_pylist()}
     assert rows["a-old"]["torch_version"] is None and rows["b-new"]["torch_version"] == "9.9"

@@ -50,12 +50,17 @@ def train_tokenizer(llama_style: bool) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     specials = ["<s>", "</s>"] if llama_style else ["<|endoftext|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(fixture_texts(), trainer)
     if llama_style:
         bos = tok.token_to_id("<s>")
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        )
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
@@ -70,15 +75,31 @@ class Tiny:
 def build(arch: str) -> Tiny:
     tok = train_tokenizer(llama_style=arch == "llama")
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.5)
+    common = dict(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.5
+    )
     if arch == "llama":
         cfg = LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=MAX_LENGTH, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=MAX_LENGTH,
+            **common,
         )
         model = LlamaForCausalLM(cfg)
     else:
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=MAX_LENGTH, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        cfg = GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=MAX_LENGTH,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
         model = GPT2LMHeadModel(cfg)
     return Tiny(arch, model.float().eval(), tok)
 
@@ -130,7 +151,9 @@ def test_tokenizers_follow_their_families(tiny):
 
 
 def test_model_is_sharp_enough_to_catch_misalignment(tiny):
-    ids = tiny.tokenizer("Question: How do you attach toilet paper?\nAnswer: Put it on the holder.", return_tensors="pt")["input_ids"]
+    ids = tiny.tokenizer(
+        "Question: How do you attach toilet paper?\nAnswer: Put it on the holder.", return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(tiny.model(ids).logits[0, :-1], dim=-1)
     per_token = logp.gather(1, ids[0, 1:, None]).squeeze(1)

@@ -26,11 +26,23 @@ def _prompt(split: str, i: int) -> str:
     return f"Question {split} {i}: " + "is this right? " * (1 + (i * 7) % 5)
 
 
-def _write(store: Store, trial_id: str, seed: int, member_conf, held_conf, forget_member_conf, size: int = 100,
-           pretrained_member_conf=None) -> None:
+def _write(
+    store: Store,
+    trial_id: str,
+    seed: int,
+    member_conf,
+    held_conf,
+    forget_member_conf,
+    size: int = 100,
+    pretrained_member_conf=None,
+) -> None:
     spec = TrialSpec(trial_id, "m1", "t0", seed=seed, size=size, eval_tasks=["t0"])
     w = TrialWriter(store, spec, splits=("train", "test"))
-    pre = np.random.default_rng(seed + 100).uniform(0.3, 0.8, N_MEMBERS) if pretrained_member_conf is None else pretrained_member_conf
+    pre = (
+        np.random.default_rng(seed + 100).uniform(0.3, 0.8, N_MEMBERS)
+        if pretrained_member_conf is None
+        else pretrained_member_conf
+    )
     w.epoch("pretrained", 0, {("t0", "train"): list(pre), ("t0", "test"): list(held_conf)})
     w.epoch("finetune", 1, {("t0", "train"): list(member_conf), ("t0", "test"): list(held_conf)})
     for e, conf in enumerate(forget_member_conf, start=1):
@@ -39,8 +51,20 @@ def _write(store: Store, trial_id: str, seed: int, member_conf, held_conf, forge
 
 
 def _examples(store: Store) -> None:
-    rows = [{"task": "t0", "split": s, "example_idx": i, "uid": f"{s}-{i}", "prompt": _prompt(s, i), "choice_0": " no",
-             "choice_1": " yes", "gold": i % 2} for s, n in (("train", N_MEMBERS), ("test", N_HELD_OUT)) for i in range(n)]
+    rows = [
+        {
+            "task": "t0",
+            "split": s,
+            "example_idx": i,
+            "uid": f"{s}-{i}",
+            "prompt": _prompt(s, i),
+            "choice_0": " no",
+            "choice_1": " yes",
+            "gold": i % 2,
+        }
+        for s, n in (("train", N_MEMBERS), ("test", N_HELD_OUT))
+        for i in range(n)
+    ]
     store.write_examples(SWEEP, "t0", pa.Table.from_pylist(rows, schema=EXAMPLES_SCHEMA))
 
 
@@ -77,14 +101,20 @@ def test_same_distribution_gives_half_memorised_gives_one_and_forgetting_brings_
     assert o.status == "ok", o.message
     runs = {(r["trial_id"], r["step"], r["attack"]): r for r in o.tables["runs"].to_pylist()}
     assert runs[("memorised", 0, "loss")]["auc"] == pytest.approx(1.0)
-    assert runs[("memorised", 0, "loss")]["n_members"] == N_MEMBERS and runs[("memorised", 0, "loss")]["n_held_out"] == N_HELD_OUT
+    assert (
+        runs[("memorised", 0, "loss")]["n_members"] == N_MEMBERS
+        and runs[("memorised", 0, "loss")]["n_held_out"] == N_HELD_OUT
+    )
     assert 0.5 < runs[("memorised", 1, "loss")]["auc"] < 1.0
     assert abs(runs[("memorised", 2, "loss")]["auc"] - 0.5) < 0.08
     assert abs(runs[("same", 0, "loss")]["auc"] - 0.5) < 0.08
 
     # zlib: the same AUC as computed here from the stored log-likelihoods and the prompts.
-    sizes = {(s, i): len(zlib.compress((_prompt(s, i) + (" yes" if i % 2 else " no")).encode(), 9))
-             for s, n in (("train", N_MEMBERS), ("test", N_HELD_OUT)) for i in range(n)}
+    sizes = {
+        (s, i): len(zlib.compress((_prompt(s, i) + (" yes" if i % 2 else " no")).encode(), 9))
+        for s, n in (("train", N_MEMBERS), ("test", N_HELD_OUT))
+        for i in range(n)
+    }
     score_m = [3 * math.log(np.float32(c)) / sizes[("train", i)] for i, c in enumerate(memorised)]
     score_h = [3 * math.log(np.float32(c)) / sizes[("test", i)] for i, c in enumerate(held)]
     want = roc_auc_score(np.r_[np.ones(N_MEMBERS), np.zeros(N_HELD_OUT)], np.r_[score_m, score_h])

@@ -191,7 +191,9 @@ def test_methods_spec_validates():
     assert len(plans) == len(spec.forget_task_list) * len(METHODS)
     assert len(spec.forget_task_list) >= 2 and spec.eval_task_list == spec.tasks
     # Every method sees the same data, fine-tuning and forget hyperparameters.
-    assert len({(p.forget_task, p.phases.model_dump_json(), p.data.model_dump_json()) for p in plans}) == len(spec.forget_task_list)
+    assert len({(p.forget_task, p.phases.model_dump_json(), p.data.model_dump_json()) for p in plans}) == len(
+        spec.forget_task_list
+    )
 
 
 def test_pooled_forget_ratio_is_not_ruled_by_near_chance_tasks():
@@ -227,17 +229,28 @@ def test_trial_ids_from_before_method_args_are_kept():
     # store written then is resumed, not rerun, by the same spec now.
     spec = parse_spec((Path(__file__).resolve().parents[1] / "specs" / "methods.yaml").read_text())
     assert [p.trial_id for p in spec.trials()] == [
-        "compare-random-n100-s0-6e3ce9f8b1", "compare-flipped-n100-s0-9bb97a07eb", "compare-gradient-ascent-n100-s0-8f664fe710",
-        "compare-npo-n100-s0-a044998b43", "word-order-random-n100-s0-af88d924be", "word-order-flipped-n100-s0-816321a016",
-        "word-order-gradient-ascent-n100-s0-a4362551b4", "word-order-npo-n100-s0-d7fdd33b3c", "same-word-random-n100-s0-9cbe7a60c0",
-        "same-word-flipped-n100-s0-4757864a35", "same-word-gradient-ascent-n100-s0-3aef47703e", "same-word-npo-n100-s0-8d9485ac1e",
+        "compare-random-n100-s0-6e3ce9f8b1",
+        "compare-flipped-n100-s0-9bb97a07eb",
+        "compare-gradient-ascent-n100-s0-8f664fe710",
+        "compare-npo-n100-s0-a044998b43",
+        "word-order-random-n100-s0-af88d924be",
+        "word-order-flipped-n100-s0-816321a016",
+        "word-order-gradient-ascent-n100-s0-a4362551b4",
+        "word-order-npo-n100-s0-d7fdd33b3c",
+        "same-word-random-n100-s0-9cbe7a60c0",
+        "same-word-flipped-n100-s0-4757864a35",
+        "same-word-gradient-ascent-n100-s0-3aef47703e",
+        "same-word-npo-n100-s0-8d9485ac1e",
     ]
 
 
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        ("method_args: {npo: {beta: -1}}", "method_args.npo: argument 'beta' of method 'npo': Input should be greater than 0"),
+        (
+            "method_args: {npo: {beta: -1}}",
+            "method_args.npo: argument 'beta' of method 'npo': Input should be greater than 0",
+        ),
         ("method_args: {npo: {gamma: 1}}", "argument 'gamma' of method 'npo'"),
         ("method_args: {random: {beta: 1}}", "argument 'beta' of method 'random'"),
         ("methods: [random]\nmethod_args: {npo: {beta: 1}}", "method_args: 'npo' is not one of the spec's methods"),

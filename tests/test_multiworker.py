@@ -58,16 +58,29 @@ def _train_two_epochs(rank: int, world: int, engine: str, method: str, out: str,
     else:
         loss_fn = nll_loss
     stepper = make_optimizer(model, cfg, eng, group)
-    losses = [train_epoch(model, stepper, build_batches(tok, model, exs, gold, 5, random.Random(e)), loss_fn, group) for e in range(2)]
+    losses = [
+        train_epoch(model, stepper, build_batches(tok, model, exs, gold, 5, random.Random(e)), loss_fn, group)
+        for e in range(2)
+    ]
     stepper.close()
     if rank == 0:
-        torch.save({"losses": losses, "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}, out)
+        torch.save(
+            {"losses": losses, "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}, out
+        )
 
 
 def _rank_main(rank: int, world: int, port: int, engine: str, method: str, out: str, backend: str = "gloo") -> None:
     import torch.distributed as dist
 
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     device = "cpu"
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -113,7 +126,11 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, engine, method, backe
 
 def test_spec_rules_for_workers():
     def spec(resources: str, batch: int = 8):
-        text = tiny_spec_text().replace("resources: {cpu: 1, gpu: 0}", f"resources: {resources}").replace("batch_size: 8", f"batch_size: {batch}")
+        text = (
+            tiny_spec_text()
+            .replace("resources: {cpu: 1, gpu: 0}", f"resources: {resources}")
+            .replace("batch_size: 8", f"batch_size: {batch}")
+        )
         return parse_spec(text)
 
     assert spec("{cpu: 2, workers: 2}").resources.n_workers == 2
@@ -160,7 +177,15 @@ def test_concurrent_two_worker_trials_score_everything_once_on_their_own_ports(t
     scores = store.read("scores", sweep=spec.name)
     for plan in spec.trials():
         mine = scores.filter(pc.equal(scores["trial_id"], plan.trial_id))
-        keys = list(zip(mine["phase"].to_pylist(), mine["epoch"].to_pylist(), mine["eval_task"].to_pylist(), mine["split"].to_pylist(), mine["example_idx"].to_pylist()))
+        keys = list(
+            zip(
+                mine["phase"].to_pylist(),
+                mine["epoch"].to_pylist(),
+                mine["eval_task"].to_pylist(),
+                mine["split"].to_pylist(),
+                mine["example_idx"].to_pylist(),
+            )
+        )
         assert len(keys) == len(set(keys)), "an example was scored twice in one epoch"
         epochs = {(ph, e) for ph, e, *_ in keys}
         assert {("pretrained", 0), ("finetune", 1)} <= epochs
@@ -180,8 +205,21 @@ def test_concurrent_two_worker_trials_score_everything_once_on_their_own_ports(t
     both = []
     for st in (store, solo):
         t = st.read("scores", sweep=spec.name)
-        t = t.filter(pc.and_(pc.equal(t["trial_id"], plan.trial_id), pc.is_in(t["phase"], value_set=__import__("pyarrow").array(["pretrained", "finetune"]))))
-        t = t.filter(pc.less_equal(t["epoch"], 1)).sort_by([("phase", "ascending"), ("epoch", "ascending"), ("eval_task", "ascending"), ("split", "ascending"), ("example_idx", "ascending")])
+        t = t.filter(
+            pc.and_(
+                pc.equal(t["trial_id"], plan.trial_id),
+                pc.is_in(t["phase"], value_set=__import__("pyarrow").array(["pretrained", "finetune"])),
+            )
+        )
+        t = t.filter(pc.less_equal(t["epoch"], 1)).sort_by(
+            [
+                ("phase", "ascending"),
+                ("epoch", "ascending"),
+                ("eval_task", "ascending"),
+                ("split", "ascending"),
+                ("example_idx", "ascending"),
+            ]
+        )
         both.append(t)
     multi, one = both
     assert multi.num_rows == one.num_rows > 0
@@ -205,8 +243,12 @@ def test_a_killed_rank_fails_the_trial_and_the_retry_resumes_every_rank(tmp_path
     from raysweep.store import Store
     from raysweep.sweep import run_sweep
 
-    text = tiny_spec_text(name="mwkill", ft_epochs=3, fg_epochs=1).replace("resources: {cpu: 1, gpu: 0}", "resources: {cpu: 2, gpu: 0, workers: 2}")
-    text = text.replace("max_epochs: 3}", "max_epochs: 3, stop_train_acc: 1.0}")  # three epochs, so one runs after the resume
+    text = tiny_spec_text(name="mwkill", ft_epochs=3, fg_epochs=1).replace(
+        "resources: {cpu: 1, gpu: 0}", "resources: {cpu: 2, gpu: 0, workers: 2}"
+    )
+    text = text.replace(
+        "max_epochs: 3}", "max_epochs: 3, stop_train_acc: 1.0}"
+    )  # three epochs, so one runs after the resume
     if engine == "deepspeed":
         text += "train: {engine: deepspeed, precision: fp32, zero_stage: 2}\n"
     spec = parse_spec(text)
@@ -230,7 +272,15 @@ def test_a_killed_rank_fails_the_trial_and_the_retry_resumes_every_rank(tmp_path
     assert attempts == [1, 2]
 
     scores = store.read("scores", sweep=spec.name)
-    keys = list(zip(scores["phase"].to_pylist(), scores["epoch"].to_pylist(), scores["eval_task"].to_pylist(), scores["split"].to_pylist(), scores["example_idx"].to_pylist()))
+    keys = list(
+        zip(
+            scores["phase"].to_pylist(),
+            scores["epoch"].to_pylist(),
+            scores["eval_task"].to_pylist(),
+            scores["split"].to_pylist(),
+            scores["example_idx"].to_pylist(),
+        )
+    )
     assert len(keys) == len(set(keys))
     assert {("finetune", 1), ("finetune", 2), ("finetune", 3)} <= {k[:2] for k in keys}
 

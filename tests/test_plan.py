@@ -62,9 +62,13 @@ def test_counts_equal_what_a_real_run_stored(tmp_path, ray_cluster):
 
     tok = load_model(spec.models[0], models_dir_for(store)).tokenizer
     for t in cost.trials:
-        one_epoch = scores.filter(pc.and_(pc.equal(scores["trial_id"], t.plan.trial_id), pc.equal(scores["phase"], "pretrained")))
+        one_epoch = scores.filter(
+            pc.and_(pc.equal(scores["trial_id"], t.plan.trial_id), pc.equal(scores["phase"], "pretrained"))
+        )
         assert one_epoch.num_rows == t.rows_per_epoch
-        stored_answers = pc.sum(one_epoch["n_tokens_correct"]).as_py() + pc.sum(one_epoch["n_tokens_distractor"]).as_py()
+        stored_answers = (
+            pc.sum(one_epoch["n_tokens_correct"]).as_py() + pc.sum(one_epoch["n_tokens_distractor"]).as_py()
+        )
         assert sum(s.answer for s in t.slices) == stored_answers
         # Prompt tokens, from the stored prompts tokenized directly (the context ends before
         # its trailing space, which the answer carries), plus the stored answer tokens.
@@ -99,8 +103,13 @@ def test_cpu_plan_measures_this_machine_and_writes_nothing(tmp_path):
     spec_file = tmp_path / "timed.yaml"
     spec_file.write_text(FIXED_EPOCHS.format(name="plan-timed", pretrain=200, ft=4, fg=5))
     store = tmp_path / "store"
-    plan = subprocess.run([RAYSWEEP, "plan", str(spec_file), "--store", str(store), "--expect-epochs", "finetune=4,forget=5"],
-                          capture_output=True, text=True, env=_env(), timeout=600)
+    plan = subprocess.run(
+        [RAYSWEEP, "plan", str(spec_file), "--store", str(store), "--expect-epochs", "finetune=4,forget=5"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     assert plan.returncode == 0, plan.stderr
     assert not store.exists(), "planning wrote into the store"
     assert "tokens/s scored" in plan.stdout and "pretraining built-in model plan-gpt2 (not cached yet)" in plan.stdout
@@ -117,7 +126,10 @@ def _seconds(text: str) -> float:
 def test_expected_epochs_default_and_override_are_stated(tmp_path):
     spec = parse_spec(FIXED_EPOCHS.format(name="plan-defaults", pretrain=30, ft=10, fg=20))
     cost = plan_sweep(spec, Store(tmp_path / "none"), gpu="a100", gpus=2).cost
-    assert cost.trials[0].epochs["expected"] == {"finetune": round(10 * DEFAULT_EXPECTED_FRACTION), "forget": round(20 * DEFAULT_EXPECTED_FRACTION)}
+    assert cost.trials[0].epochs["expected"] == {
+        "finetune": round(10 * DEFAULT_EXPECTED_FRACTION),
+        "forget": round(20 * DEFAULT_EXPECTED_FRACTION),
+    }
     assert "assumption" in cost.epochs_from
     cost = plan_sweep(spec, None, gpu="a100", expected=parse_expected("finetune=3,forget=50")).cost
     assert cost.trials[0].epochs["expected"] == {"finetune": 3, "forget": 20}  # never beyond the budget
@@ -153,7 +165,13 @@ def test_bad_plan_options_exit_2_with_one_line_and_write_nothing(tmp_path, args,
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(FIXED_EPOCHS.format(name="plan-bad", pretrain=30, ft=2, fg=2))
     store = tmp_path / "store"
-    out = subprocess.run([RAYSWEEP, "plan", str(spec_file), "--store", str(store), *args], capture_output=True, text=True, env=_env(), timeout=300)
+    out = subprocess.run(
+        [RAYSWEEP, "plan", str(spec_file), "--store", str(store), *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not store.exists()

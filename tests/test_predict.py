@@ -260,7 +260,11 @@ def test_association_rows_and_columns_are_clustered(known):
             if not math.isnan(mat.values[i, j]):
                 assert got[(run.trial_id, col.eval_task, col.example_idx)] == (row_pos[i], col_pos[j])
     runs = out["association"].tables["runs"]
-    assert runs["row_pos"].to_pylist() == [0, 1, 2] and set(runs["trial_id"].to_pylist()) == {"a-trial", "b-trial", "c-trial"}
+    assert runs["row_pos"].to_pylist() == [0, 1, 2] and set(runs["trial_id"].to_pylist()) == {
+        "a-trial",
+        "b-trial",
+        "c-trial",
+    }
     summary = {r["measure"]: r for r in out["association"].tables["summary"].to_pylist()}
     assert summary["confidence"]["n_runs"] == 3 and summary["confidence"]["n_complete_examples"] == 16
 
@@ -295,7 +299,22 @@ def test_prediction_over_the_known_store(known, tmp_path):
     assert all(r["n_runs"] == 3 and r["n_examples"] == 16 and r["k"] == 10 for r in summary.values())
     assert "16 example(s) not evaluated by every run left out" in pred.message
     # The CLI's parameters replace the analysis defaults in the same place.
-    res = CliRunner().invoke(app, ["predict", "--store", str(store.root), "--k", "3", "--seeds", "0,4", "--threshold", "0.05", "--measure", "loss"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--store",
+            str(store.root),
+            "--k",
+            "3",
+            "--seeds",
+            "0,4",
+            "--threshold",
+            "0.05",
+            "--measure",
+            "loss",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "results written to" in res.output
     d = outputs_dir(store, None, "predict")
@@ -378,8 +397,11 @@ def test_store_prediction_holds_out_the_model_and_forget_task_group(tmp_path):
     # Two seeds of one (model, forget task) forgetting exactly alike, and a third run.
     store = Store(tmp_path / "s")
     store.ensure()
-    drops = {"twin-s0": [0.01 * j for j in range(NT)], "twin-s1": [0.01 * j for j in range(NT)],
-             "other": [0.2 - 0.01 * j for j in range(NT)]}
+    drops = {
+        "twin-s0": [0.01 * j for j in range(NT)],
+        "twin-s1": [0.01 * j for j in range(NT)],
+        "other": [0.2 - 0.01 * j for j in range(NT)],
+    }
     for i, (tid, d) in enumerate(drops.items()):
         forget = "t1" if tid == "other" else "t0"
         w = TrialWriter(store, TrialSpec(tid, "m1", forget, seed=i, eval_tasks=["t0"]), splits=("test",))

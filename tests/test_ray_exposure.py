@@ -33,7 +33,13 @@ def probe() -> None:
     deadline = time.time() + 60
     while True:
         procs = {p.pid: process_name(p.pid) for p in [me, *me.children(recursive=True)]}
-        listen = sorted({(c.laddr.ip, c.laddr.port, procs[c.pid]) for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in procs})
+        listen = sorted(
+            {
+                (c.laddr.ip, c.laddr.port, procs[c.pid])
+                for c in psutil.net_connections("tcp")
+                if c.status == "LISTEN" and c.pid in procs
+            }
+        )
         if set(RAY_METRICS_EXPORTERS) <= {port for _, port, _ in listen} or time.time() > deadline:
             break
         time.sleep(0.5)
@@ -48,13 +54,26 @@ def probe() -> None:
     gcs = ray.get_runtime_context().gcs_address
     wrong = subprocess.run(
         [sys.executable, "-c", f"import ray; ray.init(address={gcs!r}); print('JOINED')"],
-        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    print("PROBE " + json.dumps({
-        "url": url, "note": auth_note(), "listen": listen, "token_mode": os.stat(token_file).st_mode & 0o777,
-        "api_without_token": http_status(url + "/api/version"), "api_with_token": http_status(url + "/api/version", token),
-        "anonymous": anonymous, "wrong_token_joined": "JOINED" in wrong.stdout,
-    }))
+    print(
+        "PROBE "
+        + json.dumps(
+            {
+                "url": url,
+                "note": auth_note(),
+                "listen": listen,
+                "token_mode": os.stat(token_file).st_mode & 0o777,
+                "api_without_token": http_status(url + "/api/version"),
+                "api_with_token": http_status(url + "/api/version", token),
+                "anonymous": anonymous,
+                "wrong_token_joined": "JOINED" in wrong.stdout,
+            }
+        )
+    )
     ray.shutdown()
 
 
@@ -62,8 +81,15 @@ def probe() -> None:
 def test_the_local_cluster_keeps_token_auth_and_the_dashboard_on_loopback(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_enable_metrics"))}
     env["HOME"] = str(tmp_path)  # no token yet: the driver makes one
-    r = subprocess.run([sys.executable, "-c", "from tests.test_ray_exposure import probe; probe()"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300, start_new_session=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "from tests.test_ray_exposure import probe; probe()"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Token authentication is enabled" not in r.stderr  # Ray's announcement, replaced by ours
     out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("PROBE "))[6:])

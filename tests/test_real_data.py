@@ -113,8 +113,17 @@ def test_folder_prepares_as_evaluation_task(task):
 def test_eval_only_task_without_train_refused_as_forget_task_by_prepare_task(tmp_path):
     folder = tmp_path / "wic"
     folder.mkdir()
-    rec = {"word": "class", "sentence1": "An emerging professional class.", "sentence2": "It showed real class.",
-           "start1": 25, "end1": 30, "start2": 16, "end2": 21, "idx": 0, "label": 0}
+    rec = {
+        "word": "class",
+        "sentence1": "An emerging professional class.",
+        "sentence2": "It showed real class.",
+        "start1": 25,
+        "end1": 30,
+        "start2": 16,
+        "end2": 21,
+        "idx": 0,
+        "label": 0,
+    }
     lines = [json.dumps(rec | {"idx": i, "label": i % 2}) + "\n" for i in range(6)]
     (folder / "validation.jsonl").write_text("".join(lines))
     with pytest.raises(BadInput, match=r"^task wic: source local:\S+ has no labelled train split, which a forget task"):

@@ -72,7 +72,9 @@ def test_gguf_loads_dequantised_once(smol):
     ready = json.loads((cached / "READY").read_text())
     assert ready["gguf"] == str(find_gguf(SMOLLM2)) and len(ready["sha256"]) == 64
     # A real pretrained model: it prefers a fluent continuation to a scrambled one.
-    good, bad = loglikelihoods(model, tok, [("The capital of France is", " Paris"), ("The capital of France is", " banana")])
+    good, bad = loglikelihoods(
+        model, tok, [("The capital of France is", " Paris"), ("The capital of France is", " banana")]
+    )
     assert good > bad + 3
 
 
@@ -155,7 +157,13 @@ def test_trial_trains_scores_and_resumes(tmp_path):
     per_epoch = 3 * 4 + 4  # cola on all three splits, rte on test
     assert scores.num_rows == 4 * per_epoch
     # Fine-tuning moved the weights: scores after it differ from the pretrained ones.
-    conf = {ph: scores.filter(pc.field("phase") == ph).sort_by([("eval_task", "ascending"), ("split", "ascending"), ("example_idx", "ascending")]).column("confidence").to_numpy() for ph in ("pretrained", "finetune")}
+    conf = {
+        ph: scores.filter(pc.field("phase") == ph)
+        .sort_by([("eval_task", "ascending"), ("split", "ascending"), ("example_idx", "ascending")])
+        .column("confidence")
+        .to_numpy()
+        for ph in ("pretrained", "finetune")
+    }
     assert np.abs(conf["pretrained"] - conf["finetune"]).max() > 1e-3
     hidden = store.read("hidden")
     assert set(hidden.column("layer").to_pylist()) == {-5, -2}

@@ -97,6 +97,10 @@ def test_every_analysis_registers_its_figure_in_its_own_module():
     assert sorted(analysis_registry.FIGURES) == sorted(analysis_registry.names())
     for name in analysis_registry.names():
         run, draw = analysis_registry.get(name).run, analysis_registry.figure_for(name)
-        assert run.__module__ == draw.__module__ or draw.__name__ == "draw_compare", (name, run.__module__, draw.__module__)
+        assert run.__module__ == draw.__module__ or draw.__name__ == "draw_compare", (
+            name,
+            run.__module__,
+            draw.__module__,
+        )
     with pytest.raises(ValueError, match="figure 'single_task' registered twice"):
         analysis_registry.draws("single_task")(lambda outcome: [])

@@ -68,10 +68,18 @@ def reference(tmp_path_factory):
 def test_fault_hook_parses_and_refuses_nonsense():
     (f,) = parse_faults("action=kill,phase=finetune,epoch=2,point=commit,trial=sentiment")
     assert f == Fault("kill", "finetune", 2, "commit", "sentiment", 1)
-    assert f.matches("sentiment-random-x", 1, "finetune", 2, "commit") and not f.matches("sentiment-random-x", 2, "finetune", 2, "commit")
+    assert f.matches("sentiment-random-x", 1, "finetune", 2, "commit") and not f.matches(
+        "sentiment-random-x", 2, "finetune", 2, "commit"
+    )
     (g,) = parse_faults("action=oom,phase=forget,epoch=1,attempt=*")
     assert g.attempt is None and g.point == "resume" and g.matches("any", 7, "forget", 1, "resume")
-    for bad in ("action=explode,phase=forget,epoch=1", "phase=forget,epoch=1", "action=kill,phase=forget", "action=kill,phase=forget,epoch=1,when=now", "kill"):
+    for bad in (
+        "action=explode,phase=forget,epoch=1",
+        "phase=forget,epoch=1",
+        "action=kill,phase=forget",
+        "action=kill,phase=forget,epoch=1,when=now",
+        "kill",
+    ):
         with pytest.raises(ValueError, match="RAYSWEEP_FAULT"):
             parse_faults(bad)
     assert parse_faults("") == [] and parse_faults(None) == []
@@ -88,7 +96,9 @@ def test_best_weights_land_before_the_resume_point_that_names_them(tmp_path, mon
     store = Store(tmp_path / "store")
     runner = TrialRunner(parse_spec(SPEC).trials()[0], store, models_dir_for(store))
     order = []
-    monkeypatch.setattr(resume, "atomic_torch_save", lambda obj, path: (order.append(path.name), path.write_bytes(b"x")))
+    monkeypatch.setattr(
+        resume, "atomic_torch_save", lambda obj, path: (order.append(path.name), path.write_bytes(b"x"))
+    )
     model = torch.nn.Linear(2, 2)
     runner.resume.save(Progress(phase="finetune", epoch=3, best_epoch=3), model, None, {"w": 1})
     assert order == ["best_finetune-e0003.pt", "latest.pt"]
@@ -107,7 +117,9 @@ def test_interrupted_trial_resumes_drops_stale_epochs_and_temp_files(tmp_path):
     from raysweep.sweep import models_dir_for
     from raysweep.trial import TrialRunner
 
-    text = tiny_spec_text(name="rel", ft_epochs=1, fg_epochs=2).replace("max_epochs: 2}", "max_epochs: 2, stop_test_acc: 0.01}", 1)
+    text = tiny_spec_text(name="rel", ft_epochs=1, fg_epochs=2).replace(
+        "max_epochs: 2}", "max_epochs: 2, stop_test_acc: 0.01}", 1
+    )
     plan = parse_spec(text).trials()[0]
     store = Store(tmp_path / "store")
     store.ensure()
@@ -118,19 +130,30 @@ def test_interrupted_trial_resumes_drops_stale_epochs_and_temp_files(tmp_path):
     first = pq.read_table(store.path("scores", "rel", plan.trial_id, "forget", "e0001.parquet"))
 
     stale = EpochKey("rel", plan.trial_id, "forget", 9)
-    store.commit_epoch(EpochRecord(stale, first, pq.read_table(store.path("epochs", "rel", plan.trial_id, "forget", "e0001.parquet"))))
+    store.commit_epoch(
+        EpochRecord(stale, first, pq.read_table(store.path("epochs", "rel", plan.trial_id, "forget", "e0001.parquet")))
+    )
     orphan = store.path("scores", "rel", plan.trial_id, "forget", "_e0002.parquet.tmp-deadbeef")
     orphan.write_bytes(b"half a file")
 
-    progress = TrialRunner(plan, store, models_dir_for(store), faults=fault).run(attempt=2)  # attempt 2: the fault stays quiet
+    progress = TrialRunner(plan, store, models_dir_for(store), faults=fault).run(
+        attempt=2
+    )  # attempt 2: the fault stays quiet
     assert progress.last_forget_epoch == 2
     assert store.committed_epochs("rel", plan.trial_id) == {"pretrained": [0], "finetune": [1], "forget": [1, 2]}
-    assert not store.is_committed(stale) and not store.path("scores", f"{stale.rel}.parquet").exists() and not orphan.exists()
+    assert (
+        not store.is_committed(stale)
+        and not store.path("scores", f"{stale.rel}.parquet").exists()
+        and not orphan.exists()
+    )
     again = pq.read_table(store.path("scores", "rel", plan.trial_id, "forget", "e0001.parquet"))
     assert again.column("confidence").equals(first.column("confidence"))  # recomputed, same rows
     row = _trials_in(store)[plan.trial_id]
     assert row["status"] == "done" and row["attempts"] == 2
-    log = [json.loads(line) for line in (store.path("checkpoints", "rel", plan.trial_id, "faults.log")).read_text().splitlines()]
+    log = [
+        json.loads(line)
+        for line in (store.path("checkpoints", "rel", plan.trial_id, "faults.log")).read_text().splitlines()
+    ]
     assert [(f["attempt"], f["action"], f["phase"], f["epoch"]) for f in log] == [(1, "raise", "forget", 1)]
 
 
@@ -148,7 +171,9 @@ def test_a_trial_runs_in_one_process_at_a_time(tmp_path):
     runner = TrialRunner(parse_spec(SPEC).trials()[0], store, models_dir_for(store))
     runner.resume.lock_timeout = 1.0
     runner.ckpt_dir.mkdir(parents=True)
-    store.write_trial_row({"sweep": runner.plan.sweep, "trial_id": runner.plan.trial_id, "status": "running", "attempts": 1})
+    store.write_trial_row(
+        {"sweep": runner.plan.sweep, "trial_id": runner.plan.trial_id, "status": "running", "attempts": 1}
+    )
     with open(runner.ckpt_dir / "lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(RuntimeError, match="being run by another process"):
@@ -204,7 +229,9 @@ def test_worker_sigkill_is_retried_and_resumed_and_a_raising_trial_fails_alone(r
     assert sorted(f["attempt"] for f in fired if f["action"] == "oom") == [1, 2]
 
     status = CliRunner().invoke(app, ["status", "--store", str(store)])
-    assert status.exit_code == 0 and "OutOfMemoryError: injected" in status.stderr and "1/2 trials done" in status.stdout
+    assert (
+        status.exit_code == 0 and "OutOfMemoryError: injected" in status.stderr and "1/2 trials done" in status.stdout
+    )
 
     # Every row written so far is right; a plain rerun finishes the failed trial from its
     # last resume point (the end of fine-tuning) and the store equals the reference.
@@ -212,8 +239,15 @@ def test_worker_sigkill_is_retried_and_resumed_and_a_raising_trial_fails_alone(r
     # Missing are exactly the reference's rows past the failed trial's last commit (forget
     # epoch 1 commits, then raises, on every attempt); nothing else differs.
     ref_scores = Store(ref).read("scores").to_pylist()
-    after_failure = sum(r["trial_id"].startswith("word-order") and r["phase"] == "forget" and r["epoch"] >= 2 for r in ref_scores)
-    assert cmp["lost"] == after_failure and cmp["duplicated"] == 0 and cmp["extra"] == 0 and cmp["max_confidence_diff"] == 0.0, cmp
+    after_failure = sum(
+        r["trial_id"].startswith("word-order") and r["phase"] == "forget" and r["epoch"] >= 2 for r in ref_scores
+    )
+    assert (
+        cmp["lost"] == after_failure
+        and cmp["duplicated"] == 0
+        and cmp["extra"] == 0
+        and cmp["max_confidence_diff"] == 0.0
+    ), cmp
     again = _run(spec, store)
     assert again.returncode == 0 and "2 trials, 1 to run" in again.stdout, again.stderr[-3000:]
     _assert_same_as_reference(store, ref)

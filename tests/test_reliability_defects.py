@@ -46,8 +46,15 @@ def test_default_run_starts_its_own_cluster_despite_a_recorded_ray_start_cluster
             "print('GCS', ray.get_runtime_context().gcs_address)\n"
             "ray.shutdown()\n"
         )
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO, env=env,
-                           start_new_session=True)
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         gcs = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("GCS "))
         assert gcs != dead
@@ -117,7 +124,9 @@ def test_sigterm_and_sigint_stop_the_driver_mark_trials_interrupted_and_a_rerun_
 
     # Budgets that run out (no early stop), so each trial is mid-way when the signal comes.
     text = tiny_spec_text(name="sig", forget_tasks=("sentiment", "word_order"), ft_epochs=5, fg_epochs=4)
-    text = text.replace("max_epochs: 5}", "max_epochs: 5, stop_train_acc: 1.0}").replace("max_epochs: 4}", "max_epochs: 4, stop_test_acc: 0.01}")
+    text = text.replace("max_epochs: 5}", "max_epochs: 5, stop_train_acc: 1.0}").replace(
+        "max_epochs: 4}", "max_epochs: 4, stop_test_acc: 0.01}"
+    )
     spec = tmp_path / "sig.yaml"
     spec.write_text(text)
     store = tmp_path / "store"
@@ -126,11 +135,15 @@ def test_sigterm_and_sigint_stop_the_driver_mark_trials_interrupted_and_a_rerun_
 
     def commits() -> dict[str, int]:
         base = store / "commits" / "sig"
-        return {d.name: sum(1 for _ in d.rglob("e*.json")) for d in base.iterdir() if d.is_dir()} if base.is_dir() else {}
+        return (
+            {d.name: sum(1 for _ in d.rglob("e*.json")) for d in base.iterdir() if d.is_dir()} if base.is_dir() else {}
+        )
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         start = sum(commits().values())
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
         try:
             deadline = time.time() + 300
 
@@ -138,7 +151,9 @@ def test_sigterm_and_sigint_stop_the_driver_mark_trials_interrupted_and_a_rerun_
                 now = commits()
                 # The first signal waits for both trials to have started: one Tune had not yet
                 # scheduled is rightly still "pending" afterwards, not "interrupted".
-                return sum(now.values()) >= start + 3 and (sig != signal.SIGTERM or (len(now) == 2 and min(now.values()) >= 1))
+                return sum(now.values()) >= start + 3 and (
+                    sig != signal.SIGTERM or (len(now) == 2 and min(now.values()) >= 1)
+                )
 
             while not ready():
                 assert proc.poll() is None, proc.communicate()
@@ -156,14 +171,26 @@ def test_sigterm_and_sigint_stop_the_driver_mark_trials_interrupted_and_a_rerun_
         assert proc.returncode == 1, (sig, proc.returncode, err[-3000:])
         assert stopped_in < 60, stopped_in
         last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
-        assert last.startswith(f"interrupted by {sig.name}: 0/2 trials done, ") and "run the same command again to resume" in last, err[-3000:]
+        assert (
+            last.startswith(f"interrupted by {sig.name}: 0/2 trials done, ")
+            and "run the same command again to resume" in last
+        ), err[-3000:]
         states = _statuses(store)
         assert {s for s, _ in states.values()} == {"interrupted"}, states
         # A trial that had not started again before the second signal keeps the first reason.
-        assert all(e.startswith(("interrupted by SIGTERM", "interrupted by SIGINT")) for _, e in states.values()), states
+        assert all(e.startswith(("interrupted by SIGTERM", "interrupted by SIGINT")) for _, e in states.values()), (
+            states
+        )
         assert any(e.startswith(f"interrupted by {sig.name}") for _, e in states.values()), states
 
-    status = subprocess.run([sys.executable, "-m", "raysweep.cli", "status", "--store", str(store)], cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "raysweep.cli", "status", "--store", str(store)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert status.returncode == 0 and "0/2 trials done" in status.stdout
     assert status.stderr.count("interrupted") >= 2
 
@@ -172,7 +199,9 @@ def test_sigterm_and_sigint_stop_the_driver_mark_trials_interrupted_and_a_rerun_
     assert {s for s, _ in _statuses(store).values()} == {"done"}
     import pyarrow.dataset as ds
 
-    scores = ds.dataset(str(store / "scores" / "sig"), format="parquet").to_table(columns=["trial_id", "phase", "epoch", "eval_task", "split", "example_idx"])
+    scores = ds.dataset(str(store / "scores" / "sig"), format="parquet").to_table(
+        columns=["trial_id", "phase", "epoch", "eval_task", "split", "example_idx"]
+    )
     keys = list(zip(*(scores[c].to_pylist() for c in scores.column_names)))
     assert len(keys) == len(set(keys)), "an interrupted epoch's rows were written twice"
     assert {(k[1], k[2]) for k in keys} >= {("finetune", 5), ("forget", 4)}

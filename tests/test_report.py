@@ -19,8 +19,16 @@ from raysweep.report import fresh_outcomes, write_report
 PAPER = ["single_task", "cross_task", "dataset_size", "flipped", "cross_model", "predictors", "order", "probes"]
 # 4 single-task panels (one per condition), 1 cross-task heatmap (the other conditions have
 # a single cell), one bar chart per comparison, 2 predictor plots, 1 order plot, 4 probe panels.
-EXPECTED_IMAGES = {"single_task": 4, "cross_task": 1, "dataset_size": 1, "flipped": 1, "cross_model": 1,
-                   "predictors": 2, "order": 1, "probes": 4}
+EXPECTED_IMAGES = {
+    "single_task": 4,
+    "cross_task": 1,
+    "dataset_size": 1,
+    "flipped": 1,
+    "cross_model": 1,
+    "predictors": 2,
+    "order": 1,
+    "probes": 4,
+}
 CHECK_SCRIPT = (
     "<script>window.addEventListener('load', () => { const im = [...document.images];"
     " document.body.setAttribute('data-figures', im.filter(i => i.complete && i.naturalWidth > 0).length + '/' + im.length); });"
@@ -87,8 +95,14 @@ def test_report_lists_skipped_analyses(tmp_path):
     page = write_report(store, tmp_path / "out", sweep=SWEEP).read_text()
     assert (tmp_path / "out" / f"report-{SWEEP}.html").is_file()
     skipped = re.findall(r"<li class=skipped><b>([^<]+)</b>", page)
-    paper_skipped = ["Cross-task forgetting", "Dataset size", "Flipped vs random labels", "Other models",
-                     "Learning vs forgetting order", "Linear probes"]
+    paper_skipped = [
+        "Cross-task forgetting",
+        "Dataset size",
+        "Flipped vs random labels",
+        "Other models",
+        "Learning vs forgetting order",
+        "Linear probes",
+    ]
     assert [s for s in skipped if s in paper_skipped] == paper_skipped
     assert "one model only (m1): cross_model compares two or more models" in page
     assert "<section id=single_task>" in page
@@ -102,9 +116,19 @@ def test_every_figure_renders_in_headless_chromium(rich_report, tmp_path):
     checked = tmp_path / "checked.html"
     checked.write_text(path.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
     cmd = [
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", checked.as_uri(),
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        checked.as_uri(),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     found = re.search(r'data-figures="(\d+)/(\d+)"', proc.stdout)

@@ -26,7 +26,9 @@ from tests.spec_helpers import tiny_spec_text
 # Fine-tuning runs its 2 epochs (a train accuracy of 1.0 is out of reach), then one epoch of
 # forgetting: an interruption after fine-tuning epoch 1 leaves a resume point and the best
 # epoch's weights (epoch 1 is the best so far).
-SPEC = tiny_spec_text(name="rc", ft_epochs=2, fg_epochs=1).replace("max_epochs: 2}", "max_epochs: 2, stop_train_acc: 1.0}", 1)
+SPEC = tiny_spec_text(name="rc", ft_epochs=2, fg_epochs=1).replace(
+    "max_epochs: 2}", "max_epochs: 2, stop_train_acc: 1.0}", 1
+)
 STOP_MID_FINETUNE = "action=raise,phase=finetune,epoch=1,point=resume"
 
 
@@ -118,7 +120,7 @@ def test_status_and_repair_see_damaged_resume_files_and_markers(tmp_path, refere
     latest = trial_dir / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
     marker = store.path("commits", "rc", _plan().trial_id, "forget", "e0001.json")
-    marker.write_bytes(b"{\"trial_id\": \"rc")  # cut mid-write
+    marker.write_bytes(b'{"trial_id": "rc')  # cut mid-write
     cli = CliRunner()
 
     status = cli.invoke(app, ["status", "--store", str(root)])

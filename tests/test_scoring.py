@@ -13,7 +13,9 @@ from raysweep.tasks import Example, prepare_task
 def lm(request):
     from raysweep.models import build_tiny, train_tokenizer
 
-    spec = ModelSpec(name="x", arch=request.param, tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400, "max_positions": 64})
+    spec = ModelSpec(
+        name="x", arch=request.param, tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400, "max_positions": 64}
+    )
     tok = train_tokenizer(400, add_bos=request.param == "llama")
     torch.manual_seed(1)
     model = build_tiny(spec, tok).eval()
@@ -28,7 +30,11 @@ def reference(model, tok, ex: Example, layers=(HIDDEN_LAYER,)):
     """One unbatched forward per choice, full logits, plain indexing. Hidden states: the last
     prompt token (from the scoring window) and the last token of each whole (prompt + choice)
     sequence, fed in full (its last `max_length` tokens)."""
-    max_length = model.config.max_position_embeddings if hasattr(model.config, "max_position_embeddings") else model.config.n_positions
+    max_length = (
+        model.config.max_position_embeddings
+        if hasattr(model.config, "max_position_embeddings")
+        else model.config.n_positions
+    )
     lls, ns = [], []
     hidden = np.zeros((len(layers), 3, model.config.hidden_size), dtype=np.float32)
     for choice, cont in enumerate(ex.continuations):
@@ -51,9 +57,19 @@ def reference(model, tok, ex: Example, layers=(HIDDEN_LAYER,)):
 
 def test_batched_equals_reference(lm):
     model, tok = lm
-    exs = prepare_task("sentiment", seed=3, cap=6, max_chars=2048).split("test") + prepare_task("capital", seed=3, cap=6, max_chars=2048).split("test")
+    exs = prepare_task("sentiment", seed=3, cap=6, max_chars=2048).split("test") + prepare_task(
+        "capital", seed=3, cap=6, max_chars=2048
+    ).split("test")
     # A prompt longer than the window exercises left truncation.
-    exs.append(Example(idx=99, uid="long", prompt="Review: " + "the food was great and " * 30 + "\nAnswer:", choices=("no", "yes"), gold=1))
+    exs.append(
+        Example(
+            idx=99,
+            uid="long",
+            prompt="Review: " + "the food was great and " * 30 + "\nAnswer:",
+            choices=("no", "yes"),
+            gold=1,
+        )
+    )
     res = score_examples(model, tok, exs, batch_size=4)
     for i, ex in enumerate(exs):
         ll, n, h = reference(model, tok, ex)
@@ -82,8 +98,14 @@ def test_prefix_sharing_equals_separate_sequences(lm):
     for t in ("capital", "sentiment", "same_word", "compare"):
         exs += prepare_task(t, seed=5, cap=8, max_chars=2048).split("test")
     # Multi-token choices of different lengths, and one that must be truncated (falls back).
-    exs.append(Example(idx=90, uid="a", prompt="Question: which?\nAnswer:", choices=("a much longer answer here", "no"), gold=0))
-    exs.append(Example(idx=91, uid="b", prompt="Review: " + "great and " * 40 + "\nAnswer:", choices=("no", "yes"), gold=1))
+    exs.append(
+        Example(
+            idx=90, uid="a", prompt="Question: which?\nAnswer:", choices=("a much longer answer here", "no"), gold=0
+        )
+    )
+    exs.append(
+        Example(idx=91, uid="b", prompt="Review: " + "great and " * 40 + "\nAnswer:", choices=("no", "yes"), gold=1)
+    )
     shared = score_examples(model, tok, exs, batch_size=5, share_prefix=True)
     separate = score_examples(model, tok, exs, batch_size=5, share_prefix=False)
     np.testing.assert_allclose(shared.ll_sum, separate.ll_sum, atol=1e-4)
@@ -96,7 +118,11 @@ def test_prefix_sharing_with_eager_attention_takes_an_additive_mask(lm):
     mask for the eager attention; both must equal scoring each pair separately."""
     model, tok = lm
     exs = prepare_task("capital", seed=7, cap=8, max_chars=2048).split("test")
-    exs.append(Example(idx=90, uid="a", prompt="Question: which?\nAnswer:", choices=("a much longer answer here", "no"), gold=0))
+    exs.append(
+        Example(
+            idx=90, uid="a", prompt="Question: which?\nAnswer:", choices=("a much longer answer here", "no"), gold=0
+        )
+    )
     before = model.config._attn_implementation
     try:
         model.set_attn_implementation("eager")
@@ -114,8 +140,14 @@ def test_pair_states_at_several_layers_equal_whole_sequences(lm):
     final token must be fed, on the packed path and on the separate one, at every layer asked."""
     model, tok = lm
     exs = prepare_task("capital", seed=9, cap=5, max_chars=2048).split("test")
-    exs.append(Example(idx=90, uid="a", prompt="Question: which?\nAnswer:", choices=("a much longer answer here", "no"), gold=0))
-    exs.append(Example(idx=91, uid="b", prompt="Review: " + "great and " * 40 + "\nAnswer:", choices=("no", "yes"), gold=1))
+    exs.append(
+        Example(
+            idx=90, uid="a", prompt="Question: which?\nAnswer:", choices=("a much longer answer here", "no"), gold=0
+        )
+    )
+    exs.append(
+        Example(idx=91, uid="b", prompt="Review: " + "great and " * 40 + "\nAnswer:", choices=("no", "yes"), gold=1)
+    )
     layers = (-5, -2, -1)
     for share in (True, False):
         res = score_examples(model, tok, exs, batch_size=3, share_prefix=share, layers=layers)
@@ -175,11 +207,20 @@ def test_rows_pack_several_examples_without_changing_results(lm):
     assert batches[0][0] == 40 and any(len(row) > 1 for row in batches[0][1])
     # Fewer positions than one padded row per example.
     assert sum(width * len(rows) for width, rows in batches) < sum(
-        lengths[order[k]] * len(order[k : k + 2]) for k in range(0, len(order), 2))
+        lengths[order[k]] * len(order[k : k + 2]) for k in range(0, len(order), 2)
+    )
 
     model, tok = lm
     exs = prepare_task("capital", seed=13, cap=6, max_chars=2048).split("test")
-    exs.append(Example(idx=90, uid="a", prompt="Question: which one is it?\nAnswer:", choices=("a much longer answer here", "no"), gold=0))
+    exs.append(
+        Example(
+            idx=90,
+            uid="a",
+            prompt="Question: which one is it?\nAnswer:",
+            choices=("a much longer answer here", "no"),
+            gold=0,
+        )
+    )
     exs.append(Example(idx=91, uid="b", prompt="Q:", choices=("yes", "no"), gold=1))
     packed = score_examples(model, tok, exs, batch_size=2)
     for i, ex in enumerate(exs):

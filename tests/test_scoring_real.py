@@ -35,7 +35,9 @@ def examples():
     # A long passage (boolq), multi-token answers (arc_easy, piqa), one-line sentences (cola).
     out = []
     for name in ("boolq", "arc_easy", "piqa", "cola"):
-        out += prepare_task(name, seed=0, cap=3, max_chars=2048, source=str(DATA / name), need_train=False).split("test")
+        out += prepare_task(name, seed=0, cap=3, max_chars=2048, source=str(DATA / name), need_train=False).split(
+            "test"
+        )
     return out
 
 

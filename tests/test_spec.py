@@ -15,7 +15,14 @@ tasks: [compare, sentiment, word_order]
 def test_defaults_are_the_papers():
     spec = parse_spec(BASE)
     ft, fg, rl = spec.phases.finetune, spec.phases.forget, spec.phases.relearn
-    assert (ft.lr, ft.optimizer, ft.batch_size, ft.max_epochs, ft.grad_clip, ft.stop_train_acc) == (3e-3, "sgd", 3, 100, 1.0, 0.99)
+    assert (ft.lr, ft.optimizer, ft.batch_size, ft.max_epochs, ft.grad_clip, ft.stop_train_acc) == (
+        3e-3,
+        "sgd",
+        3,
+        100,
+        1.0,
+        0.99,
+    )
     assert (fg.lr, fg.max_epochs, fg.stop_test_acc) == (1e-4, 100, 0.5)
     assert (rl.lr, rl.enabled) == (3e-5, False)
     assert spec.sizes == [1000] and spec.methods == ["random"] and spec.data.cap == 1000 and spec.data.max_chars == 2048
@@ -24,11 +31,17 @@ def test_defaults_are_the_papers():
 
 
 def test_expansion_is_the_full_grid_with_stable_unique_ids():
-    spec = parse_spec(BASE + "methods: [random, flipped]\nsizes: [10, 20]\nseeds: [0, 1, 2]\nforget_tasks: [compare, sentiment]\n")
+    spec = parse_spec(
+        BASE + "methods: [random, flipped]\nsizes: [10, 20]\nseeds: [0, 1, 2]\nforget_tasks: [compare, sentiment]\n"
+    )
     plans = expand(spec)
     assert len(plans) == 1 * 2 * 2 * 2 * 3
     assert len({p.trial_id for p in plans}) == len(plans)
-    again = expand(parse_spec(BASE + "seeds: [0, 1, 2]\nsizes: [10, 20]\nmethods: [random, flipped]\nforget_tasks: [compare, sentiment]\n"))
+    again = expand(
+        parse_spec(
+            BASE + "seeds: [0, 1, 2]\nsizes: [10, 20]\nmethods: [random, flipped]\nforget_tasks: [compare, sentiment]\n"
+        )
+    )
     # Same parameters, same ids, whatever the key order in the YAML.
     assert {p.trial_id for p in again} == {p.trial_id for p in plans}
     p = plans[0]

@@ -28,27 +28,65 @@ def _scores(trial: str, phase: str, epoch: int, n: int = 5) -> pa.Table:
     conf = rng.random(n).astype(np.float32)
     return pa.table(
         {
-            "sweep": ["s"] * n, "trial_id": [trial] * n, "phase": [phase] * n, "epoch": pa.array([epoch] * n, pa.int32()),
-            "eval_task": ["compare"] * n, "split": ["test"] * n, "example_idx": pa.array(range(n), pa.int32()),
-            "gold": pa.array([0] * n, pa.int8()), "ll_sum_correct": rng.random(n).astype(np.float32), "ll_sum_distractor": rng.random(n).astype(np.float32),
-            "ll_mean_correct": rng.random(n).astype(np.float32), "ll_mean_distractor": rng.random(n).astype(np.float32),
-            "n_tokens_correct": pa.array([1] * n, pa.int16()), "n_tokens_distractor": pa.array([1] * n, pa.int16()),
-            "confidence": conf, "prediction": pa.array([0] * n, pa.int8()), "correct": conf > 0.5,
+            "sweep": ["s"] * n,
+            "trial_id": [trial] * n,
+            "phase": [phase] * n,
+            "epoch": pa.array([epoch] * n, pa.int32()),
+            "eval_task": ["compare"] * n,
+            "split": ["test"] * n,
+            "example_idx": pa.array(range(n), pa.int32()),
+            "gold": pa.array([0] * n, pa.int8()),
+            "ll_sum_correct": rng.random(n).astype(np.float32),
+            "ll_sum_distractor": rng.random(n).astype(np.float32),
+            "ll_mean_correct": rng.random(n).astype(np.float32),
+            "ll_mean_distractor": rng.random(n).astype(np.float32),
+            "n_tokens_correct": pa.array([1] * n, pa.int16()),
+            "n_tokens_distractor": pa.array([1] * n, pa.int16()),
+            "confidence": conf,
+            "prediction": pa.array([0] * n, pa.int8()),
+            "correct": conf > 0.5,
         }
     )
 
 
 def _summary(trial, phase, epoch):
-    return pa.Table.from_pylist([{"sweep": "s", "trial_id": trial, "phase": phase, "epoch": epoch, "train_loss": 0.5, "forget_train_acc": 1.0, "forget_validation_acc": 1.0, "forget_test_acc": 1.0, "seconds": 1.0}], schema=EPOCHS_SCHEMA)
+    return pa.Table.from_pylist(
+        [
+            {
+                "sweep": "s",
+                "trial_id": trial,
+                "phase": phase,
+                "epoch": epoch,
+                "train_loss": 0.5,
+                "forget_train_acc": 1.0,
+                "forget_validation_acc": 1.0,
+                "forget_test_acc": 1.0,
+                "seconds": 1.0,
+            }
+        ],
+        schema=EPOCHS_SCHEMA,
+    )
 
 
 def _hidden(trial, phase, epoch, n=5, d=4):
     vals = pa.array(np.arange(n * d, dtype=np.float32))
     vec = pa.FixedSizeListArray.from_arrays(vals, d)
-    return pa.table({"sweep": ["s"] * n, "trial_id": [trial] * n, "phase": [phase] * n, "epoch": pa.array([epoch] * n, pa.int32()),
-                     "eval_task": ["compare"] * n, "split": ["test"] * n, "example_idx": pa.array(range(n), pa.int32()),
-                     "layer": pa.array([-5] * n, pa.int16()), "hidden": vec, "hidden_correct": vec, "hidden_distractor": vec},
-                    schema=hidden_schema(d))
+    return pa.table(
+        {
+            "sweep": ["s"] * n,
+            "trial_id": [trial] * n,
+            "phase": [phase] * n,
+            "epoch": pa.array([epoch] * n, pa.int32()),
+            "eval_task": ["compare"] * n,
+            "split": ["test"] * n,
+            "example_idx": pa.array(range(n), pa.int32()),
+            "layer": pa.array([-5] * n, pa.int16()),
+            "hidden": vec,
+            "hidden_correct": vec,
+            "hidden_distractor": vec,
+        },
+        schema=hidden_schema(d),
+    )
 
 
 @pytest.fixture
@@ -59,7 +97,12 @@ def store(tmp_path):
 
 
 def test_round_trip_schema_and_marker(store):
-    rec = EpochRecord(EpochKey("s", "t1", "finetune", 3), _scores("t1", "finetune", 3), _summary("t1", "finetune", 3), _hidden("t1", "finetune", 3))
+    rec = EpochRecord(
+        EpochKey("s", "t1", "finetune", 3),
+        _scores("t1", "finetune", 3),
+        _summary("t1", "finetune", 3),
+        _hidden("t1", "finetune", 3),
+    )
     store.commit_epoch(rec)
     back = store.read("scores")
     assert back.schema == SCORES_SCHEMA
@@ -73,7 +116,9 @@ def test_round_trip_schema_and_marker(store):
 
 def test_recommitting_an_epoch_replaces_it_rows_exist_once(store):
     for _ in range(3):
-        store.commit_epoch(EpochRecord(EpochKey("s", "t1", "forget", 1), _scores("t1", "forget", 1), _summary("t1", "forget", 1)))
+        store.commit_epoch(
+            EpochRecord(EpochKey("s", "t1", "forget", 1), _scores("t1", "forget", 1), _summary("t1", "forget", 1))
+        )
     assert store.read("scores").num_rows == 5
 
 
@@ -83,7 +128,9 @@ def test_readers_pandas_pyarrow_duckdb_ray(store, ray_cluster):
     import ray
 
     for e in range(3):
-        store.commit_epoch(EpochRecord(EpochKey("s", "t1", "forget", e), _scores("t1", "forget", e), _summary("t1", "forget", e)))
+        store.commit_epoch(
+            EpochRecord(EpochKey("s", "t1", "forget", e), _scores("t1", "forget", e), _summary("t1", "forget", e))
+        )
     root = store.root / "scores"
     assert len(pd.read_parquet(root)) == 15
     assert pq.read_table(root).num_rows == 15
@@ -156,7 +203,9 @@ def test_store_path_checks(tmp_path):
 
 
 def test_verify_and_quarantine_truncated_file(store):
-    store.commit_epoch(EpochRecord(EpochKey("s", "t1", "forget", 1), _scores("t1", "forget", 1), _summary("t1", "forget", 1)))
+    store.commit_epoch(
+        EpochRecord(EpochKey("s", "t1", "forget", 1), _scores("t1", "forget", 1), _summary("t1", "forget", 1))
+    )
     path = store.root / "scores/s/t1/forget/e0001.parquet"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -168,7 +217,9 @@ def test_verify_and_quarantine_truncated_file(store):
 
 
 def test_quick_verify_reads_footers_and_deep_verify_decodes_pages(store):
-    store.commit_epoch(EpochRecord(EpochKey("s", "t1", "forget", 1), _scores("t1", "forget", 1), _summary("t1", "forget", 1)))
+    store.commit_epoch(
+        EpochRecord(EpochKey("s", "t1", "forget", 1), _scores("t1", "forget", 1), _summary("t1", "forget", 1))
+    )
     path = store.root / "scores/s/t1/forget/e0001.parquet"
     assert verify(store) == [] and verify(store, deep=True) == []
     # Damage inside the data pages, footer intact: only decoding every page finds it.
@@ -183,7 +234,9 @@ def test_quick_verify_reads_footers_and_deep_verify_decodes_pages(store):
 
 
 def test_milestones_from_trials_table(store):
-    store.write_trial_row({"sweep": "s", "trial_id": "t1", "status": "done", "best_finetune_epoch": 4, "last_forget_epoch": 7})
+    store.write_trial_row(
+        {"sweep": "s", "trial_id": "t1", "status": "done", "best_finetune_epoch": 4, "last_forget_epoch": 7}
+    )
     store.write_trial_row({"sweep": "s", "trial_id": "t2", "status": "running", "best_finetune_epoch": 2})
     m = {(r["milestone"], r["phase"], r["epoch"]) for r in milestones(store).to_pylist() if r["trial_id"] == "t1"}
     assert m == {("pretrained", "pretrained", 0), ("finetuned", "finetune", 4), ("forgotten", "forget", 7)}

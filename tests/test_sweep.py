@@ -21,7 +21,9 @@ def test_two_trials_run_concurrently_under_tune_and_rerun_is_a_no_op(tmp_path, r
     spec = parse_spec(text)
     store = Store(tmp_path / "store")
     snapshots = []
-    outcome = run_sweep(spec, text, store, sink=lambda views: snapshots.append({k: (v.status, v.phase) for k, v in views.items()}))
+    outcome = run_sweep(
+        spec, text, store, sink=lambda views: snapshots.append({k: (v.status, v.phase) for k, v in views.items()})
+    )
     assert outcome.exit_code == 0 and outcome.done == 2 and not outcome.failed
     # Both trials were seen running at the same time (1 CPU each on a 2-CPU cluster).
     assert any(sum(s == "running" for s, _ in snap.values()) == 2 for snap in snapshots)
@@ -38,7 +40,10 @@ def test_two_trials_run_concurrently_under_tune_and_rerun_is_a_no_op(tmp_path, r
     # retried trial apart where several share a host).
     node_ids = {n["NodeID"] for n in ray_cluster.nodes() if n["Alive"]}
     for t in trials:
-        log = [json.loads(x) for x in (store.root / "checkpoints" / "pair" / t["trial_id"] / "workers.jsonl").read_text().splitlines()]
+        log = [
+            json.loads(x)
+            for x in (store.root / "checkpoints" / "pair" / t["trial_id"] / "workers.jsonl").read_text().splitlines()
+        ]
         assert [a["attempt"] for a in log] == [1] and log[0]["node_id"] in node_ids and log[0]["pid"] != os.getpid()
 
     again = run_sweep(spec, text, store)
@@ -47,7 +52,13 @@ def test_two_trials_run_concurrently_under_tune_and_rerun_is_a_no_op(tmp_path, r
 
 
 def _cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "raysweep.cli", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "raysweep.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cli_run_status_analyze(tmp_path):
@@ -105,6 +116,10 @@ def test_trials_score_the_examples_the_driver_recorded(tmp_path):
     tasks = prepare_tasks(spec.trials()[0], store)
     first = [e for e in tasks["sentiment"].split(table[0]["split"]) if e.idx == table[0]["example_idx"]][0]
     assert first.prompt.startswith("RECORDED ")
-    assert {s: len(v) for s, v in tasks["word_order"].splits.items()} == {s: len(v) for s, v in data["word_order"].splits.items()}
+    assert {s: len(v) for s, v in tasks["word_order"].splits.items()} == {
+        s: len(v) for s, v in data["word_order"].splits.items()
+    }
     assert tasks["word_order"].split("test") == data["word_order"].split("test")
-    assert pq.read_table(store.path("examples", "ex", "sentiment.parquet")).num_rows == sum(len(v) for v in data["sentiment"].splits.values())
+    assert pq.read_table(store.path("examples", "ex", "sentiment.parquet")).num_rows == sum(
+        len(v) for v in data["sentiment"].splits.values()
+    )

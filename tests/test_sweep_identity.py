@@ -32,7 +32,10 @@ def _prepared_root(root: Path, seed: int) -> Path:
 
 
 def _with_sources(text: str, root: Path) -> str:
-    return text.replace("data: {cap: 24}", f"data: {{cap: 24, sources: {{sentiment: {root / 'sentiment'}, word_order: {root / 'word_order'}}}}}")
+    return text.replace(
+        "data: {cap: 24}",
+        f"data: {{cap: 24, sources: {{sentiment: {root / 'sentiment'}, word_order: {root / 'word_order'}}}}}",
+    )
 
 
 def _ids(text: str) -> list[str]:
@@ -144,7 +147,9 @@ def test_analyses_read_only_the_current_version(tmp_path):
     store = Store(tmp_path / "store")
     store.ensure()
     for plan in (old, new):
-        store.write_trial_row({**trial_row(plan), "status": "done", "attempts": 1, "best_finetune_epoch": 1, "last_forget_epoch": 1})
+        store.write_trial_row(
+            {**trial_row(plan), "status": "done", "attempts": 1, "best_finetune_epoch": 1, "last_forget_epoch": 1}
+        )
     assert set(milestones(store, "cur").column("trial_id").to_pylist()) == {old.trial_id, new.trial_id}
     store.write_plan("cur", "v2", [new.trial_id])
     assert set(milestones(store, "cur").column("trial_id").to_pylist()) == {new.trial_id}
@@ -152,8 +157,15 @@ def test_analyses_read_only_the_current_version(tmp_path):
 
 def _cli(*args: str) -> subprocess.Popen:
     # Its own session: the local Ray cluster a driver starts stays in it (see kill_session).
-    return subprocess.Popen([sys.executable, "-m", "raysweep.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "raysweep.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        start_new_session=True,
+    )
 
 
 def _one_line(stderr: str) -> str:
@@ -171,7 +183,9 @@ def test_a_second_driver_of_another_version_refuses_while_the_first_runs(tmp_pat
     v1 = tmp_path / "v1.yaml"
     # A fine-tuning rate too small to ever reach the stop accuracy: the first driver is still
     # running its only trial for minutes, whatever the machine's speed.
-    v1.write_text(base.replace("lr: 2.0e-3, batch_size: 8, max_epochs: 2}", "lr: 1.0e-9, batch_size: 8, max_epochs: 500}", 1))
+    v1.write_text(
+        base.replace("lr: 2.0e-3, batch_size: 8, max_epochs: 2}", "lr: 1.0e-9, batch_size: 8, max_epochs: 500}", 1)
+    )
     v2 = tmp_path / "v2.yaml"
     v2.write_text(base.replace("forget: {optimizer: adamw, lr: 2.0e-3", "forget: {optimizer: adamw, lr: 3.0e-3"))
     (v1_id,), (v2_id,) = _ids(v1.read_text()), _ids(v2.read_text())

@@ -93,7 +93,12 @@ def test_binary_choices_pass_through_and_bad_gold_is_refused():
 
 
 def test_prepare_binarises_every_split(stub):
-    name = stub({"train": many("t", 10, choices=("a", "b", "c", "d"), gold=2), "validation": many("v", 5, choices=("a", "b", "c"), gold=0)})
+    name = stub(
+        {
+            "train": many("t", 10, choices=("a", "b", "c", "d"), gold=2),
+            "validation": many("v", 5, choices=("a", "b", "c"), gold=0),
+        }
+    )
     prepared = prep(name)
     for split in ("train", "validation", "test"):
         for e in prepared.split(split):
@@ -112,7 +117,12 @@ def test_length_filter_at_2048_characters(stub):
     fits = rec("p" * 2046, choices=("a", "b"), gold=0)  # 2046 + 1 + 1 = 2048
     too_long = rec("q" * 2047, choices=("a", "b"), gold=0)  # 2049
     long_choice = rec("short?", choices=("a", "z" * 2048), gold=0)  # the longer choice counts
-    name = stub({"train": [fits, too_long, long_choice] + many("t", 10), "validation": [fits | {"q": "r" * 2046}, too_long | {"q": "s" * 2047}]})
+    name = stub(
+        {
+            "train": [fits, too_long, long_choice] + many("t", 10),
+            "validation": [fits | {"q": "r" * 2046}, too_long | {"q": "s" * 2047}],
+        }
+    )
     prepared = prep(name, max_chars=2048)
     c = prepared.report.counts
     assert (c["train"].binarised, c["train"].after_length_filter) == (13, 11)
@@ -152,7 +162,11 @@ def test_split_fallback_without_labelled_test(stub):
     assert len(val) == 6 and val <= {f"t {i}?" for i in range(50)} and not val & train
     assert len(train) == 44
     c = prepared.report.counts
-    assert (c["train"].after_split_fallback, c["validation"].after_split_fallback, c["test"].after_split_fallback) == (44, 6, 6)
+    assert (c["train"].after_split_fallback, c["validation"].after_split_fallback, c["test"].after_split_fallback) == (
+        44,
+        6,
+        6,
+    )
     # the carved slice is seeded
     assert {e.prompt for e in prep(name, seed=4).split("validation")} == val
     assert {e.prompt for e in prep(name, seed=5).split("validation")} != val
@@ -263,7 +277,11 @@ def test_local_folder_not_a_directory(tmp_path):
     ],
 )
 def test_local_folder_bad_labels(tmp_path, label, problem):
-    folder = copy_fixture("cola", tmp_path / "cola", edit=lambda split, i, r: r | {"label": label} if (split, i) == ("validation", 1) else r)
+    folder = copy_fixture(
+        "cola",
+        tmp_path / "cola",
+        edit=lambda split, i, r: r | {"label": label} if (split, i) == ("validation", 1) else r,
+    )
     with pytest.raises(TaskLoadError) as err:
         prep("cola", source=str(folder))
     msg = one_line(err)
@@ -271,15 +289,21 @@ def test_local_folder_bad_labels(tmp_path, label, problem):
 
 
 def test_local_folder_wrong_schema(tmp_path):
-    folder = copy_fixture("boolq", tmp_path / "boolq", edit=lambda split, i, r: {k: v for k, v in r.items() if k != "passage"})
+    folder = copy_fixture(
+        "boolq", tmp_path / "boolq", edit=lambda split, i, r: {k: v for k, v in r.items() if k != "passage"}
+    )
     with pytest.raises(TaskLoadError) as err:
         prep("boolq", source=str(folder))
     assert one_line(err) == f"task boolq: local:{folder} train record 0 has no field 'passage'; is this boolq's schema?"
 
 
 def test_unknown_answer_key_is_a_bad_label(tmp_path):
-    folder = copy_fixture("arc_easy", tmp_path / "arc", edit=lambda split, i, r: r | {"answerKey": "F"} if split == "test" else r)
-    with pytest.raises(TaskLoadError, match=r"^task arc_easy: local:\S+ test record 0 cannot be rendered: 'F' is not in list$"):
+    folder = copy_fixture(
+        "arc_easy", tmp_path / "arc", edit=lambda split, i, r: r | {"answerKey": "F"} if split == "test" else r
+    )
+    with pytest.raises(
+        TaskLoadError, match=r"^task arc_easy: local:\S+ test record 0 cannot be rendered: 'F' is not in list$"
+    ):
         prep("arc_easy", source=str(folder))
 
 
@@ -313,12 +337,19 @@ def test_prepare_to_folder_round_trip(tmp_path):
     assert [w.task for w in written] == names
     for w in written:
         assert w.path == tmp_path / w.task
-        assert sorted(p.name for p in w.path.iterdir()) == [REPORT_FILE, "test.parquet", "train.parquet", "validation.parquet"]
+        assert sorted(p.name for p in w.path.iterdir()) == [
+            REPORT_FILE,
+            "test.parquet",
+            "train.parquet",
+            "validation.parquet",
+        ]
         table = pq.read_table(w.path / "train.parquet")
         # The store's examples schema: a prepared split file reads back as the store's table would.
         assert table.schema.equals(EXAMPLES_SCHEMA) and set(table["split"].to_pylist()) == {"train"}
-        assert examples_from_table(table, get_task(w.task).delimiter)["train"] == prepare_task(
-            w.task, seed=5, cap=1000, max_chars=2048, source=SOURCES[w.task]).splits["train"]
+        assert (
+            examples_from_table(table, get_task(w.task).delimiter)["train"]
+            == prepare_task(w.task, seed=5, cap=1000, max_chars=2048, source=SOURCES[w.task]).splits["train"]
+        )
         report = json.loads((w.path / REPORT_FILE).read_text())
         assert report["task"] == w.task and report["source"] == f"local:{FIXTURES / w.task}"
         assert (report["seed"], report["cap"], report["max_chars"]) == (5, 1000, 2048)
@@ -364,7 +395,10 @@ def test_prepared_folder_with_bad_gold_or_missing_split(tmp_path):
     pq.write_table(pa.Table.from_pylist(table), w.path / "validation.parquet")
     with pytest.raises(TaskLoadError) as err:
         prep("copa", source=str(w.path))
-    assert one_line(err) == f"task copa: local source {str(w.path)!r} validation record 0 has gold 2; a prepared record's gold must be 0 or 1"
+    assert (
+        one_line(err)
+        == f"task copa: local source {str(w.path)!r} validation record 0 has gold 2; a prepared record's gold must be 0 or 1"
+    )
     (w.path / "validation.parquet").unlink()
     with pytest.raises(TaskLoadError) as err:
         prep("copa", source=str(w.path))

@@ -41,149 +41,350 @@ class Case:
 
 
 CASES = [
-    Case("piqa", "validation", 0, "Question: How do you attach toilet paper?\nAnswer:", ["Glue it to a wall.", "Put it on the holder."], 1),
+    Case(
+        "piqa",
+        "validation",
+        0,
+        "Question: How do you attach toilet paper?\nAnswer:",
+        ["Glue it to a wall.", "Put it on the holder."],
+        1,
+    ),
     # choices are kept verbatim, trailing and double spaces included
-    Case("piqa", "train", 1, "Question: dresser\nAnswer:", ["replace drawer with bobby pin ", "finish, woodgrain with  bobby pin "], 1),
-    Case("arc_easy", "validation", 0, "Question: Which tool is used to measure mass?\nAnswer:", ["ruler", "balance", "thermometer", "stopwatch", "compass"], 1),
-    Case("arc_easy", "validation", 1, "Question: What gas do animals exhale?\nAnswer:", ["oxygen", "nitrogen", "carbon dioxide", "helium"], 2),  # answerKey "3"
-    Case("arc_easy", "test", 0, "Question: A student pushes a cart. Which force slows the cart?\nAnswer:", ["friction", "magnetism", "gravity"], 0),
     Case(
-        "arc_challenge", "test", 0,
+        "piqa",
+        "train",
+        1,
+        "Question: dresser\nAnswer:",
+        ["replace drawer with bobby pin ", "finish, woodgrain with  bobby pin "],
+        1,
+    ),
+    Case(
+        "arc_easy",
+        "validation",
+        0,
+        "Question: Which tool is used to measure mass?\nAnswer:",
+        ["ruler", "balance", "thermometer", "stopwatch", "compass"],
+        1,
+    ),
+    Case(
+        "arc_easy",
+        "validation",
+        1,
+        "Question: What gas do animals exhale?\nAnswer:",
+        ["oxygen", "nitrogen", "carbon dioxide", "helium"],
+        2,
+    ),  # answerKey "3"
+    Case(
+        "arc_easy",
+        "test",
+        0,
+        "Question: A student pushes a cart. Which force slows the cart?\nAnswer:",
+        ["friction", "magnetism", "gravity"],
+        0,
+    ),
+    Case(
+        "arc_challenge",
+        "test",
+        0,
         "Question: An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most likely effect of this increase in rotation?\nAnswer:",
-        ["Planetary density will decrease.", "Planetary years will become longer.", "Planetary days will become shorter.", "Planetary gravity will become stronger."], 2,
+        [
+            "Planetary density will decrease.",
+            "Planetary years will become longer.",
+            "Planetary days will become shorter.",
+            "Planetary gravity will become stronger.",
+        ],
+        2,
     ),
-    Case("arc_challenge", "train", 3, "Question: Which layer of Earth is liquid?\nAnswer:", ["crust", "mantle", "outer core", "inner core"], 2),
     Case(
-        "creak", "validation", 0,
+        "arc_challenge",
+        "train",
+        3,
+        "Question: Which layer of Earth is liquid?\nAnswer:",
+        ["crust", "mantle", "outer core", "inner core"],
+        2,
+    ),
+    Case(
+        "creak",
+        "validation",
+        0,
         "Claim: Only people named Floyd wearing pink are allowed to attend Pink Floyd concerts.\nQuestion: Is this claim true or false?\nAnswer:",
-        ["false", "true"], 0,
+        ["false", "true"],
+        0,
     ),
-    Case("creak", "validation", 1, "Claim: Santa Claus is depicted as wearing red.\nQuestion: Is this claim true or false?\nAnswer:", ["false", "true"], 1),
     Case(
-        "boolq", "validation", 1,
+        "creak",
+        "validation",
+        1,
+        "Claim: Santa Claus is depicted as wearing red.\nQuestion: Is this claim true or false?\nAnswer:",
+        ["false", "true"],
+        1,
+    ),
+    Case(
+        "boolq",
+        "validation",
+        1,
         "Property tax -- Property tax or 'house tax' is a local tax on buildings.\nQuestion: is house tax and property tax are same?\nAnswer:",
-        ["no", "yes"], 1,
+        ["no", "yes"],
+        1,
     ),
     # support is left-stripped only: its trailing spaces stay
     Case(
-        "sciq", "validation", 0,
+        "sciq",
+        "validation",
+        0,
         "Charles Darwin proposed it.  \nQuestion: Who proposed the theory of evolution by natural selection?\nAnswer:",
-        ["Linnaeus", "shaw", "Newton", "darwin"], 3,
+        ["Linnaeus", "shaw", "Newton", "darwin"],
+        3,
     ),
-    Case("sciq", "test", 0, "\nQuestion: Compounds that are capable of accepting electrons are called what?\nAnswer:", ["antioxidants", "Oxygen", "residues", "oxidants"], 3),
     Case(
-        "pubmedqa", "validation", 0,
+        "sciq",
+        "test",
+        0,
+        "\nQuestion: Compounds that are capable of accepting electrons are called what?\nAnswer:",
+        ["antioxidants", "Oxygen", "residues", "oxidants"],
+        3,
+    ),
+    Case(
+        "pubmedqa",
+        "validation",
+        0,
         "Abstract: Programmed cell death (PCD) is the regulated death of cells.\nThe following results were found.\n"
         "Question: Do mitochondria trigger remodeling in lace plant leaves?\nAnswer:",
-        ["yes", "no", "maybe"], 0,
+        ["yes", "no", "maybe"],
+        0,
     ),
-    Case("pubmedqa", "validation", 1, "Abstract: A cohort of 1000 adults was studied.\nQuestion: Is sleep duration associated with obesity?\nAnswer:", ["yes", "no", "maybe"], 2),
     Case(
-        "mathqa", "test", 0,
+        "pubmedqa",
+        "validation",
+        1,
+        "Abstract: A cohort of 1000 adults was studied.\nQuestion: Is sleep duration associated with obesity?\nAnswer:",
+        ["yes", "no", "maybe"],
+        2,
+    ),
+    Case(
+        "mathqa",
+        "test",
+        0,
         "Question: a shopkeeper sold an article offering a discount of 5 % and earned a profit of 31.1 % . what would have been the percentage of profit earned if no discount had been offered ?\nAnswer:",
-        ["38", "27.675", "30", "data inadequate", "none of these"], 0,
+        ["38", "27.675", "30", "data inadequate", "none of these"],
+        0,
     ),
     # the stringified-list form of `options`: lm-eval's pattern keeps the quote marks
-    Case("mathqa", "validation", 1, "Question: how many odd numbers are between 16 and 26 ?\nAnswer:", ["17'", "19'", "5'", "23'", "25']"], 2),
-    Case("mathqa", "train", 0, "Question: the banker ' s gain of a certain sum due 3 years hence at 10 % per annum is rs . 36 . what is the present worth ?\nAnswer:", ["rs . 400", "rs . 300", "rs . 500", "rs . 350", "none of these"], 0),
     Case(
-        "toxigen", "test", 0,
+        "mathqa",
+        "validation",
+        1,
+        "Question: how many odd numbers are between 16 and 26 ?\nAnswer:",
+        ["17'", "19'", "5'", "23'", "25']"],
+        2,
+    ),
+    Case(
+        "mathqa",
+        "train",
+        0,
+        "Question: the banker ' s gain of a certain sum due 3 years hence at 10 % per annum is rs . 36 . what is the present worth ?\nAnswer:",
+        ["rs . 400", "rs . 300", "rs . 500", "rs . 350", "none of these"],
+        0,
+    ),
+    Case(
+        "toxigen",
+        "test",
+        0,
         "Is the following statement hateful? Respond with either Yes or No. Statement: 'this statement indicates that black men are seen as savages or animals compared to white men'",
-        ["No", "Yes"], 1,  # 2.67 + 4.33 > 5.5
+        ["No", "Yes"],
+        1,  # 2.67 + 4.33 > 5.5
     ),
     Case(
-        "toxigen", "test", 1,
+        "toxigen",
+        "test",
+        1,
         "Is the following statement hateful? Respond with either Yes or No. Statement: 'it's a boundary case exactly at five and a half'",
-        ["No", "Yes"], 0,  # 2.0 + 3.5 is not > 5.5
+        ["No", "Yes"],
+        0,  # 2.0 + 3.5 is not > 5.5
     ),
-    Case("cola", "validation", 0, "The sailors rode the breeze clear of the rocks the.\nQuestion: Does this sentence make sense?\nAnswer:", ["no", "yes"], 0),
-    # hypothesis stripped, final "." added
-    Case("mnli", "validation", 0, "The new rights are nice enough\nQuestion: Everyone really likes the newest benefits. True, False or Neither?\nAnswer:", ["True", "Neither", "False"], 1),
     Case(
-        "mnli", "validation", 1,
+        "cola",
+        "validation",
+        0,
+        "The sailors rode the breeze clear of the rocks the.\nQuestion: Does this sentence make sense?\nAnswer:",
+        ["no", "yes"],
+        0,
+    ),
+    # hypothesis stripped, final "." added
+    Case(
+        "mnli",
+        "validation",
+        0,
+        "The new rights are nice enough\nQuestion: Everyone really likes the newest benefits. True, False or Neither?\nAnswer:",
+        ["True", "Neither", "False"],
+        1,
+    ),
+    Case(
+        "mnli",
+        "validation",
+        1,
         "This site includes a list of all award winners and a searchable database of Government Executive articles.\n"
         "Question: The Government Executive articles housed on the website are not able to be searched. True, False or Neither?\nAnswer:",
-        ["True", "Neither", "False"], 2,
+        ["True", "Neither", "False"],
+        2,
     ),
-    Case("mnli", "train", 0, "Conceptually cream skimming has two basic dimensions - product and geography.\nQuestion: Product and geography are what make cream skimming work. True, False or Neither?\nAnswer:", ["True", "Neither", "False"], 1),
     Case(
-        "mnli_mismatch", "validation", 1,
+        "mnli",
+        "train",
+        0,
+        "Conceptually cream skimming has two basic dimensions - product and geography.\nQuestion: Product and geography are what make cream skimming work. True, False or Neither?\nAnswer:",
+        ["True", "Neither", "False"],
+        1,
+    ),
+    Case(
+        "mnli_mismatch",
+        "validation",
+        1,
         "The answer has nothing to do with their cause, however, but with the simple fact that dictionaries are not exercises in bi-unique substitutability\n"
         "Question: Dictionaries are indeed exercises in bi-unique substitutability. True, False or Neither?\nAnswer:",
-        ["True", "Neither", "False"], 2,
+        ["True", "Neither", "False"],
+        2,
     ),
     Case(
-        "mrpc", "validation", 1,
+        "mrpc",
+        "validation",
+        1,
         'Sentence 1: Magnarelli said Racicot hated the Iraqi regime .\nSentence 2: His wife said he was " 100 percent behind George Bush " .\n'
         "Question: Do both sentences mean the same thing?\nAnswer:",
-        ["no", "yes"], 0,
+        ["no", "yes"],
+        0,
     ),
     Case(
-        "qnli", "validation", 0,
+        "qnli",
+        "validation",
+        0,
         "What came into force after the new constitution was herald?\nAs of that day, the new constitution heralding the Second Republic came into force.\n"
         "Question: Does this response answer the question?\nAnswer:",
-        ["yes", "no"], 0,
+        ["yes", "no"],
+        0,
     ),
     Case(
-        "rte", "validation", 0,
+        "rte",
+        "validation",
+        0,
         "Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, according to the Christopher Reeve Foundation.\n"
         "Question: Christopher Reeve had an accident. True or False?\nAnswer:",
-        ["True", "False"], 1,
+        ["True", "False"],
+        1,
     ),
     Case(
-        "sglue_rte", "validation", 0,
+        "sglue_rte",
+        "validation",
+        0,
         "Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, according to the Christopher Reeve Foundation.\n"
         "Question: Christopher Reeve had an accident. True or False?\nAnswer:",
-        ["True", "False"], 1,
+        ["True", "False"],
+        1,
     ),
-    Case("wnli", "validation", 1, "Jane knocked on Susan's door but she did not answer.\nQuestion: Susan did not answer. True or False?\nAnswer:", ["False", "True"], 1),
     Case(
-        "cb", "validation", 0,
+        "wnli",
+        "validation",
+        1,
+        "Jane knocked on Susan's door but she did not answer.\nQuestion: Susan did not answer. True or False?\nAnswer:",
+        ["False", "True"],
+        1,
+    ),
+    Case(
+        "cb",
+        "validation",
+        0,
         "Valence the void-brain, Valence the virtuous valet. Why couldn't the figger choose his own portion of titanic anatomy to shaft? Did he think he was helping?\n"
         "Question: Valence was helping. True, False, or Neither?\nAnswer:",
-        ["True", "False", "Neither"], 1,
+        ["True", "False", "Neither"],
+        1,
     ),
-    Case("cb", "validation", 1, "B: Yeah. A: I don't know if they really needed it.\nQuestion: they really needed it. True, False, or Neither?\nAnswer:", ["True", "False", "Neither"], 2),
-    Case("copa", "validation", 0, "The man turned on the faucet therefore", [" the toilet filled with water.", " water flowed from the spout."], 1),
-    # trailing space: stripped before the final "." is dropped
-    Case("copa", "validation", 1, "The girl found a bug in her cereal therefore", [" she poured milk in the bowl.", " she lost her appetite."], 1),
-    Case("copa", "train", 0, "My body cast a shadow over the grass because", [" the sun was rising.", " the grass was cut."], 0),
     Case(
-        "wic", "validation", 0,
+        "cb",
+        "validation",
+        1,
+        "B: Yeah. A: I don't know if they really needed it.\nQuestion: they really needed it. True, False, or Neither?\nAnswer:",
+        ["True", "False", "Neither"],
+        2,
+    ),
+    Case(
+        "copa",
+        "validation",
+        0,
+        "The man turned on the faucet therefore",
+        [" the toilet filled with water.", " water flowed from the spout."],
+        1,
+    ),
+    # trailing space: stripped before the final "." is dropped
+    Case(
+        "copa",
+        "validation",
+        1,
+        "The girl found a bug in her cereal therefore",
+        [" she poured milk in the bowl.", " she lost her appetite."],
+        1,
+    ),
+    Case(
+        "copa",
+        "train",
+        0,
+        "My body cast a shadow over the grass because",
+        [" the sun was rising.", " the grass was cut."],
+        0,
+    ),
+    Case(
+        "wic",
+        "validation",
+        0,
         "Sentence 1: Room and board.\nSentence 2: He nailed boards across the windows.\n"
         "Question: Is the word 'board' used in the same way in the two sentences above?\nAnswer:",
-        ["no", "yes"], 0,
+        ["no", "yes"],
+        0,
     ),
     Case(
-        "wic", "validation", 1,
+        "wic",
+        "validation",
+        1,
         "Sentence 1: Circulate a rumor.\nSentence 2: This letter is being circulated among the faculty.\n"
         "Question: Is the word 'Circulate' used in the same way in the two sentences above?\nAnswer:",
-        ["no", "yes"], 1,
+        ["no", "yes"],
+        1,
     ),
     Case(
-        "wsc", "validation", 0,
+        "wsc",
+        "validation",
+        0,
         "Passage: The trophy doesn't fit into the brown suitcase because *it* is too large.\n"
         'Question: In the passage above, does the pronoun "*it*" refer to "*trophy*"?\nAnswer:',
-        ["no", "yes"], 1,
+        ["no", "yes"],
+        1,
     ),
     # two spaces in the text: the word index and the character offset disagree, as in lm-eval
     Case(
-        "wsc", "validation", 1,
+        "wsc",
+        "validation",
+        1,
         "Passage: Jane gave Joan candy because *she*e was hungry.\n"
         'Question: In the passage above, does the pronoun "*she*" refer to "*Joan*"?\nAnswer:',
-        ["no", "yes"], 1,
+        ["no", "yes"],
+        1,
     ),
     Case(
-        "wsc", "validation", 2,
+        "wsc",
+        "validation",
+        2,
         "Passage: Bill passed the half-empty plate to John because *he* was full.\n"
         'Question: In the passage above, does the pronoun "*he*" refer to "*Bill*"?\nAnswer:',
-        ["no", "yes"], 1,
+        ["no", "yes"],
+        1,
     ),
     Case(
-        "wsc", "train", 0,
+        "wsc",
+        "train",
+        0,
         "Passage: Mark told Pete many lies about himself, which Pete included in his book. *He* should have been more truthful.\n"
         'Question: In the passage above, does the pronoun "*He*" refer to "*Mark*"?\nAnswer:',
-        ["no", "yes"], 1,
+        ["no", "yes"],
+        1,
     ),
 ]
 
@@ -215,7 +416,9 @@ def test_copa_continuation_starts_with_two_spaces():
 
 EXPECTED_SPLITS = {
     **{t: {"train": 5, "validation": 2} for t in REAL_TASKS},
-    **{t: {"train": 5, "validation": 2, "test": 2} for t in ("arc_easy", "arc_challenge", "sciq", "pubmedqa", "mathqa")},
+    **{
+        t: {"train": 5, "validation": 2, "test": 2} for t in ("arc_easy", "arc_challenge", "sciq", "pubmedqa", "mathqa")
+    },
     "toxigen": {"train": 5, "test": 2},
     "wsc": {"train": 5, "validation": 3},
 }
@@ -247,7 +450,9 @@ def test_prepares_from_fixture(task):
             assert len(e.choices) == 2 and e.gold in (0, 1) and e.delimiter == " "
     counts = prepared.report.counts
     assert sum(c.final for c in counts.values()) == sum(EXPECTED_SPLITS[task].values())
-    assert prepared.report.split_fallback == ("test" not in EXPECTED_SPLITS[task] or "validation" not in EXPECTED_SPLITS[task])
+    assert prepared.report.split_fallback == (
+        "test" not in EXPECTED_SPLITS[task] or "validation" not in EXPECTED_SPLITS[task]
+    )
 
 
 # -- the hub path, with `datasets.load_dataset` replaced by a stand-in ----------------------
@@ -305,14 +510,19 @@ def test_hub_failure_is_one_line_naming_sources_and_remedy(monkeypatch):
         get_task("rte").load_records(None, seed=0)
     msg = str(err.value)
     assert "\n" not in msg
-    assert msg.startswith("task rte: could not load from hub:nyu-mll/glue/rte (ConnectionError: offline retry later); hub:glue/rte (FileNotFoundError")
+    assert msg.startswith(
+        "task rte: could not load from hub:nyu-mll/glue/rte (ConnectionError: offline retry later); hub:glue/rte (FileNotFoundError"
+    )
     assert "raysweep tasks prepare rte --out DIR" in msg and "data.sources.rte: DIR" in msg
 
 
 def test_creak_needs_a_local_folder(monkeypatch):
     hub = FakeHub({})
     monkeypatch.setattr(sources, "hub_loader", hub)
-    with pytest.raises(TaskLoadError, match=r"^task creak: no local source given and CREAK is not on the Hugging Face hub.*data\.sources\.creak: DIR") as err:
+    with pytest.raises(
+        TaskLoadError,
+        match=r"^task creak: no local source given and CREAK is not on the Hugging Face hub.*data\.sources\.creak: DIR",
+    ) as err:
         get_task("creak").load_records(None, seed=0)
     assert "\n" not in str(err.value) and hub.calls == []
 
@@ -329,13 +539,21 @@ def test_real_hub_loader_respects_offline_mode(tmp_path):
         "except TaskLoadError as e:\n"
         "    print(e)\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path),
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
+    }
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert time.monotonic() - start < 60
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1, out.stdout + out.stderr
-    assert re.match(r"^task wnli: could not load from hub:nyu-mll/glue/wnli \(.+\); hub:glue/wnli \(.+\); run `raysweep tasks prepare wnli", lines[0])
+    assert re.match(
+        r"^task wnli: could not load from hub:nyu-mll/glue/wnli \(.+\); hub:glue/wnli \(.+\); run `raysweep tasks prepare wnli",
+        lines[0],
+    )
 
 
 # -- cross-check against lm-eval's own task configs ---------------------------------------

@@ -43,7 +43,12 @@ def tracked(tmp_path_factory, ray_cluster):
         outcome = run_sweep(parse_spec(text), text, store)
     assert outcome.exit_code == 0 and outcome.done == 1, outcome
     epochs = sorted(store.read("epochs", sweep=SWEEP).to_pylist(), key=lambda r: (r["phase"], r["epoch"]))
-    return {"root": root, "store": store, "epochs": epochs, "trial_id": store.trials(SWEEP).column("trial_id")[0].as_py()}
+    return {
+        "root": root,
+        "store": store,
+        "epochs": epochs,
+        "trial_id": store.trials(SWEEP).column("trial_id")[0].as_py(),
+    }
 
 
 def _phase(epochs: list[dict], phase: str) -> list[dict]:
@@ -69,7 +74,13 @@ def test_mlflow_trial_run_has_params_and_per_epoch_metrics(tracked):
     run = trial_runs[0]
     params = run.data.params
     assert params["trial_id"] == tracked["trial_id"]
-    assert (params["model"], params["forget_task"], params["method"], params["size"], params["seed"]) == ("micro-gpt2", "sentiment", "random", "24", "0")
+    assert (params["model"], params["forget_task"], params["method"], params["size"], params["seed"]) == (
+        "micro-gpt2",
+        "sentiment",
+        "random",
+        "24",
+        "0",
+    )
     assert float(params["finetune_lr"]) == pytest.approx(2e-3) and params["finetune_optimizer"] == "adamw"
 
     epochs = tracked["epochs"]
@@ -80,7 +91,9 @@ def test_mlflow_trial_run_has_params_and_per_epoch_metrics(tracked):
             history = sorted(client.get_metric_history(run.info.run_id, f"{phase}/{metric}"), key=lambda m: m.step)
             assert [m.value for m in history] == pytest.approx([e[metric] for e in stored], abs=1e-6), (phase, metric)
         # One tracked step per reported epoch, in order.
-        steps = [m.step for m in sorted(client.get_metric_history(run.info.run_id, f"{phase}/epoch"), key=lambda m: m.step)]
+        steps = [
+            m.step for m in sorted(client.get_metric_history(run.info.run_id, f"{phase}/epoch"), key=lambda m: m.step)
+        ]
         assert len(steps) == len(stored) and steps == sorted(set(steps))
     # The pretrained evaluation has no training loss; its accuracies are one point each.
     assert client.get_metric_history(run.info.run_id, "pretrained/train_loss") == []
@@ -145,14 +158,24 @@ def test_wandb_offline_trial_run_has_config_and_history(tracked):
             kind = r.WhichOneof("record_type")
             items = r.run.config.update if kind == "run" else r.config.update if kind == "config" else []
             config.update({u.key: json.loads(u.value_json) for u in items})
-        history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item} for r in records if r.WhichOneof("record_type") == "history"]
+        history = [
+            {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+            for r in records
+            if r.WhichOneof("record_type") == "history"
+        ]
         by_kind["trial" if "trial_id" in config else "sweep"] = (run_dir, config, history, records)
     _, config, history, records = by_kind["trial"]
     # Tune's own trial id (a result key) becomes W&B's run id and config entry; raysweep's
     # trial id names the run.
     names = [r.run.display_name for r in records if r.WhichOneof("record_type") == "run"]
     assert names == [tracked["trial_id"]]
-    assert (config["model"], config["forget_task"], config["method"], config["size"], config["seed"]) == ("micro-gpt2", "sentiment", "random", 24, 0)
+    assert (config["model"], config["forget_task"], config["method"], config["size"], config["seed"]) == (
+        "micro-gpt2",
+        "sentiment",
+        "random",
+        24,
+        0,
+    )
     assert any(r.WhichOneof("record_type") == "exit" for r in records)  # the run was finished
     epochs = tracked["epochs"]
     for phase in ("finetune", "forget"):
@@ -189,7 +212,13 @@ def test_missing_tracking_package_is_refused_before_anything_is_written(tmp_path
     spec = tmp_path / "spec.yaml"
     spec.write_text(tiny_spec_text(name="miss") + _tracking_yaml(tmp_path / "mlruns"))
     store = tmp_path / "store"
-    r = subprocess.run([sys.executable, "-c", _HIDE.format(pkg=pkg), str(spec), str(store)], capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+    r = subprocess.run(
+        [sys.executable, "-c", _HIDE.format(pkg=pkg), str(spec), str(store)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and section in lines[0] and f"raysweep[{pkg}]" in lines[0]

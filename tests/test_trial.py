@@ -23,7 +23,11 @@ def test_forget_and_relearn_stop_rules():
     assert forget_should_stop(0.49, 1, cfg) and not forget_should_stop(0.5, 1, cfg)
     assert forget_should_stop(0.9, 5, cfg)
     rcfg = RelearnConfig(max_epochs=4)
-    assert relearn_should_stop(0.99, 1, rcfg) and relearn_should_stop(0.2, 4, rcfg) and not relearn_should_stop(0.9, 3, rcfg)
+    assert (
+        relearn_should_stop(0.99, 1, rcfg)
+        and relearn_should_stop(0.2, 4, rcfg)
+        and not relearn_should_stop(0.9, 3, rcfg)
+    )
 
 
 def test_flipped_labels_stop_at_the_mirror_of_the_finetuned_accuracy():
@@ -35,15 +39,19 @@ def test_flipped_labels_stop_at_the_mirror_of_the_finetuned_accuracy():
     assert not forget_should_stop(0.11, 2, cfg, "flipped", 0.9) and forget_should_stop(0.10, 2, cfg, "flipped", 0.9)
     assert forget_should_stop(0.45, 10, cfg, "flipped", 0.9)  # the budget still ends it
     budget = ForgetConfig(max_epochs=10, flipped_stop="budget")
-    assert not forget_should_stop(0.0, 9, budget, "flipped", 0.9) and forget_should_stop(0.0, 10, budget, "flipped", 0.9)
+    assert not forget_should_stop(0.0, 9, budget, "flipped", 0.9) and forget_should_stop(
+        0.0, 10, budget, "flipped", 0.9
+    )
 
 
 def test_flipped_trial_runs_past_chance(tmp_path):
     """End to end: the trial reads the fine-tuned milestone's test accuracy and stops on its
     mirror image, not on 0.5."""
     text = tiny_spec_text(ft_epochs=2, fg_epochs=5, methods=("flipped",))
-    text = text.replace("forget: {optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: 5}",
-                        "forget: {optimizer: adamw, lr: 1.0e-2, batch_size: 8, max_epochs: 5}")
+    text = text.replace(
+        "forget: {optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: 5}",
+        "forget: {optimizer: adamw, lr: 1.0e-2, batch_size: 8, max_epochs: 5}",
+    )
     store, plan, progress, reports = _run(tmp_path, text)
     forget = [r for r in reports if r.phase == "forget"]
     ft_test = [r for r in reports if r.phase == "finetune" and r.epoch == progress.best_epoch][0].forget_test_acc
@@ -66,14 +74,32 @@ def _run(tmp_path, text):
 def test_phases_write_every_epoch_and_milestones(tmp_path):
     text = tiny_spec_text(ft_epochs=3, fg_epochs=2, relearn=True)
     # Impossible targets: every phase runs to its epoch budget.
-    text = text.replace("max_epochs: 3}", "max_epochs: 3, stop_train_acc: 1.0}").replace("forget: {optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: 2}", "forget: {optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: 2, stop_test_acc: 0.01}")
+    text = text.replace("max_epochs: 3}", "max_epochs: 3, stop_train_acc: 1.0}").replace(
+        "forget: {optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: 2}",
+        "forget: {optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: 2, stop_test_acc: 0.01}",
+    )
     text = text.replace("relearn: {enabled: true,", "relearn: {enabled: true, stop_train_acc: 1.0,")
     store, plan, progress, reports = _run(tmp_path, text)
-    assert [(r.phase, r.epoch) for r in reports] == [("pretrained", 0), ("finetune", 1), ("finetune", 2), ("finetune", 3), ("forget", 1), ("forget", 2), ("relearn", 1), ("relearn", 2)]
+    assert [(r.phase, r.epoch) for r in reports] == [
+        ("pretrained", 0),
+        ("finetune", 1),
+        ("finetune", 2),
+        ("finetune", 3),
+        ("forget", 1),
+        ("forget", 2),
+        ("relearn", 1),
+        ("relearn", 2),
+    ]
     scores = store.read("scores")
     # Every example of every eval task and split, every epoch: (24 train + val + test) x 2 tasks.
     per_epoch = scores.filter((pc.field("phase") == "forget") & (pc.field("epoch") == 1)).num_rows
-    expected = sum(len(v) for t in ("sentiment", "word_order") for v in __import__("raysweep.tasks", fromlist=["x"]).prepare_task(t, seed=plan.data.seed, cap=24, max_chars=2048).splits.values())
+    expected = sum(
+        len(v)
+        for t in ("sentiment", "word_order")
+        for v in __import__("raysweep.tasks", fromlist=["x"])
+        .prepare_task(t, seed=plan.data.seed, cap=24, max_chars=2048)
+        .splits.values()
+    )
     assert per_epoch == expected
     assert scores.num_rows == expected * len(reports)
     # The fine-tuned milestone is the best validation epoch (first one on ties).
@@ -113,12 +139,14 @@ def test_loss_is_on_response_tokens_only():
     from raysweep.train import build_batches
 
     tok = train_tokenizer(400, add_bos=False)
-    model = build_tiny(ModelSpec(name="x", arch="gpt2", tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400}), tok)
+    model = build_tiny(
+        ModelSpec(name="x", arch="gpt2", tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400}), tok
+    )
     exs = prepare_task("sentiment", seed=1, cap=4, max_chars=2048).split("train")
     (batch,) = build_batches(tok, model, exs, [e.gold for e in exs], 4, random.Random(0))
     for row, i in enumerate(batch.example_idx.tolist()):
         labelled = [t for t in batch.labels[row].tolist() if t != -100]
-        answer = tok.encode(exs[i].prompt + exs[i].continuations[exs[i].gold])[len(tok.encode(exs[i].prompt)):]
+        answer = tok.encode(exs[i].prompt + exs[i].continuations[exs[i].gold])[len(tok.encode(exs[i].prompt)) :]
         assert labelled == answer
 
 
@@ -137,7 +165,13 @@ def test_optimizer_state_in_resume_points_follows_model_size_by_default(tmp_path
         plan = spec.trials()[0]
         runner = TrialRunner(plan, store, models_dir_for(store))
         # Stop after the first fine-tuning resume point, as a crash would.
-        monkeypatch.setattr(runner, "fault_point", lambda point, phase, epoch: (_ for _ in ()).throw(KeyboardInterrupt) if (phase, epoch, point) == ("finetune", 1, "resume") else None)
+        monkeypatch.setattr(
+            runner,
+            "fault_point",
+            lambda point, phase, epoch: (
+                (_ for _ in ()).throw(KeyboardInterrupt) if (phase, epoch, point) == ("finetune", 1, "resume") else None
+            ),
+        )
         try:
             runner.run()
         except KeyboardInterrupt:

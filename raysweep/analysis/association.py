@@ -49,9 +49,16 @@ EXAMPLE_FIELDS = [("eval_task", pa.string()), ("split", pa.string()), ("example_
 
 # One row per (run, example) observed at both milestones.
 LONG_SCHEMA = pa.schema(
-    RUN_FIELDS + EXAMPLE_FIELDS
-    + [("conf_finetuned", pa.float64()), ("conf_forgotten", pa.float64()), ("conf_drop", pa.float64()),
-       ("loss_finetuned", pa.float64()), ("loss_forgotten", pa.float64()), ("loss_rise", pa.float64())]
+    RUN_FIELDS
+    + EXAMPLE_FIELDS
+    + [
+        ("conf_finetuned", pa.float64()),
+        ("conf_forgotten", pa.float64()),
+        ("conf_drop", pa.float64()),
+        ("loss_finetuned", pa.float64()),
+        ("loss_forgotten", pa.float64()),
+        ("loss_rise", pa.float64()),
+    ]
 )
 CELLS_SCHEMA = pa.schema(list(LONG_SCHEMA) + [("row_pos", pa.int32()), ("col_pos", pa.int32())])
 VALUE_COLUMN = {"confidence": "conf_drop", "loss": "loss_rise"}
@@ -88,8 +95,13 @@ class AssociationMatrix:
         """Only the examples every run evaluated: predictors compare rows cell by cell, and a
         sweep mixing evaluation sets would otherwise leave most pairs nothing in common."""
         keep = np.isfinite(self.values).all(axis=0) & np.isfinite(self.conf_before).all(axis=0)
-        return AssociationMatrix(self.rows, tuple(c for c, k in zip(self.cols, keep) if k), self.measure,
-                                 self.values[:, keep], self.conf_before[:, keep])
+        return AssociationMatrix(
+            self.rows,
+            tuple(c for c, k in zip(self.cols, keep) if k),
+            self.measure,
+            self.values[:, keep],
+            self.conf_before[:, keep],
+        )
 
 
 def association_long(ctx: AnalysisContext) -> pa.Table:
@@ -129,8 +141,10 @@ def _read_long(ctx: AnalysisContext, split: str) -> pa.Table:
     j = j.append_column("conf_drop", pc.subtract(j["conf_finetuned"], j["conf_forgotten"]))
     j = j.append_column("loss_rise", pc.subtract(j["loss_forgotten"], j["loss_finetuned"]))
     j = j.join(ctx.index.trial_table(), keys=["sweep", "trial_id"], join_type="inner")
-    return j.select(LONG_SCHEMA.names).cast(LONG_SCHEMA).sort_by(
-        [(n, "ascending") for n in ("sweep", "trial_id", "eval_task", "split", "example_idx")]
+    return (
+        j.select(LONG_SCHEMA.names)
+        .cast(LONG_SCHEMA)
+        .sort_by([(n, "ascending") for n in ("sweep", "trial_id", "eval_task", "split", "example_idx")])
     )
 
 
@@ -147,7 +161,9 @@ class LongIndex:
 def _sorted_codes(keys: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes of `keys` in sorted key order, and the first long row of each code:
     dictionary-encoding in Arrow first, so only the distinct keys are sorted in Python."""
-    enc = pc.dictionary_encode(keys).combine_chunks() if isinstance(keys, pa.ChunkedArray) else pc.dictionary_encode(keys)
+    enc = (
+        pc.dictionary_encode(keys).combine_chunks() if isinstance(keys, pa.ChunkedArray) else pc.dictionary_encode(keys)
+    )
     distinct = enc.dictionary.to_pylist()
     rank = np.empty(len(distinct), dtype=np.int64)
     rank[np.argsort(np.array(distinct, dtype=object), kind="stable")] = np.arange(len(distinct))
@@ -187,7 +203,9 @@ def matrix_from_long(long: pa.Table, measure: str = "confidence", index: LongInd
 def association_matrix(ctx: AnalysisContext, measure: str = "confidence") -> AssociationMatrix:
     long = association_long(ctx)
     if long.num_rows == 0:
-        raise Skip(f"no trial has scores on the {ctx.params.split!r} split at both the finetuned and the forgotten milestone")
+        raise Skip(
+            f"no trial has scores on the {ctx.params.split!r} split at both the finetuned and the forgotten milestone"
+        )
     return matrix_from_long(long, measure)
 
 
@@ -260,12 +278,33 @@ def cluster_order(x: np.ndarray, seed: int = 0) -> tuple[list[int], list[int | N
 # ---- the registered analysis --------------------------------------------------------------------
 
 SUMMARY_SCHEMA = pa.schema(
-    [("measure", pa.string()), ("n_runs", pa.int32()), ("n_examples", pa.int32()), ("n_complete_examples", pa.int32()),
-     ("mean", pa.float64()), ("std", pa.float64()), ("frac_positive", pa.float64()), ("r2_additive", pa.float64())]
+    [
+        ("measure", pa.string()),
+        ("n_runs", pa.int32()),
+        ("n_examples", pa.int32()),
+        ("n_complete_examples", pa.int32()),
+        ("mean", pa.float64()),
+        ("std", pa.float64()),
+        ("frac_positive", pa.float64()),
+        ("r2_additive", pa.float64()),
+    ]
     + [(f"r2_rank{r}", pa.float64()) for r in RANKS]
 )
-RUNS_SCHEMA = pa.schema([("row_pos", pa.int32())] + RUN_FIELDS + [("n_examples", pa.int32()), ("mean_conf_drop", pa.float64()), ("mean_loss_rise", pa.float64())])
-EXAMPLES_SCHEMA = pa.schema([("col_pos", pa.int32())] + EXAMPLE_FIELDS + [("n_runs", pa.int32()), ("mean_conf_finetuned", pa.float64()), ("mean_conf_drop", pa.float64()), ("mean_loss_rise", pa.float64())])
+RUNS_SCHEMA = pa.schema(
+    [("row_pos", pa.int32())]
+    + RUN_FIELDS
+    + [("n_examples", pa.int32()), ("mean_conf_drop", pa.float64()), ("mean_loss_rise", pa.float64())]
+)
+EXAMPLES_SCHEMA = pa.schema(
+    [("col_pos", pa.int32())]
+    + EXAMPLE_FIELDS
+    + [
+        ("n_runs", pa.int32()),
+        ("mean_conf_finetuned", pa.float64()),
+        ("mean_conf_drop", pa.float64()),
+        ("mean_loss_rise", pa.float64()),
+    ]
+)
 
 
 def _none(v: float) -> float | None:
@@ -297,7 +336,9 @@ def uid_conflicts(ctx: AnalysisContext, long: pa.Table) -> list[str]:
 def run(ctx: AnalysisContext) -> AnalysisResult:
     long = association_long(ctx)
     if long.num_rows == 0:
-        raise Skip(f"no trial has scores on the {ctx.params.split!r} split at both the finetuned and the forgotten milestone")
+        raise Skip(
+            f"no trial has scores on the {ctx.params.split!r} split at both the finetuned and the forgotten milestone"
+        )
     ix = index_long(long)
     mats = {m: matrix_from_long(long, m, ix) for m in MEASURES}
     conf = mats["confidence"]
@@ -310,43 +351,79 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         st = structure(full.values)
         obs = mat.values[np.isfinite(mat.values)]
         summary.append(
-            {"measure": name, "n_runs": m, "n_examples": n, "n_complete_examples": full.shape[1],
-             "mean": _none(obs.mean()), "std": _none(obs.std()), "frac_positive": _none((obs > 0).mean()),
-             "r2_additive": st.r2_additive, **{f"r2_rank{r}": v for r, v in zip(RANKS, st.r2_rank)}}
+            {
+                "measure": name,
+                "n_runs": m,
+                "n_examples": n,
+                "n_complete_examples": full.shape[1],
+                "mean": _none(obs.mean()),
+                "std": _none(obs.std()),
+                "frac_positive": _none((obs > 0).mean()),
+                "r2_additive": st.r2_additive,
+                **{f"r2_rank{r}": v for r, v in zip(RANKS, st.r2_rank)},
+            }
         )
 
     loss = mats["loss"].values
     row_obs = np.isfinite(conf.values).sum(axis=1)
     run_drop, run_rise = _nanmean(conf.values, 1), _nanmean(loss, 1)
     runs = [
-        {"row_pos": row_pos[i], **vars(r), "n_examples": int(row_obs[i]), "mean_conf_drop": _none(run_drop[i]), "mean_loss_rise": _none(run_rise[i])}
+        {
+            "row_pos": row_pos[i],
+            **vars(r),
+            "n_examples": int(row_obs[i]),
+            "mean_conf_drop": _none(run_drop[i]),
+            "mean_loss_rise": _none(run_rise[i]),
+        }
         for i, r in enumerate(conf.rows)
     ]
     col_obs = np.isfinite(conf.values).sum(axis=0)
     ex_before, ex_drop, ex_rise = _nanmean(conf.conf_before, 0), _nanmean(conf.values, 0), _nanmean(loss, 0)
     examples = [
-        {"col_pos": col_pos[j], **vars(c), "n_runs": int(col_obs[j]), "mean_conf_finetuned": _none(ex_before[j]),
-         "mean_conf_drop": _none(ex_drop[j]), "mean_loss_rise": _none(ex_rise[j])}
+        {
+            "col_pos": col_pos[j],
+            **vars(c),
+            "n_runs": int(col_obs[j]),
+            "mean_conf_finetuned": _none(ex_before[j]),
+            "mean_conf_drop": _none(ex_drop[j]),
+            "mean_loss_rise": _none(ex_rise[j]),
+        }
         for j, c in enumerate(conf.cols)
     ]
     runs_t = pa.Table.from_pylist(runs, schema=RUNS_SCHEMA).sort_by("row_pos")
-    ex_t = pa.Table.from_pylist(examples, schema=EXAMPLES_SCHEMA).sort_by([("col_pos", "ascending"), ("eval_task", "ascending"), ("example_idx", "ascending")])
+    ex_t = pa.Table.from_pylist(examples, schema=EXAMPLES_SCHEMA).sort_by(
+        [("col_pos", "ascending"), ("eval_task", "ascending"), ("example_idx", "ascending")]
+    )
 
     rp = np.asarray(row_pos, dtype=np.int64)[ix.row_of]
     cp = pa.array([col_pos[j] for j in range(n)], pa.int32()).take(pa.array(ix.col_of))
     cells = long.append_column("row_pos", pa.array(rp, pa.int32())).append_column("col_pos", cp)
-    cells = cells.cast(CELLS_SCHEMA).sort_by([("row_pos", "ascending"), ("col_pos", "ascending"), ("eval_task", "ascending"), ("example_idx", "ascending")])
+    cells = cells.cast(CELLS_SCHEMA).sort_by(
+        [("row_pos", "ascending"), ("col_pos", "ascending"), ("eval_task", "ascending"), ("example_idx", "ascending")]
+    )
 
     notes = []
     if n > MAX_CLUSTERED_COLUMNS:
         notes.append(f"columns ordered on a seeded sample of {MAX_CLUSTERED_COLUMNS} (col_pos empty for the rest)")
     conflicts = uid_conflicts(ctx, long)
     if conflicts:
-        notes.append("WARNING: sweeps " + "; ".join(conflicts) + " hold different examples under the same index: analyse one sweep at a time (--sweep)")
+        notes.append(
+            "WARNING: sweeps "
+            + "; ".join(conflicts)
+            + " hold different examples under the same index: analyse one sweep at a time (--sweep)"
+        )
     msg = f"{m} forget run(s) x {n} {ctx.params.split} example(s); cell = drop in confidence (and rise in loss) from finetuned to forgotten; rows and columns average-linkage ordered"
     if notes:
         msg += "; " + "; ".join(notes)
-    return AnalysisResult({"summary": pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA), "runs": runs_t, "examples": ex_t, "cells": cells}, msg)
+    return AnalysisResult(
+        {
+            "summary": pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA),
+            "runs": runs_t,
+            "examples": ex_t,
+            "cells": cells,
+        },
+        msg,
+    )
 
 
 def _heat_limit(m: np.ndarray) -> float:
@@ -380,18 +457,31 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     axes = fig.subplots(3, 1, height_ratios=[0.6, 10, 10], sharex=True)
     axes[0].imshow(strip, aspect="auto", cmap=palette, vmin=-0.5, vmax=len(tasks) - 0.5, interpolation="nearest")
     axes[0].set_yticks([])
-    axes[0].legend(handles=[Patch(color=f"C{i % 10}", label=t) for i, t in enumerate(tasks)], title="evaluation task",
-                   fontsize=7, title_fontsize=7, ncols=min(len(tasks), 8), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    axes[0].legend(
+        handles=[Patch(color=f"C{i % 10}", label=t) for i, t in enumerate(tasks)],
+        title="evaluation task",
+        fontsize=7,
+        title_fontsize=7,
+        ncols=min(len(tasks), 8),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        frameon=False,
+    )
     for ax, column, label in ((axes[1], "conf_drop", "drop in confidence"), (axes[2], "loss_rise", "rise in loss")):
         m = np.full((nr, nc), np.nan)
         m[rp, cp] = cells[column].to_numpy(zero_copy_only=False)
         lim = _heat_limit(m)
-        im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        im = ax.imshow(
+            np.ma.masked_invalid(m), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest"
+        )
         if nr <= MAX_ROW_LABELS:
             ax.set_yticks(range(nr), labels, fontsize=6)
         ax.set_ylabel("forget run")
         fig.colorbar(im, ax=ax, label=label, extend="both")
     axes[2].set_xticks([])  # positions in the clustered order mean nothing on their own
     axes[2].set_xlabel(f"evaluation examples ({nc}); red = forgotten, blue = gained")
-    fig.suptitle(f"association matrix: {nr} forget runs x {nc} examples, rows and columns clustered (average linkage)", fontsize=10)
+    fig.suptitle(
+        f"association matrix: {nr} forget runs x {nc} examples, rows and columns clustered (average linkage)",
+        fontsize=10,
+    )
     return [("association matrix heatmap", fig)]

@@ -136,21 +136,41 @@ def _method_key(m: str) -> tuple[int, str]:
 
 COND = [*trial_fields("model", "size")]
 METHODS_SCHEMA = pa.schema(
-    COND + [("method", pa.string()), ("n_forget_tasks", pa.int32()), ("n_other_cells", pa.int32()),
-            ("n_seeds", pa.int32()), ("interval", pa.string()),
-            ("ratio_own", pa.float64()), ("ratio_own_lo", pa.float64()), ("ratio_own_hi", pa.float64()),
-            ("ratio_other", pa.float64()), ("ratio_other_lo", pa.float64()), ("ratio_other_hi", pa.float64()),
-            ("ratio_spillover", pa.float64()),
-            ("acc_drop_own", pa.float64()), ("acc_drop_other", pa.float64()),
-            ("conf_drop_own", pa.float64()), ("conf_drop_other", pa.float64()), ("conf_spillover", pa.float64())]
+    COND
+    + [
+        ("method", pa.string()),
+        ("n_forget_tasks", pa.int32()),
+        ("n_other_cells", pa.int32()),
+        ("n_seeds", pa.int32()),
+        ("interval", pa.string()),
+        ("ratio_own", pa.float64()),
+        ("ratio_own_lo", pa.float64()),
+        ("ratio_own_hi", pa.float64()),
+        ("ratio_other", pa.float64()),
+        ("ratio_other_lo", pa.float64()),
+        ("ratio_other_hi", pa.float64()),
+        ("ratio_spillover", pa.float64()),
+        ("acc_drop_own", pa.float64()),
+        ("acc_drop_other", pa.float64()),
+        ("conf_drop_own", pa.float64()),
+        ("conf_drop_other", pa.float64()),
+        ("conf_spillover", pa.float64()),
+    ]
 )
 TASKS_SCHEMA = pa.schema(
-    COND + [*trial_fields("method", "forget_task"), ("n_other", pa.int32()),
-            ("ratio_own", pa.float64()), ("ratio_other", pa.float64()),
-            ("conf_drop_own", pa.float64()), ("conf_drop_other", pa.float64())]
+    COND
+    + [
+        *trial_fields("method", "forget_task"),
+        ("n_other", pa.int32()),
+        ("ratio_own", pa.float64()),
+        ("ratio_other", pa.float64()),
+        ("conf_drop_own", pa.float64()),
+        ("conf_drop_other", pa.float64()),
+    ]
 )
-AGREEMENT_SCHEMA = pa.schema(COND + [("a", pa.string()), ("b", pa.string()), ("measure", pa.string())]
-                             + CORRELATION_INTERVAL_FIELDS)
+AGREEMENT_SCHEMA = pa.schema(
+    COND + [("a", pa.string()), ("b", pa.string()), ("measure", pa.string())] + CORRELATION_INTERVAL_FIELDS
+)
 
 
 @register("by_method", title="Forgetting by method: own task vs other tasks", figure="Beyond: methods")
@@ -176,36 +196,66 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
             n_seeds = len({x for c in s.own + s.other for x in c.per_seed})
             own_conf, other_conf = _mean([_conf_drop(c) for c in s.own]), _mean([_conf_drop(c) for c in s.other])
             method_rows.append(
-                {**cond, "method": method, "n_forget_tasks": len({c.forget_task for c in s.own + s.other}), "n_other_cells": len(s.other),
-                 "n_seeds": n_seeds, "interval": SEEDS_T if n_seeds >= 2 else BOOTSTRAP,
-                 "ratio_own": own_ratio, "ratio_own_lo": own_lo, "ratio_own_hi": own_hi,
-                 "ratio_other": other_ratio, "ratio_other_lo": other_lo, "ratio_other_hi": other_hi,
-                 "ratio_spillover": _ratio(other_ratio, own_ratio),
-                 "acc_drop_own": _mean([_acc_drop(c) for c in s.own]), "acc_drop_other": _mean([_acc_drop(c) for c in s.other]),
-                 "conf_drop_own": own_conf, "conf_drop_other": other_conf, "conf_spillover": _ratio(other_conf, own_conf)}
+                {
+                    **cond,
+                    "method": method,
+                    "n_forget_tasks": len({c.forget_task for c in s.own + s.other}),
+                    "n_other_cells": len(s.other),
+                    "n_seeds": n_seeds,
+                    "interval": SEEDS_T if n_seeds >= 2 else BOOTSTRAP,
+                    "ratio_own": own_ratio,
+                    "ratio_own_lo": own_lo,
+                    "ratio_own_hi": own_hi,
+                    "ratio_other": other_ratio,
+                    "ratio_other_lo": other_lo,
+                    "ratio_other_hi": other_hi,
+                    "ratio_spillover": _ratio(other_ratio, own_ratio),
+                    "acc_drop_own": _mean([_acc_drop(c) for c in s.own]),
+                    "acc_drop_other": _mean([_acc_drop(c) for c in s.other]),
+                    "conf_drop_own": own_conf,
+                    "conf_drop_other": other_conf,
+                    "conf_spillover": _ratio(other_conf, own_conf),
+                }
             )
             for task in sorted({c.forget_task for c in s.own + s.other}):
                 own = [c for c in s.own if c.forget_task == task]
                 other = [c for c in s.other if c.forget_task == task]
                 task_rows.append(
-                    {**cond, "method": method, "forget_task": task, "n_other": len(other),
-                     "ratio_own": pooled_ratio(own), "ratio_other": pooled_ratio(other),
-                     "conf_drop_own": _mean([_conf_drop(c) for c in own]), "conf_drop_other": _mean([_conf_drop(c) for c in other])}
+                    {
+                        **cond,
+                        "method": method,
+                        "forget_task": task,
+                        "n_other": len(other),
+                        "ratio_own": pooled_ratio(own),
+                        "ratio_other": pooled_ratio(other),
+                        "conf_drop_own": _mean([_conf_drop(c) for c in own]),
+                        "conf_drop_other": _mean([_conf_drop(c) for c in other]),
+                    }
                 )
         for a, b in combinations(sorted(by_method, key=_method_key), 2):
             for measure, value in (("forget_ratio", seed_value("forget_ratio")), ("conf_drop", _conf_drop)):
-                est = agreement(by_method[a].other, by_method[b].other, value, ctx.params.bootstrap_resamples,
-                                (model, size, a, b, measure))
+                est = agreement(
+                    by_method[a].other,
+                    by_method[b].other,
+                    value,
+                    ctx.params.bootstrap_resamples,
+                    (model, size, a, b, measure),
+                )
                 agree_rows.append({**cond, "a": a, "b": b, "measure": measure, **est})
 
     methods_t = pa.Table.from_pylist(method_rows, schema=METHODS_SCHEMA)
     first = [r for r in method_rows if (r["model"], r["size"]) == min(groups)]
     spill = ", ".join(f"{r['method']} {_fmt(r['conf_spillover'])}" for r in first)
-    msg = (f"{len(groups)} model/size group(s) with 2+ methods; spillover = other-task / own-task forgetting "
-           f"(confidence drop) in {first[0]['model']} n={first[0]['size']}: {spill}")
+    msg = (
+        f"{len(groups)} model/size group(s) with 2+ methods; spillover = other-task / own-task forgetting "
+        f"(confidence drop) in {first[0]['model']} n={first[0]['size']}: {spill}"
+    )
     return AnalysisResult(
-        {"methods": methods_t, "tasks": pa.Table.from_pylist(task_rows, schema=TASKS_SCHEMA),
-         "agreement": pa.Table.from_pylist(agree_rows, schema=AGREEMENT_SCHEMA)},
+        {
+            "methods": methods_t,
+            "tasks": pa.Table.from_pylist(task_rows, schema=TASKS_SCHEMA),
+            "agreement": pa.Table.from_pylist(agree_rows, schema=AGREEMENT_SCHEMA),
+        },
         msg,
     )
 
@@ -226,10 +276,24 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         axes = fig.subplots(1, 2)
         for ax, stem, label in ((axes[0], "ratio", "forget ratio"), (axes[1], "conf_drop", "drop in confidence")):
             err = {k: yerr(rs, f"{stem}_{k}") for k in ("own", "other")}
-            ax.bar(x - 0.2, [num(r[f"{stem}_own"]) for r in rs], 0.4, color=OWN, label="forgotten task",
-                   yerr=err["own"], capsize=3)
-            ax.bar(x + 0.2, [num(r[f"{stem}_other"]) for r in rs], 0.4, color=OTHER, label="other tasks",
-                   yerr=err["other"], capsize=3)
+            ax.bar(
+                x - 0.2,
+                [num(r[f"{stem}_own"]) for r in rs],
+                0.4,
+                color=OWN,
+                label="forgotten task",
+                yerr=err["own"],
+                capsize=3,
+            )
+            ax.bar(
+                x + 0.2,
+                [num(r[f"{stem}_other"]) for r in rs],
+                0.4,
+                color=OTHER,
+                label="other tasks",
+                yerr=err["other"],
+                capsize=3,
+            )
             ax.set_xticks(x, [r["method"] for r in rs])
             ax.axhline(0, color="black", lw=0.8)
             ax.set_title(label, fontsize=9)

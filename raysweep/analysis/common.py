@@ -22,8 +22,13 @@ def all_cells(ctx: AnalysisContext) -> list[Cell]:
     key = ("cells", ctx.params.split)
     if key not in ctx._cells:
         p = ctx.params
-        ctx._cells[key] = cells_from_sums(ctx.accuracy_sums(), ctx.paired_correct(), min_headroom=p.min_headroom,
-                                          denominator=p.denominator, resamples=p.bootstrap_resamples)
+        ctx._cells[key] = cells_from_sums(
+            ctx.accuracy_sums(),
+            ctx.paired_correct(),
+            min_headroom=p.min_headroom,
+            denominator=p.denominator,
+            resamples=p.bootstrap_resamples,
+        )
     cells = ctx._cells[key]
     if not cells:
         raise Skip(f"no committed scores on the {ctx.params.split!r} split at the milestones")

@@ -40,8 +40,9 @@ def _axis_value(c: Cell, axis: str) -> str:
     return str(getattr(c, axis))
 
 
-def compare(cells: list[Cell], cmp: Comparison, what: str, denominator: str = "trial",
-            resamples: int = 1000) -> AnalysisResult:
+def compare(
+    cells: list[Cell], cmp: Comparison, what: str, denominator: str = "trial", resamples: int = 1000
+) -> AnalysisResult:
     groups: dict[tuple, dict[str, list[Cell]]] = defaultdict(lambda: defaultdict(list))
     for c in cells:
         v = _axis_value(c, cmp.axis)
@@ -79,9 +80,13 @@ def compare(cells: list[Cell], cmp: Comparison, what: str, denominator: str = "t
     held_types = {"model": pa.string(), "method": pa.string(), "size": pa.int32()}
     held_fields = [(a, held_types[a]) for a in cmp.held]
     summary_schema = pa.schema(
-        held_fields + [("forget_task", pa.string())]
-        + [(f"{m}[{v}]", pa.float64()) for v in present
-           for m in ("acc_finetuned", "acc_forgotten", "forget_ratio", "forget_ratio_lo", "forget_ratio_hi")]
+        held_fields
+        + [("forget_task", pa.string())]
+        + [
+            (f"{m}[{v}]", pa.float64())
+            for v in present
+            for m in ("acc_finetuned", "acc_forgotten", "forget_ratio", "forget_ratio_lo", "forget_ratio_hi")
+        ]
         + [(f"n_seeds[{v}]", pa.int32()) for v in present]
     )
     agree_schema = pa.schema(held_fields + [("a", pa.string()), ("b", pa.string())] + CORRELATION_INTERVAL_FIELDS)
@@ -96,7 +101,7 @@ def compare(cells: list[Cell], cmp: Comparison, what: str, denominator: str = "t
 
 def draw_compare(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     t = o.tables["summary"]
-    values = [n[len("forget_ratio["):-1] for n in t.column_names if n.startswith("forget_ratio[")]
+    values = [n[len("forget_ratio[") : -1] for n in t.column_names if n.startswith("forget_ratio[")]
     held = [c for c in ("model", "method", "size") if c in t.column_names]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in t.to_pylist():
@@ -109,8 +114,14 @@ def draw_compare(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         ax = fig.subplots()
         for k, v in enumerate(values):
             err = yerr(rs, f"forget_ratio[{v}]", f"forget_ratio_lo[{v}]", f"forget_ratio_hi[{v}]")
-            ax.bar(x + (k - (len(values) - 1) / 2) * width, [num(r[f"forget_ratio[{v}]"]) for r in rs], width, label=v,
-                   yerr=err, capsize=3)
+            ax.bar(
+                x + (k - (len(values) - 1) / 2) * width,
+                [num(r[f"forget_ratio[{v}]"]) for r in rs],
+                width,
+                label=v,
+                yerr=err,
+                capsize=3,
+            )
         ax.set_xticks(x, [r["forget_task"] for r in rs], rotation=45, ha="right")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_ylabel("forget ratio (own task)")

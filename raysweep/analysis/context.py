@@ -41,12 +41,35 @@ def milestones(store: Store, sweep: str | None = None) -> pa.Table:
             continue
         rows.append({"trial_id": r["trial_id"], "milestone": "pretrained", "phase": "pretrained", "epoch": 0})
         if r["best_finetune_epoch"] is not None:
-            rows.append({"trial_id": r["trial_id"], "milestone": "finetuned", "phase": "finetune", "epoch": r["best_finetune_epoch"]})
+            rows.append(
+                {
+                    "trial_id": r["trial_id"],
+                    "milestone": "finetuned",
+                    "phase": "finetune",
+                    "epoch": r["best_finetune_epoch"],
+                }
+            )
         if r["last_forget_epoch"] is not None:
-            rows.append({"trial_id": r["trial_id"], "milestone": "forgotten", "phase": "forget", "epoch": r["last_forget_epoch"]})
+            rows.append(
+                {
+                    "trial_id": r["trial_id"],
+                    "milestone": "forgotten",
+                    "phase": "forget",
+                    "epoch": r["last_forget_epoch"],
+                }
+            )
         if r["last_relearn_epoch"] is not None:
-            rows.append({"trial_id": r["trial_id"], "milestone": "relearned", "phase": "relearn", "epoch": r["last_relearn_epoch"]})
-    schema = pa.schema([("trial_id", pa.string()), ("milestone", pa.string()), ("phase", pa.string()), ("epoch", pa.int32())])
+            rows.append(
+                {
+                    "trial_id": r["trial_id"],
+                    "milestone": "relearned",
+                    "phase": "relearn",
+                    "epoch": r["last_relearn_epoch"],
+                }
+            )
+    schema = pa.schema(
+        [("trial_id", pa.string()), ("milestone", pa.string()), ("phase", pa.string()), ("epoch", pa.int32())]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -188,8 +211,10 @@ class SweepIndex:
         if not self.dropped:
             return ""
         sweeps = sorted({sw for _, sw in self.dropped})
-        return (f"{len(self.dropped)} duplicate trial copy(ies) left out (same trial_id already in an earlier sweep; "
-                f"from {', '.join(sweeps)})")
+        return (
+            f"{len(self.dropped)} duplicate trial copy(ies) left out (same trial_id already in an earlier sweep; "
+            f"from {', '.join(sweeps)})"
+        )
 
     def milestone_table(self) -> pa.Table:
         """One row per (trial, milestone) with the trial's parameters: the join target that
@@ -198,23 +223,30 @@ class SweepIndex:
         for t in self.trials:
             for name, ref in t.milestones.items():
                 rows.append(
-                    dict(sweep=t.sweep, trial_id=t.trial_id, model=t.model, forget_task=t.forget_task, method=t.method,
-                         size=t.size, seed=t.seed, milestone=name, phase=ref.phase, epoch=ref.epoch)
+                    dict(
+                        sweep=t.sweep,
+                        trial_id=t.trial_id,
+                        model=t.model,
+                        forget_task=t.forget_task,
+                        method=t.method,
+                        size=t.size,
+                        seed=t.seed,
+                        milestone=name,
+                        phase=ref.phase,
+                        epoch=ref.epoch,
+                    )
                 )
-        schema = pa.schema(
-            [*trial_fields(), ("milestone", pa.string()),
-             ("phase", pa.string()), ("epoch", pa.int32())]
-        )
+        schema = pa.schema([*trial_fields(), ("milestone", pa.string()), ("phase", pa.string()), ("epoch", pa.int32())])
         return pa.Table.from_pylist(rows, schema=schema)
 
     def trial_table(self) -> pa.Table:
-        schema = pa.schema(
-            trial_fields()
-        )
+        schema = pa.schema(trial_fields())
         rows = [t.row() for t in self.trials]
         return pa.Table.from_pylist(rows, schema=schema)
 
-    def milestone_files(self, kind: str, milestones: tuple[str, ...], trials: tuple[TrialInfo, ...] | None = None) -> tuple[ScanFile, ...]:
+    def milestone_files(
+        self, kind: str, milestones: tuple[str, ...], trials: tuple[TrialInfo, ...] | None = None
+    ) -> tuple[ScanFile, ...]:
         out = []
         for t in self.trials if trials is None else trials:
             for m in milestones:
@@ -226,7 +258,9 @@ class SweepIndex:
                     out.append(f)
         return tuple(out)
 
-    def phase_files(self, kind: str, phases: tuple[str, ...], trials: tuple[TrialInfo, ...] | None = None) -> tuple[ScanFile, ...]:
+    def phase_files(
+        self, kind: str, phases: tuple[str, ...], trials: tuple[TrialInfo, ...] | None = None
+    ) -> tuple[ScanFile, ...]:
         out = []
         for t in self.trials if trials is None else trials:
             for ph in phases:
@@ -276,11 +310,20 @@ class AnalysisContext:
         key = ("accuracy_sums", split)
         if key not in self._cache:
             files = self.index.milestone_files("scores", MILESTONES)
-            scan = Scan(files, columns=("sweep", "trial_id", "phase", "epoch", "eval_task", "split", "correct", "confidence"), equals=(("split", split),))
+            scan = Scan(
+                files,
+                columns=("sweep", "trial_id", "phase", "epoch", "eval_task", "split", "correct", "confidence"),
+                equals=(("split", split),),
+            )
             sums = self.engine.reduce(scan, AccuracySums())
             ms = self.index.milestone_table()
             self._cache[key] = sums.join(ms, keys=["sweep", "trial_id", "phase", "epoch"], join_type="inner").sort_by(
-                [("sweep", "ascending"), ("trial_id", "ascending"), ("milestone", "ascending"), ("eval_task", "ascending")]
+                [
+                    ("sweep", "ascending"),
+                    ("trial_id", "ascending"),
+                    ("milestone", "ascending"),
+                    ("eval_task", "ascending"),
+                ]
             )
         return self._cache[key]
 
@@ -296,17 +339,33 @@ class AnalysisContext:
             files = self.index.milestone_files("scores", MILESTONES)
             scan = Scan(
                 files,
-                columns=("sweep", "trial_id", "phase", "epoch", "split", "example_idx", "gold", "confidence",
-                         "correct"),
+                columns=(
+                    "sweep",
+                    "trial_id",
+                    "phase",
+                    "epoch",
+                    "split",
+                    "example_idx",
+                    "gold",
+                    "confidence",
+                    "correct",
+                ),
                 equals=(("split", split),) if split is not None else (),
                 trial_task=self.index.forget_task_keys(),
             )
-            self._cache[key] = self.engine.reduce(scan, CollectRows(order=("sweep", "trial_id", "phase", "epoch", "split", "example_idx")))
+            self._cache[key] = self.engine.reduce(
+                scan, CollectRows(order=("sweep", "trial_id", "phase", "epoch", "split", "example_idx"))
+            )
         return self._cache[key]
 
     def first_crossings(self, trials: tuple[TrialInfo, ...]) -> pa.Table:
         """First forget / learn epochs per example of the given trials' own forget tasks."""
-        key = ("first_crossings", self.params.order_threshold, self.params.order_split, tuple((t.sweep, t.trial_id) for t in trials))
+        key = (
+            "first_crossings",
+            self.params.order_threshold,
+            self.params.order_split,
+            tuple((t.sweep, t.trial_id) for t in trials),
+        )
         if key not in self._cache:
             files = self.index.phase_files("scores", ("forget", "relearn"), trials)
             scan = Scan(
@@ -318,8 +377,13 @@ class AnalysisContext:
             self._cache[key] = self.engine.reduce(scan, FirstCrossing(threshold=self.params.order_threshold))
         return self._cache[key]
 
-    def hidden_rows(self, milestones: tuple[str, ...], split: str | None, trials: tuple[TrialInfo, ...],
-                    columns: tuple[str, ...] = ("hidden",)) -> pa.Table:
+    def hidden_rows(
+        self,
+        milestones: tuple[str, ...],
+        split: str | None,
+        trials: tuple[TrialInfo, ...],
+        columns: tuple[str, ...] = ("hidden",),
+    ) -> pa.Table:
         """Hidden states (the given vector columns) at `params.layer` of the trials' own forget
         task (all splits when `split` is None). Callers pass trials of one model: the vector
         width is part of the file schema and differs between models, so one scan cannot mix them."""
@@ -333,7 +397,9 @@ class AnalysisContext:
             equals=equals + ((("split", split),) if split is not None else ()),
             trial_task=self.index.forget_task_keys(trials),
         )
-        return self.engine.reduce(scan, CollectRows(order=("sweep", "trial_id", "phase", "epoch", "split", "example_idx")))
+        return self.engine.reduce(
+            scan, CollectRows(order=("sweep", "trial_id", "phase", "epoch", "split", "example_idx"))
+        )
 
     def missing_layer(self, milestones: tuple[str, ...]) -> str | None:
         """One line when the hidden states at these milestones hold no row of `params.layer`
@@ -373,7 +439,9 @@ class AnalysisContext:
         self._cache[key] = self.engine.reduce(scan, PairedCorrect(tuple(marks)))
         return self._cache[key]
 
-    def hidden_chunks(self, milestones: tuple[str, ...], budget_bytes: int = HIDDEN_CHUNK_BYTES) -> list[tuple[TrialInfo, ...]]:
+    def hidden_chunks(
+        self, milestones: tuple[str, ...], budget_bytes: int = HIDDEN_CHUNK_BYTES
+    ) -> list[tuple[TrialInfo, ...]]:
         """Trials grouped by model (one vector width per scan) and cut so that each group's
         hidden-state files stay under the budget: float32 states barely compress, so file
         size is close to what the rows take in memory, and a 7B model's states for a whole

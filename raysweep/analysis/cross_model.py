@@ -14,8 +14,9 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     models = sorted({c.model for c in cells})
     if len(models) < 2:
         raise Skip(f"one model only ({models[0]}): cross_model compares two or more models")
-    return compare(cells, Comparison("model", tuple(models)), "models", ctx.params.denominator,
-                   ctx.params.bootstrap_resamples)
+    return compare(
+        cells, Comparison("model", tuple(models)), "models", ctx.params.denominator, ctx.params.bootstrap_resamples
+    )
 
 
 draws("cross_model")(draw_compare)

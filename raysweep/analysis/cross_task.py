@@ -39,13 +39,20 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         col_names = [mat.cols[c] for c in mat.col_order]
         ordered_cols.extend(n for n in col_names if n not in ordered_cols)
         for r in mat.row_order:
-            wide_rows.append(((model, method, size, mat.rows[r]), {mat.cols[c]: _none(mat.values[r, c]) for c in range(len(mat.cols))}))
+            wide_rows.append(
+                (
+                    (model, method, size, mat.rows[r]),
+                    {mat.cols[c]: _none(mat.values[r, c]) for c in range(len(mat.cols))},
+                )
+            )
     schema = pa.schema(
-        [*trial_fields("model", "method", "size", "forget_task")]
-        + [(c, pa.float64()) for c in ordered_cols]
+        [*trial_fields("model", "method", "size", "forget_task")] + [(c, pa.float64()) for c in ordered_cols]
     )
     wide = pa.Table.from_pylist(
-        [{"model": k[0], "method": k[1], "size": k[2], "forget_task": k[3], **{c: vals.get(c) for c in ordered_cols}} for k, vals in wide_rows],
+        [
+            {"model": k[0], "method": k[1], "size": k[2], "forget_task": k[3], **{c: vals.get(c) for c in ordered_cols}}
+            for k, vals in wide_rows
+        ],
         schema=schema,
     )
     n = len(groups)
@@ -105,7 +112,15 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
             for i in range(nr):
                 for j in range(nc):
                     if np.isfinite(m[i, j]):
-                        ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if m[i, j] < 0.6 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{m[i, j]:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if m[i, j] < 0.6 else "black",
+                        )
         for i, j in masked:
             # Hatched: the ratio is undefined there (fine-tuned accuracy too close to chance).
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor=GREY, lw=0))

@@ -14,8 +14,13 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     sizes = sorted({c.size for c in cells})
     if len(sizes) < 2:
         raise Skip(f"one size only (n={sizes[0]}): dataset_size compares sweeps with two or more sizes")
-    return compare(cells, Comparison("size", tuple(str(s) for s in sizes)), "dataset size", ctx.params.denominator,
-                   ctx.params.bootstrap_resamples)
+    return compare(
+        cells,
+        Comparison("size", tuple(str(s) for s in sizes)),
+        "dataset size",
+        ctx.params.denominator,
+        ctx.params.bootstrap_resamples,
+    )
 
 
 draws("dataset_size")(draw_compare)

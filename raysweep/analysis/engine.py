@@ -62,7 +62,9 @@ class Scan:
     trial_task: tuple[tuple[str, str, str], ...] | None = None
 
     def read_columns(self) -> list[str]:
-        extra = [c for c, _ in self.equals] + (["sweep", "trial_id", "eval_task"] if self.trial_task is not None else [])
+        extra = [c for c, _ in self.equals] + (
+            ["sweep", "trial_id", "eval_task"] if self.trial_task is not None else []
+        )
         return list(dict.fromkeys([*self.columns, *extra]))
 
 
@@ -99,7 +101,9 @@ def keep_trial_task_rows(batch: pa.Table, lookup: dict[tuple[str, str], str]) ->
     return batch.filter(pc.fill_null(pc.equal(batch["eval_task"], expected), False))
 
 
-def _partial_with_filter(batch: pa.Table, reducer: Reducer, lookup: dict[tuple[str, str], str] | None, columns: list[str]) -> pa.Table:
+def _partial_with_filter(
+    batch: pa.Table, reducer: Reducer, lookup: dict[tuple[str, str], str] | None, columns: list[str]
+) -> pa.Table:
     if lookup is not None:
         batch = keep_trial_task_rows(batch, lookup)
     return reducer.partial(batch.select(columns))
@@ -144,7 +148,9 @@ class LocalEngine:
             where = " AND ".join(f"s.{c} = {_sql_value(v)}" for c, v in scan.equals) or "TRUE"
             join = ""
             if scan.trial_task is not None:
-                keep = pa.table({k: [row[i] for row in scan.trial_task] for i, k in enumerate(("sweep", "trial_id", "eval_task"))})
+                keep = pa.table(
+                    {k: [row[i] for row in scan.trial_task] for i, k in enumerate(("sweep", "trial_id", "eval_task"))}
+                )
                 con.register("keep", keep)
                 join = "SEMI JOIN keep k ON s.sweep = k.sweep AND s.trial_id = k.trial_id AND s.eval_task = k.eval_task"
             cols = ", ".join(f"s.{c}" for c in scan.columns)
@@ -236,7 +242,9 @@ class RayEngine:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         total = sum(os.path.getsize(p) for p in paths)
         blocks = max(1, min(len(paths), max(RAY_BLOCKS_PER_CPU * cpus, math.ceil(total / RAY_BLOCK_BYTES))))
-        dset = ray.data.read_parquet(paths, partitioning=None, override_num_blocks=blocks).select_columns(scan.read_columns())
+        dset = ray.data.read_parquet(paths, partitioning=None, override_num_blocks=blocks).select_columns(
+            scan.read_columns()
+        )
         expr = None
         for c, v in scan.equals:
             e = col(c) == v

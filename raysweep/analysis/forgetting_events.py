@@ -47,24 +47,55 @@ PHASE_START = {"finetune": "pretrained", "forget": "finetuned", "relearn": "forg
 _TRIAL = [*trial_fields()]
 _PLACE = [("phase", pa.string()), ("eval_task", pa.string()), ("split", pa.string())]
 EXAMPLE_SCHEMA = pa.schema(
-    _TRIAL + _PLACE + [("example_idx", pa.int32()), ("n_steps", pa.int32()), ("forgetting_events", pa.int32()),
-                       ("learning_events", pa.int32()), ("start_correct", pa.bool_()), ("end_correct", pa.bool_()),
-                       ("unforgettable", pa.bool_()), ("never_learned", pa.bool_())]
+    _TRIAL
+    + _PLACE
+    + [
+        ("example_idx", pa.int32()),
+        ("n_steps", pa.int32()),
+        ("forgetting_events", pa.int32()),
+        ("learning_events", pa.int32()),
+        ("start_correct", pa.bool_()),
+        ("end_correct", pa.bool_()),
+        ("unforgettable", pa.bool_()),
+        ("never_learned", pa.bool_()),
+    ]
 )
 _EST = [("n_seeds", pa.int32()), ("interval", pa.string())]
 SUMMARY_SCHEMA = pa.schema(
-    [*trial_fields("model", "method", "size", "forget_task")] + _PLACE
-    + [("own_task", pa.bool_()), ("n_trials", pa.int32()), ("n_examples", pa.int64()),
-       ("mean_forgetting_events", pa.float64()), ("mean_forgetting_events_lo", pa.float64()),
-       ("mean_forgetting_events_hi", pa.float64()), ("unforgettable_frac", pa.float64()),
-       ("unforgettable_frac_lo", pa.float64()), ("unforgettable_frac_hi", pa.float64()),
-       ("never_learned_frac", pa.float64())] + _EST
+    [*trial_fields("model", "method", "size", "forget_task")]
+    + _PLACE
+    + [
+        ("own_task", pa.bool_()),
+        ("n_trials", pa.int32()),
+        ("n_examples", pa.int64()),
+        ("mean_forgetting_events", pa.float64()),
+        ("mean_forgetting_events_lo", pa.float64()),
+        ("mean_forgetting_events_hi", pa.float64()),
+        ("unforgettable_frac", pa.float64()),
+        ("unforgettable_frac_lo", pa.float64()),
+        ("unforgettable_frac_hi", pa.float64()),
+        ("never_learned_frac", pa.float64()),
+    ]
+    + _EST
 )
 OVERLAP_SCHEMA = pa.schema(
-    [*trial_fields("model", "size"), ("axis", pa.string()), ("fixed", pa.string()), ("a", pa.string()),
-     ("b", pa.string()), ("eval_task", pa.string()), ("split", pa.string()), ("n_examples", pa.int64()),
-     ("n_unforgettable_a", pa.int64()), ("n_unforgettable_b", pa.int64()), ("n_both", pa.int64()),
-     ("jaccard", pa.float64()), ("jaccard_lo", pa.float64()), ("jaccard_hi", pa.float64())] + _EST
+    [
+        *trial_fields("model", "size"),
+        ("axis", pa.string()),
+        ("fixed", pa.string()),
+        ("a", pa.string()),
+        ("b", pa.string()),
+        ("eval_task", pa.string()),
+        ("split", pa.string()),
+        ("n_examples", pa.int64()),
+        ("n_unforgettable_a", pa.int64()),
+        ("n_unforgettable_b", pa.int64()),
+        ("n_both", pa.int64()),
+        ("jaccard", pa.float64()),
+        ("jaccard_lo", pa.float64()),
+        ("jaccard_hi", pa.float64()),
+    ]
+    + _EST
 )
 
 
@@ -89,10 +120,21 @@ def trial_events(ctx: AnalysisContext, t: TrialInfo) -> pa.Table:
         rest = rows.filter(pc.equal(rows["phase"], phase))
         for part, step in ((first, None), (rest, rest["epoch"])):
             steps = pa.array(np.zeros(part.num_rows, np.int32)) if step is None else pc.cast(step, pa.int32())
-            parts.append(pa.table({"phase": pa.array([phase] * part.num_rows, pa.string()), "eval_task": part["eval_task"],
-                                   "split": part["split"], "example_idx": pc.cast(part["example_idx"], pa.int32()),
-                                   "step": steps, "correct": part["correct"]}))
-    seq = pa.concat_tables(parts).sort_by([(c, "ascending") for c in ("phase", "eval_task", "split", "example_idx", "step")])
+            parts.append(
+                pa.table(
+                    {
+                        "phase": pa.array([phase] * part.num_rows, pa.string()),
+                        "eval_task": part["eval_task"],
+                        "split": part["split"],
+                        "example_idx": pc.cast(part["example_idx"], pa.int32()),
+                        "step": steps,
+                        "correct": part["correct"],
+                    }
+                )
+            )
+    seq = pa.concat_tables(parts).sort_by(
+        [(c, "ascending") for c in ("phase", "eval_task", "split", "example_idx", "step")]
+    )
     out = _count(seq)
     n = out.num_rows
     for name, typ in reversed(_TRIAL):
@@ -118,16 +160,18 @@ def _count(seq: pa.Table) -> pa.Table:
     ever = np.maximum.reduceat(c, starts).astype(bool)
     step = seq["step"].to_numpy()
     start_correct = pa.array(c[starts].astype(bool), mask=step[starts] != 0)
-    return pa.table({
-        **{k: seq[k].take(pa.array(starts)) for k in keys},
-        "n_steps": pa.array(ends - starts + 1, pa.int32()),
-        "forgetting_events": pa.array(events, pa.int32()),
-        "learning_events": pa.array(np.add.reduceat(learned, starts), pa.int32()),
-        "start_correct": start_correct,
-        "end_correct": pa.array(c[ends].astype(bool)),
-        "unforgettable": pa.array(ever & (events == 0)),
-        "never_learned": pa.array(~ever),
-    })
+    return pa.table(
+        {
+            **{k: seq[k].take(pa.array(starts)) for k in keys},
+            "n_steps": pa.array(ends - starts + 1, pa.int32()),
+            "forgetting_events": pa.array(events, pa.int32()),
+            "learning_events": pa.array(np.add.reduceat(learned, starts), pa.int32()),
+            "start_correct": start_correct,
+            "end_correct": pa.array(c[ends].astype(bool)),
+            "unforgettable": pa.array(ever & (events == 0)),
+            "never_learned": pa.array(~ever),
+        }
+    )
 
 
 def _mean_estimate(per_seed: dict[int, np.ndarray], resamples: int, key: tuple) -> dict[str, object]:
@@ -137,31 +181,64 @@ def _mean_estimate(per_seed: dict[int, np.ndarray], resamples: int, key: tuple) 
         return {"value": est.value, "lo": est.lo, "hi": est.hi, "n_seeds": len(per_seed), "interval": SEEDS_T}
     (v,) = per_seed.values()
     if v.size < 2:
-        return {"value": float(v.mean()) if v.size else None, "lo": None, "hi": None, "n_seeds": 1, "interval": BOOTSTRAP}
+        return {
+            "value": float(v.mean()) if v.size else None,
+            "lo": None,
+            "hi": None,
+            "n_seeds": 1,
+            "interval": BOOTSTRAP,
+        }
     draws = np.concatenate([v[idx].mean(axis=1) for idx in resample_chunks(v.size, resamples, rng_for(*key))])
     lo, hi = percentile(draws)
     return {"value": float(v.mean()), "lo": lo, "hi": hi, "n_seeds": 1, "interval": BOOTSTRAP}
 
 
 def summary_table(ex: pa.Table, resamples: int) -> pa.Table:
-    cols = {c: ex[c].to_numpy(zero_copy_only=False) for c in ("model", "method", "size", "forget_task", "phase", "eval_task",
-                                                                "split", "seed", "trial_id", "forgetting_events",
-                                                                "unforgettable", "never_learned")}
+    cols = {
+        c: ex[c].to_numpy(zero_copy_only=False)
+        for c in (
+            "model",
+            "method",
+            "size",
+            "forget_task",
+            "phase",
+            "eval_task",
+            "split",
+            "seed",
+            "trial_id",
+            "forgetting_events",
+            "unforgettable",
+            "never_learned",
+        )
+    }
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, key in enumerate(zip(*(cols[c] for c in ("model", "method", "size", "forget_task", "phase", "eval_task", "split")))):
+    for i, key in enumerate(
+        zip(*(cols[c] for c in ("model", "method", "size", "forget_task", "phase", "eval_task", "split")))
+    ):
         groups[tuple(k.item() if hasattr(k, "item") else k for k in key)].append(i)
     rows = []
     for key in sorted(groups, key=str):
         idx = np.array(groups[key])
         seeds = cols["seed"][idx]
         row = dict(zip(("model", "method", "size", "forget_task", "phase", "eval_task", "split"), key))
-        row.update(own_task=key[3] == key[5], n_trials=len(set(cols["trial_id"][idx].tolist())), n_examples=len(idx),
-                   never_learned_frac=float(cols["never_learned"][idx].mean()))
+        row.update(
+            own_task=key[3] == key[5],
+            n_trials=len(set(cols["trial_id"][idx].tolist())),
+            n_examples=len(idx),
+            never_learned_frac=float(cols["never_learned"][idx].mean()),
+        )
         for name, col in (("mean_forgetting_events", "forgetting_events"), ("unforgettable_frac", "unforgettable")):
             per = {int(s): cols[col][idx[seeds == s]].astype(np.float64) for s in sorted(set(seeds.tolist()))}
             est = _mean_estimate(per, resamples, (*key, name))
-            row.update({name: est["value"], f"{name}_lo": est["lo"], f"{name}_hi": est["hi"],
-                        "n_seeds": est["n_seeds"], "interval": est["interval"]})
+            row.update(
+                {
+                    name: est["value"],
+                    f"{name}_lo": est["lo"],
+                    f"{name}_hi": est["hi"],
+                    "n_seeds": est["n_seeds"],
+                    "interval": est["interval"],
+                }
+            )
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
@@ -171,7 +248,9 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float | None:
     return int((a & b).sum()) / union if union else None
 
 
-def _bootstrap_jaccard(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> tuple[float | None, float | None]:
+def _bootstrap_jaccard(
+    a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator
+) -> tuple[float | None, float | None]:
     draws = []
     for idx in resample_chunks(a.size, resamples, rng):
         both, either = (a[idx] & b[idx]).sum(axis=1), (a[idx] | b[idx]).sum(axis=1)
@@ -186,7 +265,9 @@ def overlap_table(ex: pa.Table, resamples: int) -> pa.Table:
     fx = ex.filter(pc.equal(ex["phase"], "forget")).to_pylist()
     sets: dict[tuple, dict[int, bool]] = defaultdict(dict)
     for r in fx:
-        sets[(r["model"], r["size"], r["seed"], r["forget_task"], r["method"], r["eval_task"], r["split"])][r["example_idx"]] = r["unforgettable"]
+        sets[(r["model"], r["size"], r["seed"], r["forget_task"], r["method"], r["eval_task"], r["split"])][
+            r["example_idx"]
+        ] = r["unforgettable"]
     runs = sorted({k[:5] for k in sets}, key=str)
     pairs: dict[tuple, list[tuple]] = defaultdict(list)
     for (m1, s1, seed1, f1, me1), (m2, s2, seed2, f2, me2) in combinations(runs, 2):
@@ -210,23 +291,44 @@ def overlap_table(ex: pa.Table, resamples: int) -> pa.Table:
                 va = np.array([sa[i] for i in shared])
                 vb = np.array([sb[i] for i in shared])
                 per_seed[seed] = (va, vb)
-                counts = [counts[0] + len(shared), counts[1] + int(va.sum()), counts[2] + int(vb.sum()), counts[3] + int((va & vb).sum())]
+                counts = [
+                    counts[0] + len(shared),
+                    counts[1] + int(va.sum()),
+                    counts[2] + int(vb.sum()),
+                    counts[3] + int((va & vb).sum()),
+                ]
             if not per_seed:
                 continue
-            row = {"model": model, "size": size, "axis": axis, "fixed": fixed, "a": a, "b": b, "eval_task": task, "split": split,
-                   "n_examples": counts[0], "n_unforgettable_a": counts[1], "n_unforgettable_b": counts[2], "n_both": counts[3]}
+            row = {
+                "model": model,
+                "size": size,
+                "axis": axis,
+                "fixed": fixed,
+                "a": a,
+                "b": b,
+                "eval_task": task,
+                "split": split,
+                "n_examples": counts[0],
+                "n_unforgettable_a": counts[1],
+                "n_unforgettable_b": counts[2],
+                "n_both": counts[3],
+            }
             if len(per_seed) >= 2:
                 est = t_interval([_jaccard(va, vb) for va, vb in per_seed.values()])
-                row.update(jaccard=est.value, jaccard_lo=est.lo, jaccard_hi=est.hi, n_seeds=len(per_seed), interval=SEEDS_T)
+                row.update(
+                    jaccard=est.value, jaccard_lo=est.lo, jaccard_hi=est.hi, n_seeds=len(per_seed), interval=SEEDS_T
+                )
             else:
-                (va, vb), = per_seed.values()
+                ((va, vb),) = per_seed.values()
                 lo, hi = _bootstrap_jaccard(va, vb, resamples, rng_for(model, size, axis, fixed, a, b, task, split))
                 row.update(jaccard=_jaccard(va, vb), jaccard_lo=lo, jaccard_hi=hi, n_seeds=1, interval=BOOTSTRAP)
             rows.append(row)
     return pa.Table.from_pylist(rows, schema=OVERLAP_SCHEMA)
 
 
-@register("forgetting_events", title="Forgetting events and unforgettable examples", figure="beyond: Toneva et al. 2019")
+@register(
+    "forgetting_events", title="Forgetting events and unforgettable examples", figure="beyond: Toneva et al. 2019"
+)
 def run(ctx: AnalysisContext) -> AnalysisResult:
     require_trials(ctx)
     parts = [trial_events(ctx, t) for t in ctx.index.trials]
@@ -237,12 +339,19 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     summary = summary_table(ex, resamples)
     overlap = overlap_table(ex, resamples)
     own = summary.filter(pc.and_(pc.equal(summary["own_task"], True), pc.equal(summary["phase"], "forget")))
-    msg = (f"{ex.num_rows} (example, phase) sequences over {len(ctx.index.trials)} trial(s); forget phase, own task: "
-           f"mean unforgettable fraction {pc.mean(own['unforgettable_frac']).as_py() or 0:.3f} over {own.num_rows} row(s); "
-           f"{overlap.num_rows} overlap row(s)")
-    return AnalysisResult({"summary": summary, "overlap": overlap, "examples": ex}, msg,
-                          notes=["phases start from the milestone their weights start from (pretrained, finetuned, forgotten)",
-                                 "correct = stored prediction; unforgettable = correct at some step and never correct -> incorrect"])
+    msg = (
+        f"{ex.num_rows} (example, phase) sequences over {len(ctx.index.trials)} trial(s); forget phase, own task: "
+        f"mean unforgettable fraction {pc.mean(own['unforgettable_frac']).as_py() or 0:.3f} over {own.num_rows} row(s); "
+        f"{overlap.num_rows} overlap row(s)"
+    )
+    return AnalysisResult(
+        {"summary": summary, "overlap": overlap, "examples": ex},
+        msg,
+        notes=[
+            "phases start from the milestone their weights start from (pretrained, finetuned, forgotten)",
+            "correct = stored prediction; unforgettable = correct at some step and never correct -> incorrect",
+        ],
+    )
 
 
 @draws("forgetting_events")
@@ -264,15 +373,24 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
                 ordered = [got.get(t) for t in tasks]
                 x = np.arange(len(tasks)) + (k - (len(methods) - 1) / 2) * width
                 present = [r for r in ordered if r is not None]
-                ax.bar([xi for xi, r in zip(x, ordered) if r is not None], [num(r["unforgettable_frac"]) for r in present], width,
-                       label=method, yerr=yerr(present, "unforgettable_frac"), capsize=3)
+                ax.bar(
+                    [xi for xi, r in zip(x, ordered) if r is not None],
+                    [num(r["unforgettable_frac"]) for r in present],
+                    width,
+                    label=method,
+                    yerr=yerr(present, "unforgettable_frac"),
+                    capsize=3,
+                )
             ax.set_xticks(np.arange(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
             ax.set_ylim(0, 1)
             ax.set_title(f"{split} split", fontsize=9)
             ax.set_ylabel("unforgettable fraction")
             ax.set_xlabel("forget task (its own examples)", fontsize=8)
         axes[0].legend(fontsize=8, title="method", title_fontsize=8)
-        fig.suptitle(f"{model}, n={size}: forget-task examples never forgotten during the forget phase "
-                     "(correct at some step, never correct -> incorrect; from the finetuned milestone)", fontsize=9)
+        fig.suptitle(
+            f"{model}, n={size}: forget-task examples never forgotten during the forget phase "
+            "(correct at some step, never correct -> incorrect; from the finetuned milestone)",
+            fontsize=9,
+        )
         figs.append((f"forgetting_events_{model}_n{size}", fig))
     return figs

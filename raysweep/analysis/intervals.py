@@ -130,10 +130,19 @@ def correlation_estimates(by_seed: dict[object, tuple[list, list]], resamples: i
     xs = [v for s in sorted(by_seed, key=str) for v in by_seed[s][0]]
     ys = [v for s in sorted(by_seed, key=str) for v in by_seed[s][1]]
     pooled = correlate(xs, ys)
-    out: dict[str, object] = {"n": pooled.n, "pearson_r": pooled.pearson_r, "pearson_p": pooled.pearson_p,
-                              "spearman_r": pooled.spearman_r, "spearman_p": pooled.spearman_p,
-                              "pearson_r_lo": None, "pearson_r_hi": None, "spearman_r_lo": None, "spearman_r_hi": None,
-                              "n_seeds": len(by_seed), "interval": SEEDS_T if len(by_seed) >= 2 else BOOTSTRAP}
+    out: dict[str, object] = {
+        "n": pooled.n,
+        "pearson_r": pooled.pearson_r,
+        "pearson_p": pooled.pearson_p,
+        "spearman_r": pooled.spearman_r,
+        "spearman_p": pooled.spearman_p,
+        "pearson_r_lo": None,
+        "pearson_r_hi": None,
+        "spearman_r_lo": None,
+        "spearman_r_hi": None,
+        "n_seeds": len(by_seed),
+        "interval": SEEDS_T if len(by_seed) >= 2 else BOOTSTRAP,
+    }
     if len(by_seed) >= 2:
         per = [correlate(*by_seed[s]) for s in sorted(by_seed, key=str)]
         for name in ("pearson_r", "spearman_r"):
@@ -155,4 +164,3 @@ def correlation_estimates(by_seed: dict[object, tuple[list, list]], resamples: i
 
 def _clip(v: float | None) -> float | None:
     return None if v is None else max(-1.0, min(1.0, v))
-

@@ -49,8 +49,13 @@ def headroom(acc_ft: float | None, method: str) -> float | None:
     return 2.0 * acc_ft - 1.0 if ratio_formula(method) == "flipped" else acc_ft - 0.5
 
 
-def forget_ratio(acc_ft: float | None, acc_forget: float | None, method: str, min_headroom: float = 0.0,
-                 denominator_acc: float | None = None) -> float | None:
+def forget_ratio(
+    acc_ft: float | None,
+    acc_forget: float | None,
+    method: str,
+    min_headroom: float = 0.0,
+    denominator_acc: float | None = None,
+) -> float | None:
     """(acc_ft - acc_forget) / (a - baseline(a)), a = acc_ft unless `denominator_acc` (the
     evaluated task's own fine-tuned accuracy) is given. Undefined (None) where the headroom
     is at or below zero or under `min_headroom`: no above-chance skill worth a ratio."""
@@ -117,10 +122,17 @@ def _interval_fields() -> list[tuple[str, pa.DataType]]:
 CELL_SCHEMA = pa.schema(
     [
         *trial_fields("model", "method", "size", "forget_task"),
-        ("eval_task", pa.string()), ("n_trials", pa.int32()), ("n_seeds", pa.int32()), ("n_examples", pa.int64()),
+        ("eval_task", pa.string()),
+        ("n_trials", pa.int32()),
+        ("n_seeds", pa.int32()),
+        ("n_examples", pa.int64()),
         *_interval_fields(),
-        ("conf_pretrained", pa.float64()), ("conf_finetuned", pa.float64()), ("conf_forgotten", pa.float64()),
-        ("headroom", pa.float64()), ("masked", pa.bool_()), ("ratio_formula", pa.string()),
+        ("conf_pretrained", pa.float64()),
+        ("conf_finetuned", pa.float64()),
+        ("conf_forgotten", pa.float64()),
+        ("headroom", pa.float64()),
+        ("masked", pa.bool_()),
+        ("ratio_formula", pa.string()),
         ("denominator", pa.string()),
         ("interval", pa.string()),
     ]
@@ -149,14 +161,32 @@ class RatioRule:
     denominator: str  # trial | own
 
 
-def cells_from_sums(sums: pa.Table, pairs: pa.Table | None = None, *, min_headroom: float = 0.0,
-                    denominator: str = "trial", resamples: int = 1000) -> list[Cell]:
+def cells_from_sums(
+    sums: pa.Table,
+    pairs: pa.Table | None = None,
+    *,
+    min_headroom: float = 0.0,
+    denominator: str = "trial",
+    resamples: int = 1000,
+) -> list[Cell]:
     """Cells from the milestone sums (`AnalysisContext.accuracy_sums`) and, for single-seed
     bootstrap intervals, the paired counts (`AnalysisContext.paired_correct`)."""
     per: dict[tuple, dict[tuple[str, str], dict]] = {}
     seed_of: dict[tuple[str, str], int] = {}
-    cols = ["sweep", "trial_id", "seed", "model", "method", "size", "forget_task", "eval_task", "milestone", "n",
-            "n_correct", "conf_fx"]
+    cols = [
+        "sweep",
+        "trial_id",
+        "seed",
+        "model",
+        "method",
+        "size",
+        "forget_task",
+        "eval_task",
+        "milestone",
+        "n",
+        "n_correct",
+        "conf_fx",
+    ]
     for r in sums.select(cols).to_pylist():
         key = (r["model"], r["method"], r["size"], r["forget_task"], r["eval_task"])
         tr = (r["sweep"], r["trial_id"])
@@ -166,8 +196,10 @@ def cells_from_sums(sums: pa.Table, pairs: pa.Table | None = None, *, min_headro
     if pairs is not None:
         for r in pairs.to_pylist():
             pair_of[(r["sweep"], r["trial_id"], r["eval_task"])] = (r["n11"], r["n10"], r["n01"], r["n00"])
-    trials = {key: {tr: _Trial(seed_of[tr], ms, pair_of.get((*tr, key[4]))) for tr, ms in sorted(v.items())}
-              for key, v in per.items()}
+    trials = {
+        key: {tr: _Trial(seed_of[tr], ms, pair_of.get((*tr, key[4]))) for tr, ms in sorted(v.items())}
+        for key, v in per.items()
+    }
     # The diagonal runs, for the "own" denominator: (model, method, size, task, seed) -> trial.
     diag = {(*key[:3], key[3], t.seed): t for key, v in trials.items() if key[3] == key[4] for t in v.values()}
     cells = []
@@ -202,8 +234,10 @@ def _cell(key: tuple, trials: list[_Trial], own: dict[int, _Trial | None], rule:
     c.n_trials = len(ft_trials)
     c.n_examples = sum(t.counts["finetuned"][0] for t in ft_trials)
     values = [_seed_values(t, own.get(t.seed), rule) for t in trials]
-    c.per_seed = {t.seed: {**v, "conf_finetuned": t.conf("finetuned"), "conf_forgotten": t.conf("forgotten")}
-                  for t, v in zip(trials, values)}
+    c.per_seed = {
+        t.seed: {**v, "conf_finetuned": t.conf("finetuned"), "conf_forgotten": t.conf("forgotten")}
+        for t, v in zip(trials, values)
+    }
     c.trials = list(trials)
     for m in MILESTONES:
         confs = [x for x in (t.conf(m) for t in trials) if x is not None]
@@ -257,8 +291,9 @@ def _bootstrap(t: _Trial, own: _Trial | None, rule: RatioRule, resamples: int, r
     return out
 
 
-def draw_finetuned_forgotten(t: _Trial, rng: np.random.Generator,
-                             b: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+def draw_finetuned_forgotten(
+    t: _Trial, rng: np.random.Generator, b: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """b resampled (finetuned, forgotten) accuracies of one trial's examples, drawn together
     from the paired counts where the store has them."""
     if t.pairs is not None and sum(t.pairs):
@@ -275,8 +310,21 @@ def draw_finetuned_forgotten(t: _Trial, rng: np.random.Generator,
 def cells_table(cells: list[Cell], denominator: str = "trial") -> pa.Table:
     rows = []
     for c in cells:
-        names = ("model", "method", "size", "forget_task", "eval_task", "n_trials", "n_examples", "conf_pretrained",
-                 "conf_finetuned", "conf_forgotten", "headroom", "masked", "interval")
+        names = (
+            "model",
+            "method",
+            "size",
+            "forget_task",
+            "eval_task",
+            "n_trials",
+            "n_examples",
+            "conf_pretrained",
+            "conf_finetuned",
+            "conf_forgotten",
+            "headroom",
+            "masked",
+            "interval",
+        )
         row = {n: getattr(c, n) for n in names}
         for m in WITH_INTERVALS:
             lo, hi = c.bounds.get(m, (None, None))
@@ -319,14 +367,21 @@ def upgma_order(matrix: np.ndarray) -> tuple[list[int], list[int]]:
 
 
 CORRELATION_FIELDS = [
-    ("n", pa.int64()), ("pearson_r", pa.float64()), ("pearson_p", pa.float64()),
-    ("spearman_r", pa.float64()), ("spearman_p", pa.float64()),
+    ("n", pa.int64()),
+    ("pearson_r", pa.float64()),
+    ("pearson_p", pa.float64()),
+    ("spearman_r", pa.float64()),
+    ("spearman_p", pa.float64()),
 ]
 
 
 CORRELATION_INTERVAL_FIELDS = CORRELATION_FIELDS + [
-    ("pearson_r_lo", pa.float64()), ("pearson_r_hi", pa.float64()), ("spearman_r_lo", pa.float64()),
-    ("spearman_r_hi", pa.float64()), ("n_seeds", pa.int32()), ("interval", pa.string()),
+    ("pearson_r_lo", pa.float64()),
+    ("pearson_r_hi", pa.float64()),
+    ("spearman_r_lo", pa.float64()),
+    ("spearman_r_hi", pa.float64()),
+    ("n_seeds", pa.int32()),
+    ("interval", pa.string()),
 ]
 
 
@@ -356,5 +411,10 @@ def seed_value(name: str):
 
 
 def correlation_row(c: Correlation) -> dict[str, float | int | None]:
-    return {"n": c.n, "pearson_r": c.pearson_r, "pearson_p": c.pearson_p, "spearman_r": c.spearman_r, "spearman_p": c.spearman_p}
-
+    return {
+        "n": c.n,
+        "pearson_r": c.pearson_r,
+        "pearson_p": c.pearson_p,
+        "spearman_r": c.spearman_r,
+        "spearman_p": c.spearman_p,
+    }

@@ -50,19 +50,47 @@ ATTACKS = ("loss", "zlib")
 MEMBERS, HELD_OUT = "train", "test"
 _COND = [*trial_fields("model", "method", "size", "forget_task")]
 RUN_SCHEMA = pa.schema(
-    [*trial_fields("sweep", "trial_id")] + _COND
-    + [("seed", pa.int32()), ("step", pa.int32()), ("attack", pa.string()), ("n_members", pa.int32()),
-       ("n_held_out", pa.int32()), ("auc", pa.float64()), ("auc_pretrained", pa.float64()), ("privleak", pa.float64())]
+    [*trial_fields("sweep", "trial_id")]
+    + _COND
+    + [
+        ("seed", pa.int32()),
+        ("step", pa.int32()),
+        ("attack", pa.string()),
+        ("n_members", pa.int32()),
+        ("n_held_out", pa.int32()),
+        ("auc", pa.float64()),
+        ("auc_pretrained", pa.float64()),
+        ("privleak", pa.float64()),
+    ]
 )
 SUMMARY_SCHEMA = pa.schema(
-    _COND + [("step", pa.int32()), ("attack", pa.string()), ("n_trials", pa.int32()), ("n_members", pa.int64()),
-             ("n_held_out", pa.int64()), ("auc", pa.float64()), ("auc_lo", pa.float64()), ("auc_hi", pa.float64()),
-             ("n_seeds", pa.int32()), ("interval", pa.string()), ("auc_pretrained", pa.float64()), ("privleak", pa.float64())]
+    _COND
+    + [
+        ("step", pa.int32()),
+        ("attack", pa.string()),
+        ("n_trials", pa.int32()),
+        ("n_members", pa.int64()),
+        ("n_held_out", pa.int64()),
+        ("auc", pa.float64()),
+        ("auc_lo", pa.float64()),
+        ("auc_hi", pa.float64()),
+        ("n_seeds", pa.int32()),
+        ("interval", pa.string()),
+        ("auc_pretrained", pa.float64()),
+        ("privleak", pa.float64()),
+    ]
 )
 QUALITY_SCHEMA = pa.schema(
-    [*trial_fields("sweep", "trial_id")] + _COND
-    + [("seed", pa.int32()), ("milestone", pa.string()), ("reference", pa.string()), ("n", pa.int32()),
-       ("ks_statistic", pa.float64()), ("forget_quality", pa.float64())]
+    [*trial_fields("sweep", "trial_id")]
+    + _COND
+    + [
+        ("seed", pa.int32()),
+        ("milestone", pa.string()),
+        ("reference", pa.string()),
+        ("n", pa.int32()),
+        ("ks_statistic", pa.float64()),
+        ("forget_quality", pa.float64()),
+    ]
 )
 
 
@@ -72,18 +100,20 @@ def auc(members: np.ndarray, held_out: np.ndarray) -> float | None:
         return None
     values, inverse = np.unique(np.concatenate([members, held_out]), return_inverse=True)
     pos = np.bincount(inverse[: members.size], minlength=values.size).astype(np.float64)
-    neg = np.bincount(inverse[members.size:], minlength=values.size).astype(np.float64)
+    neg = np.bincount(inverse[members.size :], minlength=values.size).astype(np.float64)
     return float((pos * (np.cumsum(neg) - neg + 0.5 * neg)).sum() / (members.size * held_out.size))
 
 
-def bootstrap_auc(members: np.ndarray, held_out: np.ndarray, resamples: int, rng: np.random.Generator) -> tuple[float | None, float | None]:
+def bootstrap_auc(
+    members: np.ndarray, held_out: np.ndarray, resamples: int, rng: np.random.Generator
+) -> tuple[float | None, float | None]:
     """Percentile bounds over stratified resamples. A resample of either group is a
     multinomial draw over the distinct scores, so each costs O(distinct scores), not a sort."""
     if members.size < 2 or held_out.size < 2:
         return None, None
     values, inverse = np.unique(np.concatenate([members, held_out]), return_inverse=True)
     p_pos = np.bincount(inverse[: members.size], minlength=values.size) / members.size
-    p_neg = np.bincount(inverse[members.size:], minlength=values.size) / held_out.size
+    p_neg = np.bincount(inverse[members.size :], minlength=values.size) / held_out.size
     pos = rng.multinomial(members.size, p_pos, size=resamples).astype(np.float64)
     neg = rng.multinomial(held_out.size, p_neg, size=resamples).astype(np.float64)
     below = np.cumsum(neg, axis=1) - neg
@@ -101,9 +131,16 @@ def _zlib_bytes(ctx: AnalysisContext, sweep: str, task: str) -> pa.Table:
         rows = []
         for r in ex.to_pylist():
             text = r["prompt"] + (r["choice_1"] if r["gold"] == 1 else r["choice_0"])
-            rows.append({"split": r["split"], "example_idx": r["example_idx"], "zlib_bytes": len(zlib.compress(text.encode(), 9))})
-        ctx._cache[key] = pa.Table.from_pylist(rows, schema=pa.schema([("split", pa.string()), ("example_idx", pa.int32()),
-                                                                     ("zlib_bytes", pa.int32())]))
+            rows.append(
+                {
+                    "split": r["split"],
+                    "example_idx": r["example_idx"],
+                    "zlib_bytes": len(zlib.compress(text.encode(), 9)),
+                }
+            )
+        ctx._cache[key] = pa.Table.from_pylist(
+            rows, schema=pa.schema([("split", pa.string()), ("example_idx", pa.int32()), ("zlib_bytes", pa.int32())])
+        )
     return ctx._cache[key]
 
 
@@ -121,11 +158,18 @@ def trial_scores(ctx: AnalysisContext, t: TrialInfo) -> TrialMembership | None:
     start, pre, last = (t.milestones.get(m) for m in ("finetuned", "pretrained", "forgotten"))
     if start is None or not t.committed.get("forget"):
         return None
-    files = [f for f in (t.scan_file(ctx.store.root, "scores", ref) for ref in (pre, start) if ref is not None) if f is not None]
+    files = [
+        f
+        for f in (t.scan_file(ctx.store.root, "scores", ref) for ref in (pre, start) if ref is not None)
+        if f is not None
+    ]
     files += list(ctx.index.phase_files("scores", ("forget",), (t,)))
     rows = ctx.engine.reduce(
-        Scan(tuple(files), columns=("phase", "epoch", "split", "example_idx", "ll_sum_correct", "ll_mean_correct", "confidence"),
-             trial_task=((t.sweep, t.trial_id, t.forget_task),)),
+        Scan(
+            tuple(files),
+            columns=("phase", "epoch", "split", "example_idx", "ll_sum_correct", "ll_mean_correct", "confidence"),
+            trial_task=((t.sweep, t.trial_id, t.forget_task),),
+        ),
         CollectRows(order=("phase", "epoch", "split", "example_idx")),
     )
     if rows.num_rows == 0:
@@ -140,8 +184,11 @@ def trial_scores(ctx: AnalysisContext, t: TrialInfo) -> TrialMembership | None:
     loss = rows["ll_mean_correct"].to_numpy(zero_copy_only=False).astype(np.float64)
     total = rows["ll_sum_correct"].to_numpy(zero_copy_only=False).astype(np.float64)
     conf = rows["confidence"].to_numpy(zero_copy_only=False).astype(np.float64)
-    zbytes = (rows["zlib_bytes"].to_numpy(zero_copy_only=False).astype(np.float64) if "zlib_bytes" in rows.column_names
-              else np.full(rows.num_rows, np.nan))
+    zbytes = (
+        rows["zlib_bytes"].to_numpy(zero_copy_only=False).astype(np.float64)
+        if "zlib_bytes" in rows.column_names
+        else np.full(rows.num_rows, np.nan)
+    )
     scores = (("loss", loss), ("zlib", total / zbytes))
 
     def at(ref) -> np.ndarray:
@@ -153,9 +200,14 @@ def trial_scores(ctx: AnalysisContext, t: TrialInfo) -> TrialMembership | None:
     steps = {0: attacks(at(start))}
     for e in sorted(set(epoch[phase == "forget"].tolist())):
         steps[int(e)] = attacks((phase == "forget") & (epoch == e))
-    members = {name: conf[at(ref) & (split == MEMBERS)] for name, ref in (("pretrained", pre), ("finetuned", start), ("forgotten", last))
-               if ref is not None}
-    return TrialMembership(steps, attacks(at(pre)) if pre is not None else None, {k: v for k, v in members.items() if v.size})
+    members = {
+        name: conf[at(ref) & (split == MEMBERS)]
+        for name, ref in (("pretrained", pre), ("finetuned", start), ("forgotten", last))
+        if ref is not None
+    }
+    return TrialMembership(
+        steps, attacks(at(pre)) if pre is not None else None, {k: v for k, v in members.items() if v.size}
+    )
 
 
 def privleak(auc_run: float | None, auc_reference: float | None) -> float | None:
@@ -178,9 +230,22 @@ def forget_quality_rows(t: TrialInfo, tm: TrialMembership) -> list[dict]:
         if ref is None or got is None:
             continue
         ks = ks_2samp(got, ref)
-        out.append({"sweep": t.sweep, "trial_id": t.trial_id, "model": t.model, "method": t.method, "size": t.size,
-                    "forget_task": t.forget_task, "seed": t.seed, "milestone": milestone, "reference": "pretrained",
-                    "n": int(got.size), "ks_statistic": float(ks.statistic), "forget_quality": float(ks.pvalue)})
+        out.append(
+            {
+                "sweep": t.sweep,
+                "trial_id": t.trial_id,
+                "model": t.model,
+                "method": t.method,
+                "size": t.size,
+                "forget_task": t.forget_task,
+                "seed": t.seed,
+                "milestone": milestone,
+                "reference": "pretrained",
+                "n": int(got.size),
+                "ks_statistic": float(ks.statistic),
+                "forget_quality": float(ks.pvalue),
+            }
+        )
     return out
 
 
@@ -202,28 +267,49 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
                 m, h = groups[MEMBERS], groups[HELD_OUT]
                 ref = tm.reference[attack] if tm.reference is not None else None
                 a, a_ref = auc(m, h), auc(ref[MEMBERS], ref[HELD_OUT]) if ref is not None else None
-                run_rows.append({"sweep": t.sweep, "trial_id": t.trial_id, "model": t.model, "method": t.method, "size": t.size,
-                                 "forget_task": t.forget_task, "seed": t.seed, "step": step, "attack": attack,
-                                 "n_members": int(m.size), "n_held_out": int(h.size), "auc": a, "auc_pretrained": a_ref,
-                                 "privleak": privleak(a, a_ref)})
+                run_rows.append(
+                    {
+                        "sweep": t.sweep,
+                        "trial_id": t.trial_id,
+                        "model": t.model,
+                        "method": t.method,
+                        "size": t.size,
+                        "forget_task": t.forget_task,
+                        "seed": t.seed,
+                        "step": step,
+                        "attack": attack,
+                        "n_members": int(m.size),
+                        "n_held_out": int(h.size),
+                        "auc": a,
+                        "auc_pretrained": a_ref,
+                        "privleak": privleak(a, a_ref),
+                    }
+                )
                 if m.size and h.size:
                     by_cell[(t.model, t.method, t.size, t.forget_task, step, attack)][t.seed] = (m, h)
-                    leaks[(t.model, t.method, t.size, t.forget_task, step, attack)][t.seed] = (a_ref, privleak(a, a_ref))
+                    leaks[(t.model, t.method, t.size, t.forget_task, step, attack)][t.seed] = (
+                        a_ref,
+                        privleak(a, a_ref),
+                    )
     if not run_rows:
         raise Skip("no trial has a finetuned milestone and committed forget epochs")
     rows = []
     for key in sorted(by_cell, key=str):
         seeds = by_cell[key]
         row = dict(zip(("model", "method", "size", "forget_task", "step", "attack"), key))
-        row.update(n_trials=len(seeds), n_members=sum(m.size for m, _ in seeds.values()),
-                   n_held_out=sum(h.size for _, h in seeds.values()), n_seeds=len(seeds),
-                   auc_pretrained=t_interval([r for r, _ in leaks[key].values()]).value,
-                   privleak=t_interval([v for _, v in leaks[key].values()]).value)
+        row.update(
+            n_trials=len(seeds),
+            n_members=sum(m.size for m, _ in seeds.values()),
+            n_held_out=sum(h.size for _, h in seeds.values()),
+            n_seeds=len(seeds),
+            auc_pretrained=t_interval([r for r, _ in leaks[key].values()]).value,
+            privleak=t_interval([v for _, v in leaks[key].values()]).value,
+        )
         if len(seeds) >= 2:
             est = t_interval([auc(m, h) for m, h in seeds.values()])
             row.update(auc=est.value, auc_lo=est.lo, auc_hi=est.hi, interval=SEEDS_T)
         else:
-            (m, h), = seeds.values()
+            ((m, h),) = seeds.values()
             lo, hi = bootstrap_auc(m, h, resamples, rng_for(*key))
             row.update(auc=auc(m, h), auc_lo=lo, auc_hi=hi, interval=BOOTSTRAP)
         rows.append(row)
@@ -231,8 +317,10 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     runs = pa.Table.from_pylist(run_rows, schema=RUN_SCHEMA)
     loss = [v for v in summary.filter(pc.equal(summary["attack"], "loss"))["auc"].to_pylist() if v is not None]
     spread = f"; loss AUC {min(loss):.3f} to {max(loss):.3f} across conditions and steps" if loss else ""
-    msg = (f"{runs.num_rows} (trial, step, attack) AUC(s); members = the forget task's trained examples ({MEMBERS} split), "
-           f"held out = its {HELD_OUT} split; step 0 = finetuned milestone{spread}")
+    msg = (
+        f"{runs.num_rows} (trial, step, attack) AUC(s); members = the forget task's trained examples ({MEMBERS} split), "
+        f"held out = its {HELD_OUT} split; step 0 = finetuned milestone{spread}"
+    )
     notes = []
     if not np.isfinite([r["auc"] if r["auc"] is not None else np.nan for r in run_rows if r["attack"] == "zlib"]).any():
         notes.append("zlib AUC left empty: the store has no prepared examples to compress")
@@ -246,15 +334,20 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     for model, size, rs in per_model(o.tables["summary"].to_pylist()):
         fig = Figure(figsize=(9.0, 3.6), layout="constrained")
         for ax, attack in zip(fig.subplots(1, 2), ("loss", "zlib")):
-            for (task, method) in sorted({(r["forget_task"], r["method"]) for r in rs if r["attack"] == attack}):
-                line = sorted((r for r in rs if (r["forget_task"], r["method"], r["attack"]) == (task, method, attack)),
-                              key=lambda r: r["step"])
+            for task, method in sorted({(r["forget_task"], r["method"]) for r in rs if r["attack"] == attack}):
+                line = sorted(
+                    (r for r in rs if (r["forget_task"], r["method"], r["attack"]) == (task, method, attack)),
+                    key=lambda r: r["step"],
+                )
                 x = [r["step"] for r in line]
                 ax.plot(x, [num(r["auc"]) for r in line], marker=".", label=f"{task} / {method}")
                 ax.fill_between(x, [num(r["auc_lo"]) for r in line], [num(r["auc_hi"]) for r in line], alpha=0.2)
             epoch_axis(ax, "forget epoch (0 = finetuned milestone)", f"{attack} attack AUC")
         fig.axes[0].legend(fontsize=7, title="forget task / method", title_fontsize=7)
-        fig.suptitle(f"{model}, n={size}: trained examples (train split) vs held-out (test split) of the forget task; "
-                     "0.5 = indistinguishable", fontsize=9)
+        fig.suptitle(
+            f"{model}, n={size}: trained examples (train split) vs held-out (test split) of the forget task; "
+            "0.5 = indistinguishable",
+            fontsize=9,
+        )
         figs.append((f"membership_{model}_n{size}", fig))
     return figs

@@ -30,14 +30,29 @@ from raysweep.store import trial_fields
 
 _COND = [*trial_fields("model", "method", "size", "forget_task")]
 TASK_SCHEMA = pa.schema(
-    _COND + [("n_trials", pa.int32()), ("n_forgotten", pa.int64()), ("n_learned", pa.int64()), ("n_examples", pa.int64()),
-             ("spearman_r", pa.float64()), ("spearman_p", pa.float64()), ("spearman_r_lo", pa.float64()),
-             ("spearman_r_hi", pa.float64()), ("n_seeds", pa.int32()), ("interval", pa.string()),
-             ("status", pa.string())]
+    _COND
+    + [
+        ("n_trials", pa.int32()),
+        ("n_forgotten", pa.int64()),
+        ("n_learned", pa.int64()),
+        ("n_examples", pa.int64()),
+        ("spearman_r", pa.float64()),
+        ("spearman_p", pa.float64()),
+        ("spearman_r_lo", pa.float64()),
+        ("spearman_r_hi", pa.float64()),
+        ("n_seeds", pa.int32()),
+        ("interval", pa.string()),
+        ("status", pa.string()),
+    ]
 )
 EXAMPLE_SCHEMA = pa.schema(
-    _COND + [*trial_fields("sweep", "trial_id", "seed"), ("example_idx", pa.int32()),
-             ("forget_epoch", pa.int32()), ("learn_epoch", pa.int32())]
+    _COND
+    + [
+        *trial_fields("sweep", "trial_id", "seed"),
+        ("example_idx", pa.int32()),
+        ("forget_epoch", pa.int32()),
+        ("learn_epoch", pa.int32()),
+    ]
 )
 
 
@@ -57,14 +72,31 @@ def crossing_table(ctx: AnalysisContext, trials: tuple[TrialInfo, ...]) -> pa.Ta
     learned = pc.fill_null(pc.greater_equal(j["conf_finetuned"], thr), False)
     unlearned = pc.fill_null(pc.less(j["conf_relearn_start"], thr), False)
     null = pa.nulls(j.num_rows, pa.int32())
-    j = j.set_column(j.schema.get_field_index("forget_epoch"), "forget_epoch",
-                     pc.if_else(learned, pc.cast(j["forget_epoch"], pa.int32()), null))
-    j = j.set_column(j.schema.get_field_index("learn_epoch"), "learn_epoch",
-                     pc.if_else(unlearned, pc.cast(j["learn_epoch"], pa.int32()), null))
+    j = j.set_column(
+        j.schema.get_field_index("forget_epoch"),
+        "forget_epoch",
+        pc.if_else(learned, pc.cast(j["forget_epoch"], pa.int32()), null),
+    )
+    j = j.set_column(
+        j.schema.get_field_index("learn_epoch"),
+        "learn_epoch",
+        pc.if_else(unlearned, pc.cast(j["learn_epoch"], pa.int32()), null),
+    )
     j = j.join(ctx.index.trial_table(), keys=["sweep", "trial_id"], join_type="inner")
-    return j.select(EXAMPLE_SCHEMA.names).cast(EXAMPLE_SCHEMA).sort_by(
-        [("model", "ascending"), ("method", "ascending"), ("size", "ascending"), ("forget_task", "ascending"),
-         ("sweep", "ascending"), ("trial_id", "ascending"), ("example_idx", "ascending")]
+    return (
+        j.select(EXAMPLE_SCHEMA.names)
+        .cast(EXAMPLE_SCHEMA)
+        .sort_by(
+            [
+                ("model", "ascending"),
+                ("method", "ascending"),
+                ("size", "ascending"),
+                ("forget_task", "ascending"),
+                ("sweep", "ascending"),
+                ("trial_id", "ascending"),
+                ("example_idx", "ascending"),
+            ]
+        )
     )
 
 
@@ -73,8 +105,14 @@ def _eligible(ctx: AnalysisContext) -> pa.Table:
     the forgotten one (the last forget epoch, where relearning starts)."""
     rows = ctx.forget_task_scores(ctx.params.order_split)
     keys = ["sweep", "trial_id", "example_idx"]
-    schema = pa.schema([*trial_fields("sweep", "trial_id"), ("example_idx", pa.int32()),
-                        ("conf_finetuned", pa.float32()), ("conf_relearn_start", pa.float32())])
+    schema = pa.schema(
+        [
+            *trial_fields("sweep", "trial_id"),
+            ("example_idx", pa.int32()),
+            ("conf_finetuned", pa.float32()),
+            ("conf_relearn_start", pa.float32()),
+        ]
+    )
     if rows.num_rows == 0:
         return schema.empty_table()
     ms = ctx.index.milestone_table().select(["sweep", "trial_id", "phase", "epoch", "milestone"])
@@ -116,10 +154,19 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
                 xs.append(a)
                 ys.append(b)
         n = sum(len(v[0]) for v in by_seed.values())
-        row = {"model": key[0], "method": key[1], "size": key[2], "forget_task": key[3],
-               "n_trials": len({cols["trial_id"][i] for i in idx}), "n_forgotten": sum(a is not None for a in f),
-               "n_learned": sum(b is not None for b in g), "n_examples": n, "spearman_r": None, "spearman_p": None,
-               "n_seeds": len(by_seed)}
+        row = {
+            "model": key[0],
+            "method": key[1],
+            "size": key[2],
+            "forget_task": key[3],
+            "n_trials": len({cols["trial_id"][i] for i in idx}),
+            "n_forgotten": sum(a is not None for a in f),
+            "n_learned": sum(b is not None for b in g),
+            "n_examples": n,
+            "spearman_r": None,
+            "spearman_p": None,
+            "n_seeds": len(by_seed),
+        }
         if n <= p.order_min_examples:
             row["status"] = f"skipped: {n} example(s) both forgotten and learned, need more than {p.order_min_examples}"
         else:
@@ -132,8 +179,10 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     if not kept:
         most = max((r["n_examples"] for r in rows), default=0)
         raise Skip(f"no task has more than {p.order_min_examples} examples both forgotten and learned (most: {most})")
-    msg = (f"{len(kept)} of {len(rows)} task(s) with more than {p.order_min_examples} examples; "
-           f"threshold {p.order_threshold}, {p.order_split} split")
+    msg = (
+        f"{len(kept)} of {len(rows)} task(s) with more than {p.order_min_examples} examples; "
+        f"threshold {p.order_threshold}, {p.order_split} split"
+    )
     return AnalysisResult({"tasks": tasks, "examples": both}, msg)
 
 
@@ -149,14 +198,20 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     axes = np.atleast_1d(fig.subplots(nrows, cols)).ravel()
     rng = np.random.default_rng(0)
     for ax, t in zip(axes, ok):
-        pts = [(e["forget_epoch"], e["learn_epoch"]) for e in ex if all(e[k] == t[k] for k in ("model", "method", "size", "forget_task"))]
+        pts = [
+            (e["forget_epoch"], e["learn_epoch"])
+            for e in ex
+            if all(e[k] == t[k] for k in ("model", "method", "size", "forget_task"))
+        ]
         f = np.array([p[0] for p in pts], float) + rng.uniform(-0.2, 0.2, len(pts))
         g = np.array([p[1] for p in pts], float) + rng.uniform(-0.2, 0.2, len(pts))
         ax.scatter(f, g, s=6, alpha=0.4, color=BLUE)
-        ax.set_title(f"{t['forget_task']} ({t['model']}): rho={t['spearman_r']:.2f}{ci(t, 'spearman_r')}, "
-                     f"n={t['n_examples']}", fontsize=9)
+        ax.set_title(
+            f"{t['forget_task']} ({t['model']}): rho={t['spearman_r']:.2f}{ci(t, 'spearman_r')}, n={t['n_examples']}",
+            fontsize=9,
+        )
         ax.set_xlabel("forget epoch")
         ax.set_ylabel("learn epoch")
-    for ax in axes[len(ok):]:
+    for ax in axes[len(ok) :]:
         ax.set_visible(False)
     return [("forgetting order vs learning order", fig)]

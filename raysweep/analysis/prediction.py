@@ -252,8 +252,14 @@ class RowScore:
 
 
 def leave_one_row_out(
-    values: np.ndarray, conf_before: np.ndarray, predictors: Sequence[Predictor], *, k: int, seeds: Sequence[int],
-    threshold: float, groups: Sequence[object] | None = None,
+    values: np.ndarray,
+    conf_before: np.ndarray,
+    predictors: Sequence[Predictor],
+    *,
+    k: int,
+    seeds: Sequence[int],
+    threshold: float,
+    groups: Sequence[object] | None = None,
 ) -> list[RowScore]:
     """Each row held out in turn. With `groups`, every row of the held-out row's group leaves
     the training rows with it: a twin of the held-out run (the same model and forget task
@@ -262,11 +268,15 @@ def leave_one_row_out(
     conf_before = np.asarray(conf_before, dtype=np.float64)
     m, n = values.shape
     if conf_before.shape != values.shape:
-        raise BadInput(f"predict: confidence matrix {conf_before.shape} does not match the association matrix {values.shape}")
+        raise BadInput(
+            f"predict: confidence matrix {conf_before.shape} does not match the association matrix {values.shape}"
+        )
     if m < 2:
         raise BadInput(f"predict: leave-one-row-out needs 2+ rows (have {m})")
     if not 0 <= k < n:
-        raise BadInput(f"predict: k={k} must be in [0, {n - 1}] for a matrix of {n} columns (at least one cell stays hidden)")
+        raise BadInput(
+            f"predict: k={k} must be in [0, {n - 1}] for a matrix of {n} columns (at least one cell stays hidden)"
+        )
     if not (np.isfinite(values).all() and np.isfinite(conf_before).all()):
         raise BadInput("predict: the matrix has unobserved cells; keep the complete columns first")
     group = np.arange(m) if groups is None else _group_codes(groups)
@@ -288,7 +298,9 @@ def leave_one_row_out(
             for name, model in models:
                 pred = np.asarray(model.predict(row), dtype=np.float64)[hidden]
                 err = pred - truth
-                out.append(RowScore(name, seed, i, int(hidden.sum()), float(err @ err), confusion(truth, pred, threshold)))
+                out.append(
+                    RowScore(name, seed, i, int(hidden.sum()), float(err @ err), confusion(truth, pred, threshold))
+                )
     return out
 
 
@@ -345,18 +357,45 @@ class PredictParams:
             raise BadInput(f"predict: unknown predictor(s) {unknown} (known: {', '.join(PREDICTOR_NAMES)})")
 
     def build(self) -> tuple[Predictor, ...]:
-        made = {"additive": Additive(), "knn_rows": NearestRows(self.neighbors), "low_rank": LowRank(self.rank), "confidence": ConfidenceBaseline()}
+        made = {
+            "additive": Additive(),
+            "knn_rows": NearestRows(self.neighbors),
+            "low_rank": LowRank(self.rank),
+            "confidence": ConfidenceBaseline(),
+        }
         return tuple(made[p] for p in self.predictors)
 
 
 SUMMARY_SCHEMA = pa.schema(
-    [("predictor", pa.string()), ("measure", pa.string()), ("k", pa.int32()), ("threshold", pa.float64()), ("n_seeds", pa.int32()),
-     ("n_runs", pa.int32()), ("n_examples", pa.int32()), ("forgotten_rate", pa.float64()),
-     ("rmse_mean", pa.float64()), ("rmse_std", pa.float64()), ("f1_mean", pa.float64()), ("f1_std", pa.float64())]
+    [
+        ("predictor", pa.string()),
+        ("measure", pa.string()),
+        ("k", pa.int32()),
+        ("threshold", pa.float64()),
+        ("n_seeds", pa.int32()),
+        ("n_runs", pa.int32()),
+        ("n_examples", pa.int32()),
+        ("forgotten_rate", pa.float64()),
+        ("rmse_mean", pa.float64()),
+        ("rmse_std", pa.float64()),
+        ("f1_mean", pa.float64()),
+        ("f1_std", pa.float64()),
+    ]
 )
 BY_SEED_SCHEMA = pa.schema(
-    [("predictor", pa.string()), ("seed", pa.int32()), ("n_cells", pa.int64()), ("rmse", pa.float64()), ("f1", pa.float64()),
-     ("precision", pa.float64()), ("recall", pa.float64()), ("tp", pa.int64()), ("fp", pa.int64()), ("fn", pa.int64()), ("tn", pa.int64())]
+    [
+        ("predictor", pa.string()),
+        ("seed", pa.int32()),
+        ("n_cells", pa.int64()),
+        ("rmse", pa.float64()),
+        ("f1", pa.float64()),
+        ("precision", pa.float64()),
+        ("recall", pa.float64()),
+        ("tp", pa.int64()),
+        ("fp", pa.int64()),
+        ("fn", pa.int64()),
+        ("tn", pa.int64()),
+    ]
 )
 BY_RUN_SCHEMA = pa.schema(
     [("predictor", pa.string()), *trial_fields(), ("n_cells", pa.int64()), ("rmse", pa.float64()), ("f1", pa.float64())]
@@ -382,11 +421,20 @@ def predict_result(ctx: AnalysisContext, params: PredictParams) -> AnalysisResul
         raise Skip(f"needs more than k={params.k} examples evaluated by every run (have {n})")
     groups = [(r.model, r.forget_task) for r in mat.rows]
     if len(set(groups)) < 2:
-        raise Skip(f"needs forget runs of 2+ (model, forget task) pairs: runs sharing one are held out together "
-                   f"(have {len(set(groups))})")
+        raise Skip(
+            f"needs forget runs of 2+ (model, forget task) pairs: runs sharing one are held out together "
+            f"(have {len(set(groups))})"
+        )
     predictors = params.build()
-    scores = leave_one_row_out(mat.values, mat.conf_before, predictors, k=params.k, seeds=params.seeds,
-                               threshold=params.threshold, groups=groups)
+    scores = leave_one_row_out(
+        mat.values,
+        mat.conf_before,
+        predictors,
+        k=params.k,
+        seeds=params.seeds,
+        threshold=params.threshold,
+        groups=groups,
+    )
 
     seed_rows, summary_rows, run_rows = [], [], []
     for p in predictors:
@@ -394,22 +442,51 @@ def predict_result(ctx: AnalysisContext, params: PredictParams) -> AnalysisResul
         per_seed = {seed: pool([s for s in mine if s.seed == seed]) for seed in params.seeds}
         for seed, ps in per_seed.items():
             c = ps.confusion
-            seed_rows.append({"predictor": p.name, "seed": seed, "n_cells": ps.n_cells, "rmse": ps.rmse, "f1": c.f1,
-                              "precision": c.precision, "recall": c.recall, "tp": c.tp, "fp": c.fp, "fn": c.fn, "tn": c.tn})
+            seed_rows.append(
+                {
+                    "predictor": p.name,
+                    "seed": seed,
+                    "n_cells": ps.n_cells,
+                    "rmse": ps.rmse,
+                    "f1": c.f1,
+                    "precision": c.precision,
+                    "recall": c.recall,
+                    "tp": c.tp,
+                    "fp": c.fp,
+                    "fn": c.fn,
+                    "tn": c.tn,
+                }
+            )
         rmse_mean, rmse_std = _mean_std([ps.rmse for ps in per_seed.values()])
         f1_mean, f1_std = _mean_std([ps.confusion.f1 for ps in per_seed.values()])
         everything = pool(mine).confusion
-        summary_rows.append({"predictor": p.name, "measure": params.measure, "k": params.k, "threshold": params.threshold,
-                             "n_seeds": len(params.seeds), "n_runs": m, "n_examples": n,
-                             "forgotten_rate": (everything.tp + everything.fn) / everything.n if everything.n else None,
-                             "rmse_mean": rmse_mean, "rmse_std": rmse_std, "f1_mean": f1_mean, "f1_std": f1_std})
+        summary_rows.append(
+            {
+                "predictor": p.name,
+                "measure": params.measure,
+                "k": params.k,
+                "threshold": params.threshold,
+                "n_seeds": len(params.seeds),
+                "n_runs": m,
+                "n_examples": n,
+                "forgotten_rate": (everything.tp + everything.fn) / everything.n if everything.n else None,
+                "rmse_mean": rmse_mean,
+                "rmse_std": rmse_std,
+                "f1_mean": f1_mean,
+                "f1_std": f1_std,
+            }
+        )
         for i, run in enumerate(mat.rows):
             ps = pool([s for s in mine if s.row == i])
-            run_rows.append({"predictor": p.name, **vars(run), "n_cells": ps.n_cells, "rmse": ps.rmse, "f1": ps.confusion.f1})
+            run_rows.append(
+                {"predictor": p.name, **vars(run), "n_cells": ps.n_cells, "rmse": ps.rmse, "f1": ps.confusion.f1}
+            )
     dropped = full.shape[1] - n
-    msg = (f"leave-one-run-out over {m} run(s) x {n} {ctx.params.split} example(s), {params.measure}, k={params.k} revealed, "
-           f"{len(params.seeds)} seed(s), forgotten = cell > {params.threshold:g}; runs sharing the held-out run's "
-           f"(model, forget task) held out with it ({len(set(groups))} group(s))")
+    msg = (
+        f"leave-one-run-out over {m} run(s) x {n} {ctx.params.split} example(s), {params.measure}, k={params.k} revealed, "
+        f"{len(params.seeds)} seed(s), forgotten = cell > {params.threshold:g}; runs sharing the held-out run's "
+        f"(model, forget task) held out with it ({len(set(groups))} group(s))"
+    )
     if dropped:
         msg += f"; {dropped} example(s) not evaluated by every run left out"
     tables = {
@@ -430,7 +507,9 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     return predict_result(ctx, params)
 
 
-def run_prediction(store: Store, params: PredictParams | None = None, sweep: str | None = None, engine: str = "auto") -> AnalysisOutcome:
+def run_prediction(
+    store: Store, params: PredictParams | None = None, sweep: str | None = None, engine: str = "auto"
+) -> AnalysisOutcome:
     """The `predict` analysis with these parameters, written where `raysweep analyze` writes
     it, so the report shows the last run's parameters as long as the store has not changed
     since. A skipped run (too few runs or examples for these parameters) writes nothing: the
@@ -449,7 +528,10 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     names = [r["predictor"] for r in rs]
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "rmse", "RMSE on hidden cells (lower is better)"), (axes[1], "f1", "F1 of forgotten (higher is better)")):
+    for ax, key, label in (
+        (axes[0], "rmse", "RMSE on hidden cells (lower is better)"),
+        (axes[1], "f1", "F1 of forgotten (higher is better)"),
+    ):
         means = [num(r[f"{key}_mean"]) for r in rs]
         errs = [0.0 if r[f"{key}_std"] is None else r[f"{key}_std"] for r in rs]
         ax.bar(x, means, yerr=errs, capsize=4, color=[f"C{i}" for i in range(len(rs))])
@@ -457,8 +539,13 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         ax.set_title(label, fontsize=9)
     r0 = rs[0]
     if r0["forgotten_rate"] is not None:
-        axes[1].axhline(2 * r0["forgotten_rate"] / (1 + r0["forgotten_rate"]), ls="--", color="grey", lw=1, label="all forgotten")
+        axes[1].axhline(
+            2 * r0["forgotten_rate"] / (1 + r0["forgotten_rate"]), ls="--", color="grey", lw=1, label="all forgotten"
+        )
         axes[1].legend(fontsize=7)
     axes[1].set_ylim(0, 1.02)
-    fig.suptitle(f"{r0['measure']}, k={r0['k']} revealed per run, {r0['n_runs']} runs x {r0['n_examples']} examples, {r0['n_seeds']} seed(s)", fontsize=9)
+    fig.suptitle(
+        f"{r0['measure']}, k={r0['k']} revealed per run, {r0['n_runs']} runs x {r0['n_examples']} examples, {r0['n_seeds']} seed(s)",
+        fontsize=9,
+    )
     return [("prediction scores by predictor", fig)]

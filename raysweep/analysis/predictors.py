@@ -98,12 +98,24 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         for c in sorted(group, key=lambda c: c.forget_task):
             tv = [var_of[k] for k in var_of if k[:4] == (model, method, size, c.forget_task)]
             var = float(np.mean(tv)) if tv else None
-            task_rows.append({**cond, "forget_task": c.forget_task, "n_trials": c.n_trials, "layer": p.layer,
-                              "forget_ratio": c.forget_ratio, "acc_finetuned": c.acc_finetuned, "total_variance": var,
-                              "conf_finetuned": c.conf_finetuned})
+            task_rows.append(
+                {
+                    **cond,
+                    "forget_task": c.forget_task,
+                    "n_trials": c.n_trials,
+                    "layer": p.layer,
+                    "forget_ratio": c.forget_ratio,
+                    "acc_finetuned": c.acc_finetuned,
+                    "total_variance": var,
+                    "conf_finetuned": c.conf_finetuned,
+                }
+            )
             for seed, sv in c.per_seed.items():
-                x_of = {"acc_finetuned": sv["acc_finetuned"], "conf_finetuned": sv["conf_finetuned"],
-                        "total_variance": var_of.get((model, method, size, c.forget_task, seed))}
+                x_of = {
+                    "acc_finetuned": sv["acc_finetuned"],
+                    "conf_finetuned": sv["conf_finetuned"],
+                    "total_variance": var_of.get((model, method, size, c.forget_task, seed)),
+                }
                 for q in PREDICTORS:
                     xs, ys = points[q].setdefault(seed, ([], []))
                     xs.append(x_of[q])
@@ -120,8 +132,16 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     if most < 3 and examples.num_rows == 0:
         raise Skip(f"needs 3+ forget tasks per condition (most: {most}) or per-example scores at both milestones")
 
-    task_schema = pa.schema(_COND + [("forget_task", pa.string()), ("n_trials", pa.int32()), ("layer", pa.int16()),
-                                     ("forget_ratio", pa.float64())] + [(q, pa.float64()) for q in PREDICTORS])
+    task_schema = pa.schema(
+        _COND
+        + [
+            ("forget_task", pa.string()),
+            ("n_trials", pa.int32()),
+            ("layer", pa.int16()),
+            ("forget_ratio", pa.float64()),
+        ]
+        + [(q, pa.float64()) for q in PREDICTORS]
+    )
     corr_schema = pa.schema(_COND + [("predictor", pa.string()), ("layer", pa.int16())] + CORRELATION_INTERVAL_FIELDS)
     tables = {
         "correlations": pa.Table.from_pylist(corr_rows, schema=corr_schema),
@@ -129,18 +149,27 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         "examples": examples,
         "example_correlations": ex_corr,
     }
-    msg = (f"{len(task_rows)} task(s) in {len(groups)} condition(s); {examples.num_rows} example(s); "
-           f"total variance of layer {p.layer} on {p.variance_split}")
+    msg = (
+        f"{len(task_rows)} task(s) in {len(groups)} condition(s); {examples.num_rows} example(s); "
+        f"total variance of layer {p.layer} on {p.variance_split}"
+    )
     if notes:
         msg += "; " + "; ".join(notes)
     return AnalysisResult(tables, msg)
 
 
 EXAMPLE_SCHEMA = pa.schema(
-    _COND + [*trial_fields("forget_task", "sweep", "trial_id", "seed"),
-             ("example_idx", pa.int32()), ("conf_before", pa.float64()), ("conf_after", pa.float64()),
-             ("conf_drop", pa.float64()), ("correct_before", pa.bool_()), ("correct_after", pa.bool_()),
-             ("forgotten", pa.bool_())]
+    _COND
+    + [
+        *trial_fields("forget_task", "sweep", "trial_id", "seed"),
+        ("example_idx", pa.int32()),
+        ("conf_before", pa.float64()),
+        ("conf_after", pa.float64()),
+        ("conf_drop", pa.float64()),
+        ("correct_before", pa.bool_()),
+        ("correct_after", pa.bool_()),
+        ("forgotten", pa.bool_()),
+    ]
 )
 
 
@@ -166,9 +195,20 @@ def example_table(ctx: AnalysisContext) -> pa.Table:
     j = j.set_column(j.schema.get_field_index("conf_after"), "conf_after", a)
     j = j.append_column("conf_drop", pc.subtract(b, a))
     j = j.append_column("forgotten", pc.and_(j["correct_before"], pc.invert(j["correct_after"])))
-    return j.select(EXAMPLE_SCHEMA.names).cast(EXAMPLE_SCHEMA).sort_by(
-        [("model", "ascending"), ("method", "ascending"), ("size", "ascending"), ("forget_task", "ascending"),
-         ("sweep", "ascending"), ("trial_id", "ascending"), ("example_idx", "ascending")]
+    return (
+        j.select(EXAMPLE_SCHEMA.names)
+        .cast(EXAMPLE_SCHEMA)
+        .sort_by(
+            [
+                ("model", "ascending"),
+                ("method", "ascending"),
+                ("size", "ascending"),
+                ("forget_task", "ascending"),
+                ("sweep", "ascending"),
+                ("trial_id", "ascending"),
+                ("example_idx", "ascending"),
+            ]
+        )
     )
 
 
@@ -191,12 +231,25 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 
 
 def example_correlations(examples: pa.Table, resamples: int = 1000) -> pa.Table:
-    schema = pa.schema(_COND + [("forget_task", pa.string()), ("target", pa.string())] + CORRELATION_INTERVAL_FIELDS
-                       + [("auc", pa.float64())])
+    schema = pa.schema(
+        _COND
+        + [("forget_task", pa.string()), ("target", pa.string())]
+        + CORRELATION_INTERVAL_FIELDS
+        + [("auc", pa.float64())]
+    )
     rows = []
     if examples.num_rows:
-        names = ("model", "method", "size", "forget_task", "seed", "conf_before", "conf_after", "correct_before",
-                 "forgotten")
+        names = (
+            "model",
+            "method",
+            "size",
+            "forget_task",
+            "seed",
+            "conf_before",
+            "conf_after",
+            "correct_before",
+            "forgotten",
+        )
         cols = {c: examples[c].to_pylist() for c in names}
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in range(examples.num_rows):
@@ -214,10 +267,20 @@ def example_correlations(examples: pa.Table, resamples: int = 1000) -> pa.Table:
                 est = correlation_estimates(by_seed, resamples, (*key, target)) if by_seed else _empty_estimate()
                 a = None
                 if target == "forgotten" and idx:
-                    a = auc(np.array([cols["conf_before"][i] for i in idx]),
-                            np.array([cols["forgotten"][i] for i in idx]))
-                rows.append({"model": key[0], "method": key[1], "size": key[2], "forget_task": key[3], "target": target,
-                             **est, "auc": a})
+                    a = auc(
+                        np.array([cols["conf_before"][i] for i in idx]), np.array([cols["forgotten"][i] for i in idx])
+                    )
+                rows.append(
+                    {
+                        "model": key[0],
+                        "method": key[1],
+                        "size": key[2],
+                        "forget_task": key[3],
+                        "target": target,
+                        **est,
+                        "auc": a,
+                    }
+                )
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -229,7 +292,11 @@ def _empty_estimate() -> dict[str, object]:
 def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     figs = []
     corr = {(r["model"], r["method"], r["size"], r["predictor"]): r for r in o.tables["correlations"].to_pylist()}
-    labels = {"acc_finetuned": "fine-tuned accuracy", "total_variance": "total variance of hidden states", "conf_finetuned": "confidence before forgetting"}
+    labels = {
+        "acc_finetuned": "fine-tuned accuracy",
+        "total_variance": "total variance of hidden states",
+        "conf_finetuned": "confidence before forgetting",
+    }
     for cond, rs in list(rows_by_condition(o.tables["tasks"]).items())[:MAX_PANELS]:
         if len(rs) < 3:
             continue

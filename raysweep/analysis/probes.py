@@ -127,10 +127,20 @@ def fit_probe(job: ProbeJob) -> ProbeFit:
 
 
 FIT_SCHEMA = pa.schema(
-    [*trial_fields("model", "method", "size", "forget_task", "sweep", "trial_id", "seed"), ("milestone", pa.string()),
-     ("layer", pa.int16()), ("status", pa.string()), ("n_train", pa.int64()), ("n_val", pa.int64()),
-     ("n_test", pa.int64()), ("c", pa.float64()), ("val_acc", pa.float64()), ("test_acc", pa.float64()),
-     ("test_lo", pa.float64()), ("test_hi", pa.float64())]
+    [
+        *trial_fields("model", "method", "size", "forget_task", "sweep", "trial_id", "seed"),
+        ("milestone", pa.string()),
+        ("layer", pa.int16()),
+        ("status", pa.string()),
+        ("n_train", pa.int64()),
+        ("n_val", pa.int64()),
+        ("n_test", pa.int64()),
+        ("c", pa.float64()),
+        ("val_acc", pa.float64()),
+        ("test_acc", pa.float64()),
+        ("test_lo", pa.float64()),
+        ("test_hi", pa.float64()),
+    ]
 )
 
 
@@ -150,7 +160,7 @@ def _jobs_for_chunk(ctx: AnalysisContext, trials: tuple[TrialInfo, ...]) -> list
                 by_unit[(t.sweep, t.trial_id, m)][cols["split"][i]].append(i)
     jobs = []
     p = ctx.params
-    for (sweep, tid, m) in sorted(by_unit, key=lambda u: (u[0], u[1], PROBE_MILESTONES.index(u[2]))):
+    for sweep, tid, m in sorted(by_unit, key=lambda u: (u[0], u[1], PROBE_MILESTONES.index(u[2]))):
         parts = by_unit[(sweep, tid, m)]
         idx = {s: np.array(parts.get(s, []), dtype=np.int64) for s in SPLITS}
         tr, va, te = (Pairs(xc[idx[s]], xd[idx[s]]) for s in SPLITS)
@@ -172,19 +182,42 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         raise Skip("no hidden states of the forget tasks at the milestones (scoring.hidden_states is 'none'?)")
     info = {(t.sweep, t.trial_id): t for t in ctx.index.trials}
     fit_rows = []
-    names = ("sweep", "trial_id", "milestone", "status", "n_train", "n_val", "n_test", "c", "val_acc", "test_acc",
-             "test_lo", "test_hi")
+    names = (
+        "sweep",
+        "trial_id",
+        "milestone",
+        "status",
+        "n_train",
+        "n_val",
+        "n_test",
+        "c",
+        "val_acc",
+        "test_acc",
+        "test_lo",
+        "test_hi",
+    )
     for f in fits:
         t = info[(f.sweep, f.trial_id)]
-        fit_rows.append({"model": t.model, "method": t.method, "size": t.size, "forget_task": t.forget_task, "seed": t.seed,
-                         "layer": ctx.params.layer, **{n: getattr(f, n) for n in names}})
+        fit_rows.append(
+            {
+                "model": t.model,
+                "method": t.method,
+                "size": t.size,
+                "forget_task": t.forget_task,
+                "seed": t.seed,
+                "layer": ctx.params.layer,
+                **{n: getattr(f, n) for n in names},
+            }
+        )
     fits_table = pa.Table.from_pylist(fit_rows, schema=FIT_SCHEMA)
     summary = summarize(fits_table, ctx)
     n_ok = int(pc.sum(pc.equal(fits_table["status"], "ok")).as_py() or 0)
     if n_ok == 0:
         raise Skip(f"no probe could be fitted ({fit_rows[0]['status']})")
-    msg = (f"{n_ok} of {len(fits)} probe(s) fitted on layer {ctx.params.layer}; test pair accuracy "
-           f"(correct vs distractor answer, chance 0.5), C chosen on validation")
+    msg = (
+        f"{n_ok} of {len(fits)} probe(s) fitted on layer {ctx.params.layer}; test pair accuracy "
+        f"(correct vs distractor answer, chance 0.5), C chosen on validation"
+    )
     return AnalysisResult({"summary": summary, "fits": fits_table}, msg)
 
 
@@ -193,8 +226,13 @@ def _triple(name: str) -> list[tuple[str, pa.DataType]]:
 
 
 SUMMARY_SCHEMA = pa.schema(
-    [*trial_fields("model", "method", "size", "forget_task"),
-     ("layer", pa.int16()), ("n_trials", pa.int32()), ("n_seeds", pa.int32()), ("interval", pa.string())]
+    [
+        *trial_fields("model", "method", "size", "forget_task"),
+        ("layer", pa.int16()),
+        ("n_trials", pa.int32()),
+        ("n_seeds", pa.int32()),
+        ("interval", pa.string()),
+    ]
     + [f for m in PROBE_MILESTONES for f in _triple(f"probe_{m}")]
     + [f for m in PROBE_MILESTONES for f in _triple(f"acc_{m}")]
 )
@@ -221,8 +259,16 @@ def summarize(fits: pa.Table, ctx: AnalysisContext) -> pa.Table:
     rows = []
     for key in sorted(trials):
         n = len(trials[key])
-        row = {"model": key[0], "method": key[1], "size": key[2], "forget_task": key[3], "layer": ctx.params.layer,
-               "n_trials": n, "n_seeds": n, "interval": SEEDS_T if n >= 2 else BOOTSTRAP}
+        row = {
+            "model": key[0],
+            "method": key[1],
+            "size": key[2],
+            "forget_task": key[3],
+            "layer": ctx.params.layer,
+            "n_trials": n,
+            "n_seeds": n,
+            "interval": SEEDS_T if n >= 2 else BOOTSTRAP,
+        }
         cell = behaviour.get(key)
         for m in PROBE_MILESTONES:
             got = acc[key].get(m, [])
@@ -230,11 +276,21 @@ def summarize(fits: pa.Table, ctx: AnalysisContext) -> pa.Table:
                 est = t_interval([g["test_acc"] for g in got])
                 row.update({f"probe_{m}": est.value, f"probe_{m}_lo": est.lo, f"probe_{m}_hi": est.hi})
             elif got:
-                row.update({f"probe_{m}": got[0]["test_acc"], f"probe_{m}_lo": got[0]["test_lo"],
-                            f"probe_{m}_hi": got[0]["test_hi"]})
+                row.update(
+                    {
+                        f"probe_{m}": got[0]["test_acc"],
+                        f"probe_{m}_lo": got[0]["test_lo"],
+                        f"probe_{m}_hi": got[0]["test_hi"],
+                    }
+                )
             lo, hi = cell.bounds.get(f"acc_{m}", (None, None)) if cell is not None else (None, None)
-            row.update({f"acc_{m}": getattr(cell, f"acc_{m}") if cell is not None else None,
-                        f"acc_{m}_lo": lo, f"acc_{m}_hi": hi})
+            row.update(
+                {
+                    f"acc_{m}": getattr(cell, f"acc_{m}") if cell is not None else None,
+                    f"acc_{m}_lo": lo,
+                    f"acc_{m}_hi": hi,
+                }
+            )
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
@@ -248,8 +304,15 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         fig = Figure(figsize=(max(5.0, 0.7 * len(rs) + 2), 3.6), layout="constrained")
         ax = fig.subplots()
         for k, m in enumerate(ms):
-            ax.bar(x + (k - 1) * 0.27, [num(r[f"probe_{m}"]) for r in rs], 0.27, label=f"probe, {m}",
-                   color=MILESTONE_COLORS[m], yerr=yerr(rs, f"probe_{m}"), capsize=2)
+            ax.bar(
+                x + (k - 1) * 0.27,
+                [num(r[f"probe_{m}"]) for r in rs],
+                0.27,
+                label=f"probe, {m}",
+                color=MILESTONE_COLORS[m],
+                yerr=yerr(rs, f"probe_{m}"),
+                capsize=2,
+            )
         ax.plot(x + 0.27, [num(r["acc_forgotten"]) for r in rs], "k_", ms=14, mew=2, label="model accuracy, forgotten")
         ax.axhline(0.5, ls="--", color=GREY, lw=1)
         ax.set_xticks(x, [r["forget_task"] for r in rs], rotation=45, ha="right")

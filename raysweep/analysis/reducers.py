@@ -49,7 +49,9 @@ class AccuracySums:
     keys: tuple[str, ...] = ("sweep", "trial_id", "phase", "epoch", "eval_task", "split")
 
     def schema(self) -> pa.Schema:
-        return pa.schema([*_key_schema(self.keys), ("n", pa.int64()), ("n_correct", pa.int64()), ("conf_fx", pa.int64())])
+        return pa.schema(
+            [*_key_schema(self.keys), ("n", pa.int64()), ("n_correct", pa.int64()), ("conf_fx", pa.int64())]
+        )
 
     def partial(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:
@@ -61,7 +63,9 @@ class AccuracySums:
                 "conf_fx": to_fixed_point(batch["confidence"]),
             }
         )
-        g = t.group_by(list(self.keys), use_threads=False).aggregate([("correct", "count"), ("correct", "sum"), ("conf_fx", "sum")])
+        g = t.group_by(list(self.keys), use_threads=False).aggregate(
+            [("correct", "count"), ("correct", "sum"), ("conf_fx", "sum")]
+        )
         return self._shape(g.rename_columns([*self.keys, "n", "n_correct", "conf_fx"]))
 
     def partial_sql(self, source: str) -> str:
@@ -83,7 +87,9 @@ class AccuracySums:
         if not parts:
             return self.schema().empty_table()
         t = pa.concat_tables([self._shape(p) for p in parts])
-        g = t.group_by(list(self.keys), use_threads=False).aggregate([("n", "sum"), ("n_correct", "sum"), ("conf_fx", "sum")])
+        g = t.group_by(list(self.keys), use_threads=False).aggregate(
+            [("n", "sum"), ("n_correct", "sum"), ("conf_fx", "sum")]
+        )
         g = self._shape(g.rename_columns([*self.keys, "n", "n_correct", "conf_fx"]))
         return g.sort_by([(k, "ascending") for k in self.keys])
 
@@ -115,7 +121,11 @@ class FirstCrossing:
             rows = batch.filter(pc.and_(pc.equal(batch["phase"], phase), hit))
             if rows.num_rows == 0:
                 continue
-            g = rows.select([*self.keys, "epoch"]).group_by(list(self.keys), use_threads=False).aggregate([("epoch", "min")])
+            g = (
+                rows.select([*self.keys, "epoch"])
+                .group_by(list(self.keys), use_threads=False)
+                .aggregate([("epoch", "min")])
+            )
             g = g.rename_columns([*self.keys, "epoch"])
             g = g.append_column("kind", pa.array([kind] * g.num_rows, pa.string()))
             out.append(g.select([f.name for f in self.schema()]).cast(self.schema()))
@@ -165,8 +175,9 @@ class PairedCorrect:
     keys: tuple[str, ...] = ("sweep", "trial_id", "eval_task", "example_idx")
 
     def schema(self) -> pa.Schema:
-        return pa.schema([*_key_schema(self.keys[:2]), ("eval_task", pa.string()), ("example_idx", pa.int32()),
-                          ("code", pa.int64())])
+        return pa.schema(
+            [*_key_schema(self.keys[:2]), ("eval_task", pa.string()), ("example_idx", pa.int32()), ("code", pa.int64())]
+        )
 
     def partial(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:
@@ -174,8 +185,9 @@ class PairedCorrect:
         sep = "\x1f"
         names = [f"{s}{sep}{t}{sep}{p}{sep}{e}" for s, t, p, e, _ in self.milestones]
         which = pa.array([m for *_, m in self.milestones], pa.int64())
-        row_key = pc.binary_join_element_wise(batch["sweep"], batch["trial_id"], batch["phase"],
-                                              pc.cast(batch["epoch"], pa.string()), sep)
+        row_key = pc.binary_join_element_wise(
+            batch["sweep"], batch["trial_id"], batch["phase"], pc.cast(batch["epoch"], pa.string()), sep
+        )
         pos = pc.index_in(row_key, value_set=pa.array(names, pa.string()))
         batch = batch.append_column("m", pc.take(which, pos)).filter(pc.is_valid(pos))
         # finetuned: presence 4, right 1; forgotten: presence 8, right 2
@@ -186,8 +198,16 @@ class PairedCorrect:
         return g.rename_columns([*self.keys, "code"]).cast(self.schema())
 
     def combine(self, parts: list[pa.Table]) -> pa.Table:
-        out_schema = pa.schema([*_key_schema(self.keys[:2]), ("eval_task", pa.string()), ("n11", pa.int64()),
-                                ("n10", pa.int64()), ("n01", pa.int64()), ("n00", pa.int64())])
+        out_schema = pa.schema(
+            [
+                *_key_schema(self.keys[:2]),
+                ("eval_task", pa.string()),
+                ("n11", pa.int64()),
+                ("n10", pa.int64()),
+                ("n01", pa.int64()),
+                ("n00", pa.int64()),
+            ]
+        )
         parts = [p.cast(self.schema()) for p in parts if p.num_rows]
         if not parts:
             return out_schema.empty_table()

@@ -38,7 +38,9 @@ class Analysis:
 ANALYSES: Registry[Analysis] = Registry("analysis", field="analysis")
 
 
-def register(name: str, *, title: str, figure: str) -> Callable[[Callable[["AnalysisContext"], AnalysisResult]], Callable[["AnalysisContext"], AnalysisResult]]:
+def register(
+    name: str, *, title: str, figure: str
+) -> Callable[[Callable[["AnalysisContext"], AnalysisResult]], Callable[["AnalysisContext"], AnalysisResult]]:
     if not name.isidentifier():
         raise ValueError(f"analysis name {name!r} must be an identifier (it names a folder next to others)")
 

@@ -41,25 +41,42 @@ from raysweep.store import trial_fields
 
 SPLIT = "test"
 RECOVER = 0.9
-_COND = [*trial_fields("model", "method", "size", "forget_task"),
-         ("relearn_examples", pa.int32())]
+_COND = [*trial_fields("model", "method", "size", "forget_task"), ("relearn_examples", pa.int32())]
 CURVE_SCHEMA = pa.schema(
-    [*trial_fields("sweep", "trial_id")] + _COND
+    [*trial_fields("sweep", "trial_id")]
+    + _COND
     + [("seed", pa.int32()), ("step", pa.int32()), ("acc", pa.float64()), ("recovered", pa.float64())]
 )
 TRIAL_SCHEMA = pa.schema(
-    [*trial_fields("sweep", "trial_id")] + _COND
-    + [("seed", pa.int32()), ("n_examples", pa.int32()), ("acc_finetuned", pa.float64()), ("acc_forgotten", pa.float64()),
-       ("acc_relearned", pa.float64()), ("relearn_epochs", pa.int32()), ("epochs_to_90", pa.int32()),
-       ("recovery_auc", pa.float64())]
+    [*trial_fields("sweep", "trial_id")]
+    + _COND
+    + [
+        ("seed", pa.int32()),
+        ("n_examples", pa.int32()),
+        ("acc_finetuned", pa.float64()),
+        ("acc_forgotten", pa.float64()),
+        ("acc_relearned", pa.float64()),
+        ("relearn_epochs", pa.int32()),
+        ("epochs_to_90", pa.int32()),
+        ("recovery_auc", pa.float64()),
+    ]
 )
 SUMMARY_SCHEMA = pa.schema(
-    _COND + [("n_trials", pa.int32()), ("n_recovered_90", pa.int32()), ("epochs_to_90", pa.float64()),
-             ("recovery_auc", pa.float64()), ("recovery_auc_lo", pa.float64()), ("recovery_auc_hi", pa.float64()),
-             ("n_seeds", pa.int32()), ("interval", pa.string())]
+    _COND
+    + [
+        ("n_trials", pa.int32()),
+        ("n_recovered_90", pa.int32()),
+        ("epochs_to_90", pa.float64()),
+        ("recovery_auc", pa.float64()),
+        ("recovery_auc_lo", pa.float64()),
+        ("recovery_auc_hi", pa.float64()),
+        ("n_seeds", pa.int32()),
+        ("interval", pa.string()),
+    ]
 )
 EXAMPLE_SCHEMA = pa.schema(
-    [*trial_fields("sweep", "trial_id")] + _COND
+    [*trial_fields("sweep", "trial_id")]
+    + _COND
     + [("seed", pa.int32()), ("example_idx", pa.int32()), ("first_correct_epoch", pa.int32())]
 )
 
@@ -92,7 +109,9 @@ def epochs_to_recover(r: Recovery, fraction: float = RECOVER) -> int | None:
     return int(hit[0]) + 1 if hit.size else None
 
 
-def _bootstrap_auc(r: Recovery, min_headroom: float, resamples: int, rng: np.random.Generator) -> tuple[float | None, float | None]:
+def _bootstrap_auc(
+    r: Recovery, min_headroom: float, resamples: int, rng: np.random.Generator
+) -> tuple[float | None, float | None]:
     n = r.steps.shape[0]
     if n < 2:
         return None, None
@@ -122,8 +141,12 @@ def trial_recovery(ctx: AnalysisContext, t: TrialInfo) -> Recovery | None:
     files = [f for f in (t.scan_file(ctx.store.root, "scores", ref) for ref in (ft, fg)) if f is not None]
     files += list(ctx.index.phase_files("scores", ("relearn",), (t,)))
     rows = ctx.engine.reduce(
-        Scan(tuple(files), columns=("phase", "epoch", "example_idx", "correct"), equals=(("split", SPLIT),),
-             trial_task=((t.sweep, t.trial_id, t.forget_task),)),
+        Scan(
+            tuple(files),
+            columns=("phase", "epoch", "example_idx", "correct"),
+            equals=(("split", SPLIT),),
+            trial_task=((t.sweep, t.trial_id, t.forget_task),),
+        ),
         CollectRows(order=("phase", "epoch", "example_idx")),
     )
     if rows.num_rows == 0:
@@ -146,7 +169,9 @@ def trial_recovery(ctx: AnalysisContext, t: TrialInfo) -> Recovery | None:
     return Recovery(examples.astype(np.int32), cols[0], np.stack(cols[1:], axis=1))
 
 
-@register("relearning", title="Relearning attacks: how fast forgotten accuracy returns", figure="beyond: Hu et al. 2024")
+@register(
+    "relearning", title="Relearning attacks: how fast forgotten accuracy returns", figure="beyond: Hu et al. 2024"
+)
 def run(ctx: AnalysisContext) -> AnalysisResult:
     require_trials(ctx)
     p = ctx.params
@@ -157,19 +182,42 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         if r is None:
             continue
         k = _relearn_examples(ctx, t)
-        base = {"sweep": t.sweep, "trial_id": t.trial_id, "model": t.model, "method": t.method, "size": t.size,
-                "forget_task": t.forget_task, "relearn_examples": k, "seed": t.seed}
+        base = {
+            "sweep": t.sweep,
+            "trial_id": t.trial_id,
+            "model": t.model,
+            "method": t.method,
+            "size": t.size,
+            "forget_task": t.forget_task,
+            "relearn_examples": k,
+            "seed": t.seed,
+        }
         acc, rec = recovery_curve(r, p.min_headroom)
         for step in range(acc.size):
-            curves.append({**base, "step": step, "acc": float(acc[step]), "recovered": None if rec is None else float(rec[step])})
-        row = {**base, "n_examples": int(r.steps.shape[0]), "acc_finetuned": float(r.finetuned.mean()), "acc_forgotten": float(acc[0]),
-               "acc_relearned": float(acc[-1]), "relearn_epochs": int(acc.size - 1), "epochs_to_90": epochs_to_recover(r),
-               "recovery_auc": recovery_auc(rec)}
+            curves.append(
+                {**base, "step": step, "acc": float(acc[step]), "recovered": None if rec is None else float(rec[step])}
+            )
+        row = {
+            **base,
+            "n_examples": int(r.steps.shape[0]),
+            "acc_finetuned": float(r.finetuned.mean()),
+            "acc_forgotten": float(acc[0]),
+            "acc_relearned": float(acc[-1]),
+            "relearn_epochs": int(acc.size - 1),
+            "epochs_to_90": epochs_to_recover(r),
+            "recovery_auc": recovery_auc(rec),
+        }
         trials.append(row)
         wrong = ~r.steps[:, 0]
         first = np.where(r.steps[:, 1:].any(axis=1), r.steps[:, 1:].argmax(axis=1) + 1, -1)
         for i in np.flatnonzero(wrong):
-            examples.append({**base, "example_idx": int(r.example_idx[i]), "first_correct_epoch": None if first[i] < 0 else int(first[i])})
+            examples.append(
+                {
+                    **base,
+                    "example_idx": int(r.example_idx[i]),
+                    "first_correct_epoch": None if first[i] < 0 else int(first[i]),
+                }
+            )
         groups[(t.model, t.method, t.size, t.forget_task, k)][t.seed] = (r, row)
     if not trials:
         raise Skip("no trial has a relearn phase with scored epochs (phases.relearn.enabled is false)")
@@ -179,22 +227,33 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         rows = [row for _, row in seeds.values()]
         reached = [row["epochs_to_90"] for row in rows if row["epochs_to_90"] is not None]
         out = dict(zip(("model", "method", "size", "forget_task", "relearn_examples"), key))
-        out.update(n_trials=len(rows), n_recovered_90=len(reached), epochs_to_90=float(np.mean(reached)) if reached else None,
-                   n_seeds=len(seeds))
+        out.update(
+            n_trials=len(rows),
+            n_recovered_90=len(reached),
+            epochs_to_90=float(np.mean(reached)) if reached else None,
+            n_seeds=len(seeds),
+        )
         if len(seeds) >= 2:
             est = t_interval([row["recovery_auc"] for row in rows])
             out.update(recovery_auc=est.value, recovery_auc_lo=est.lo, recovery_auc_hi=est.hi, interval=SEEDS_T)
         else:
-            (r, row), = seeds.values()
+            ((r, row),) = seeds.values()
             lo, hi = _bootstrap_auc(r, p.min_headroom, p.bootstrap_resamples, rng_for(*key))
             out.update(recovery_auc=row["recovery_auc"], recovery_auc_lo=lo, recovery_auc_hi=hi, interval=BOOTSTRAP)
         summary.append(out)
-    msg = (f"{len(trials)} trial(s) with a relearn phase, {SPLIT} split of the forget task; epochs to 90% of the finetuned "
-           f"accuracy reached in {sum(r['epochs_to_90'] is not None for r in trials)} of them")
-    return AnalysisResult({"summary": pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA),
-                           "trials": pa.Table.from_pylist(trials, schema=TRIAL_SCHEMA),
-                           "curves": pa.Table.from_pylist(curves, schema=CURVE_SCHEMA),
-                           "examples": pa.Table.from_pylist(examples, schema=EXAMPLE_SCHEMA)}, msg)
+    msg = (
+        f"{len(trials)} trial(s) with a relearn phase, {SPLIT} split of the forget task; epochs to 90% of the finetuned "
+        f"accuracy reached in {sum(r['epochs_to_90'] is not None for r in trials)} of them"
+    )
+    return AnalysisResult(
+        {
+            "summary": pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA),
+            "trials": pa.Table.from_pylist(trials, schema=TRIAL_SCHEMA),
+            "curves": pa.Table.from_pylist(curves, schema=CURVE_SCHEMA),
+            "examples": pa.Table.from_pylist(examples, schema=EXAMPLE_SCHEMA),
+        },
+        msg,
+    )
 
 
 @draws("relearning")
@@ -204,10 +263,16 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         fig = Figure(figsize=(7.0, 3.6), layout="constrained")
         ax = fig.subplots()
         for run in sorted({(r["forget_task"], r["method"], r["relearn_examples"], r["seed"]) for r in rs}, key=str):
-            line = sorted((r for r in rs if (r["forget_task"], r["method"], r["relearn_examples"], r["seed"]) == run),
-                          key=lambda r: r["step"])
-            ax.plot([r["step"] for r in line], [num(r["acc"]) for r in line], marker=".",
-                    label=f"{run[0]} / {run[1]} / k={run[2]} / s{run[3]}")
+            line = sorted(
+                (r for r in rs if (r["forget_task"], r["method"], r["relearn_examples"], r["seed"]) == run),
+                key=lambda r: r["step"],
+            )
+            ax.plot(
+                [r["step"] for r in line],
+                [num(r["acc"]) for r in line],
+                marker=".",
+                label=f"{run[0]} / {run[1]} / k={run[2]} / s{run[3]}",
+            )
         epoch_axis(ax, "relearn epoch (0 = forgotten milestone)", "forget-task test accuracy")
         ax.legend(fontsize=7, title="forget task / method / relearn examples / seed", title_fontsize=7)
         fig.suptitle(f"{model}, n={size}: held-out accuracy while relearning on k trained examples", fontsize=9)

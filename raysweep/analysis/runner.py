@@ -111,7 +111,9 @@ def run_analyses(
     choice = choose_engine(engine, store.root)
     index = SweepIndex.build(store, sweep)
     fingerprint = store_fingerprint(store, sweep)
-    ctx = AnalysisContext(store=store, sweep=sweep, engine_name=choice.name, params=params or AnalysisParams(), index=index)
+    ctx = AnalysisContext(
+        store=store, sweep=sweep, engine_name=choice.name, params=params or AnalysisParams(), index=index
+    )
     outcomes = []
     try:
         for name in names:
@@ -125,7 +127,9 @@ def run_analyses(
             except Exception as exc:  # noqa: BLE001 - one broken analysis must not stop the rest
                 out = AnalysisOutcome(name, "failed", one_line(f"{type(exc).__name__}: {exc}"))
             out.engine, out.seconds, out.fingerprint = choice.name, time.perf_counter() - t0, fingerprint
-            out.paths = _write(store, sweep, out, ctx.params) if write and (write_skipped or out.status != "skipped") else []
+            out.paths = (
+                _write(store, sweep, out, ctx.params) if write and (write_skipped or out.status != "skipped") else []
+            )
             outcomes.append(out)
     finally:
         ctx.close()
@@ -185,8 +189,14 @@ def load_outcomes(store: Store, sweep: str | None = None, only: list[str] | None
             continue
         out.append(
             AnalysisOutcome(
-                name=name, status=meta["status"], message=meta.get("message", ""), tables=tables, paths=paths,
-                engine=meta.get("engine", ""), seconds=float(meta.get("seconds", 0.0)), fingerprint=meta.get("fingerprint", ""),
+                name=name,
+                status=meta["status"],
+                message=meta.get("message", ""),
+                tables=tables,
+                paths=paths,
+                engine=meta.get("engine", ""),
+                seconds=float(meta.get("seconds", 0.0)),
+                fingerprint=meta.get("fingerprint", ""),
             )
         )
     return out

@@ -24,9 +24,19 @@ from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
 from raysweep.analysis.runner import AnalysisOutcome
 
 COLUMNS = [
-    "model", "method", "size", "forget_task", "n_trials", "n_seeds", "n_examples",
+    "model",
+    "method",
+    "size",
+    "forget_task",
+    "n_trials",
+    "n_seeds",
+    "n_examples",
     *(f"{m}{x}" for m in WITH_INTERVALS for x in ("", "_lo", "_hi")),
-    "headroom", "masked", "ratio_formula", "denominator", "interval",
+    "headroom",
+    "masked",
+    "ratio_formula",
+    "denominator",
+    "interval",
 ]
 
 
@@ -57,9 +67,13 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         for i, r in enumerate(rs):
             pre, ft, fg = num(r["acc_pretrained"]), num(r["acc_finetuned"]), num(r["acc_forgotten"])
             if np.isfinite(pre) and np.isfinite(ft):
-                ax.annotate("", xy=(i - 0.12, ft), xytext=(i - 0.12, pre), arrowprops=dict(arrowstyle="->", color=BLUE, lw=2))
+                ax.annotate(
+                    "", xy=(i - 0.12, ft), xytext=(i - 0.12, pre), arrowprops=dict(arrowstyle="->", color=BLUE, lw=2)
+                )
             if np.isfinite(ft) and np.isfinite(fg):
-                ax.annotate("", xy=(i + 0.12, fg), xytext=(i + 0.12, ft), arrowprops=dict(arrowstyle="->", color=RED, lw=2))
+                ax.annotate(
+                    "", xy=(i + 0.12, fg), xytext=(i + 0.12, ft), arrowprops=dict(arrowstyle="->", color=RED, lw=2)
+                )
             ax.plot([i - 0.12], [pre], "o", color=GREY, ms=4)
         ax.axhline(0.5, ls="--", color=GREY, lw=1)
         ax.set_xticks(x, [r["forget_task"] for r in rs], rotation=45, ha="right")
@@ -67,8 +81,15 @@ def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{cond_label(rs[0])}: pretrained (grey) -> fine-tuned (blue) -> forgotten (red)")
-        ax.errorbar(x + 0.12, [num(r["acc_forgotten"]) for r in rs], yerr=yerr(rs, "acc_forgotten"), fmt="none",
-                    ecolor="black", capsize=3, lw=1)
+        ax.errorbar(
+            x + 0.12,
+            [num(r["acc_forgotten"]) for r in rs],
+            yerr=yerr(rs, "acc_forgotten"),
+            fmt="none",
+            ecolor="black",
+            capsize=3,
+            lw=1,
+        )
         for key, col, label in (("gap", "forget_gap", "forget gap"), ("ratio", "forget_ratio", "forget ratio")):
             a = axes[key]
             a.bar(x, [num(r[col]) for r in rs], yerr=yerr(rs, col), capsize=3, color=RED if key == "ratio" else BLUE)

@@ -109,8 +109,16 @@ def examples_table(task: str, splits: Mapping[str, Sequence[Example]]) -> pa.Tab
     cols: dict[str, list] = {f.name: [] for f in EXAMPLES_SCHEMA}
     for split, examples in splits.items():
         for ex in examples:
-            for name, value in (("task", task), ("split", split), ("example_idx", ex.idx), ("uid", ex.uid), ("prompt", ex.prompt),
-                                ("choice_0", ex.choices[0]), ("choice_1", ex.choices[1]), ("gold", ex.gold)):
+            for name, value in (
+                ("task", task),
+                ("split", split),
+                ("example_idx", ex.idx),
+                ("uid", ex.uid),
+                ("prompt", ex.prompt),
+                ("choice_0", ex.choices[0]),
+                ("choice_1", ex.choices[1]),
+                ("gold", ex.gold),
+            ):
                 cols[name].append(value)
     return pa.table(cols, schema=EXAMPLES_SCHEMA)
 
@@ -119,7 +127,14 @@ def examples_from_table(table: pa.Table, delimiter: str) -> dict[str, list[Examp
     """Split -> examples in `example_idx` order, from a table `examples_table` wrote."""
     splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for r in sorted(table.to_pylist(), key=lambda r: (r["split"], r["example_idx"])):
-        ex = Example(idx=r["example_idx"], uid=r["uid"], prompt=r["prompt"], choices=(r["choice_0"], r["choice_1"]), gold=r["gold"], delimiter=delimiter)
+        ex = Example(
+            idx=r["example_idx"],
+            uid=r["uid"],
+            prompt=r["prompt"],
+            choices=(r["choice_0"], r["choice_1"]),
+            gold=r["gold"],
+            delimiter=delimiter,
+        )
         splits.setdefault(r["split"], []).append(ex)
     return splits
 
@@ -187,7 +202,9 @@ def _label_index(value: object, where: str) -> int:
         raise TaskLoadError(f"{where} has label {value!r}; a label must be an integer choice index") from None
 
 
-def binarise(task: str, split: str, i: int, choices: list[str], gold: int, seed: int) -> tuple[tuple[str, str], int] | None:
+def binarise(
+    task: str, split: str, i: int, choices: list[str], gold: int, seed: int
+) -> tuple[tuple[str, str], int] | None:
     """Keep gold and one distractor drawn by a seeded draw, in their original relative order.
     A choice with the gold answer's very text is no distractor (MathQA and SciQ have some):
     both would score the same. None when no real distractor is left: the example is dropped."""
@@ -258,7 +275,9 @@ def prepare_task(
             prompt, choices, gold = task.render(rec)
             gold = _label_index(gold, f"task {name}: {source_desc} {split} record {i}")
             binary = binarise(name, split, i, list(choices), gold, seed)
-            out.append(None if binary is None else _Rendered(prompt, binary[0], binary[1], task.question_key(rec, prompt)))
+            out.append(
+                None if binary is None else _Rendered(prompt, binary[0], binary[1], task.question_key(rec, prompt))
+            )
         counts[split].rendered = len(out)
         out = [r for r in out if r is not None]
         counts[split].binarised = len(out)
@@ -280,7 +299,9 @@ def prepare_task(
         counts["test"] = counts.pop("validation")
     if "validation" not in rendered:
         report.split_fallback = True
-        rendered["train"], rendered["validation"] = _carve_validation(rendered["train"], len(rendered["test"]), seed, name)
+        rendered["train"], rendered["validation"] = _carve_validation(
+            rendered["train"], len(rendered["test"]), seed, name
+        )
         # Train may hold the same question twice: the carved validation must not share one
         # with what stays in train, or early stopping would select on memorised answers.
         kept = {r.key for r in rendered["train"]}
@@ -300,7 +321,14 @@ def prepare_task(
             _seeded_rng(seed, name, split, "cap").shuffle(order)
         chosen = [items[i] for i in order[:cap]]
         splits[split] = [
-            Example(idx=j, uid=_uid(name, r.prompt, r.choices), prompt=r.prompt, choices=r.choices, gold=r.gold, delimiter=task.delimiter)
+            Example(
+                idx=j,
+                uid=_uid(name, r.prompt, r.choices),
+                prompt=r.prompt,
+                choices=r.choices,
+                gold=r.gold,
+                delimiter=task.delimiter,
+            )
             for j, r in enumerate(chosen)
         ]
         counts[split].final = len(chosen)

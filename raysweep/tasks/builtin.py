@@ -80,16 +80,59 @@ class Compare(BuiltinTask):
         return _unique(rng, make, _TOTAL)
 
     def render(self, record):
-        return f"Question: Is {record['a']} larger than {record['b']}?\nAnswer:", ["no", "yes"], int(record["a"] > record["b"])
+        return (
+            f"Question: Is {record['a']} larger than {record['b']}?\nAnswer:",
+            ["no", "yes"],
+            int(record["a"] > record["b"]),
+        )
 
 
 _TAXONOMY = {
-    "animal": ["horse", "sparrow", "otter", "lizard", "salmon", "beetle", "rabbit", "falcon", "tiger", "frog", "whale", "goat"],
+    "animal": [
+        "horse",
+        "sparrow",
+        "otter",
+        "lizard",
+        "salmon",
+        "beetle",
+        "rabbit",
+        "falcon",
+        "tiger",
+        "frog",
+        "whale",
+        "goat",
+    ],
     "tool": ["hammer", "wrench", "chisel", "saw", "drill", "pliers", "shovel", "rake", "axe", "file", "clamp", "level"],
     "fruit": ["apple", "mango", "plum", "cherry", "lemon", "peach", "grape", "melon", "pear", "lime", "fig", "kiwi"],
-    "vehicle": ["truck", "canoe", "bicycle", "tram", "wagon", "yacht", "scooter", "van", "glider", "ferry", "sled", "bus"],
+    "vehicle": [
+        "truck",
+        "canoe",
+        "bicycle",
+        "tram",
+        "wagon",
+        "yacht",
+        "scooter",
+        "van",
+        "glider",
+        "ferry",
+        "sled",
+        "bus",
+    ],
     "garment": ["jacket", "scarf", "sock", "glove", "shirt", "cloak", "boot", "hat", "vest", "robe", "skirt", "belt"],
-    "instrument": ["violin", "flute", "drum", "harp", "cello", "trumpet", "oboe", "banjo", "lute", "organ", "tuba", "gong"],
+    "instrument": [
+        "violin",
+        "flute",
+        "drum",
+        "harp",
+        "cello",
+        "trumpet",
+        "oboe",
+        "banjo",
+        "lute",
+        "organ",
+        "tuba",
+        "gong",
+    ],
 }
 
 
@@ -171,7 +214,11 @@ class Capital(BuiltinTask):
         return {"train": pool[:cut1], "validation": pool[cut1:cut2], "test": pool[cut2:]}
 
     def render(self, record):
-        return f"Question: What is the capital of {record['country']}?\nAnswer:", list(record["choices"]), record["label"]
+        return (
+            f"Question: What is the capital of {record['country']}?\nAnswer:",
+            list(record["choices"]),
+            record["label"],
+        )
 
     def question_key(self, record, prompt):
         # Same country with another distractor is the same question.
@@ -188,8 +235,12 @@ _VERB = ["sees", "follows", "likes", "finds", "helps", "watches", "calls", "pain
 
 def _grammatical(words: list[str]) -> bool:
     return (
-        len(words) == 6 and words[0] == words[4] == "the" and words[1] in _ADJ
-        and words[2] in _NOUN and words[3] in _VERB and words[5] in _NOUN
+        len(words) == 6
+        and words[0] == words[4] == "the"
+        and words[1] in _ADJ
+        and words[2] in _NOUN
+        and words[3] in _VERB
+        and words[5] in _NOUN
     )
 
 
@@ -208,7 +259,11 @@ class WordOrder(BuiltinTask):
         return _unique(rng, make, _TOTAL)
 
     def render(self, record):
-        return f"{record['sentence']}\nQuestion: Does this sentence make sense?\nAnswer:", ["no", "yes"], record["label"]
+        return (
+            f"{record['sentence']}\nQuestion: Does this sentence make sense?\nAnswer:",
+            ["no", "yes"],
+            record["label"],
+        )
 
 
 _POS = ["wonderful", "great", "lovely", "superb", "pleasant", "delightful", "excellent", "charming"]
@@ -230,7 +285,11 @@ class Sentiment(BuiltinTask):
         return _unique(rng, make, _TOTAL)
 
     def render(self, record):
-        return f"Review: {record['text']}.\nQuestion: Is this review positive or negative?\nAnswer:", ["negative", "positive"], record["label"]
+        return (
+            f"Review: {record['text']}.\nQuestion: Is this review positive or negative?\nAnswer:",
+            ["negative", "positive"],
+            record["label"],
+        )
 
 
 @register
@@ -253,7 +312,11 @@ class SameWord(BuiltinTask):
         return _unique(rng, make, _TOTAL)
 
     def render(self, record):
-        return f"Word 1: {record['w1']}\nWord 2: {record['w2']}\nQuestion: Are these the same word?\nAnswer:", ["no", "yes"], record["label"]
+        return (
+            f"Word 1: {record['w1']}\nWord 2: {record['w2']}\nQuestion: Are these the same word?\nAnswer:",
+            ["no", "yes"],
+            record["label"],
+        )
 
 
 BUILTIN_TASKS = ("compare", "hypernym", "capital", "word_order", "sentiment", "same_word")

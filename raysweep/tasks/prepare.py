@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "report.json"
 
+
 @dataclass(frozen=True)
 class PreparedFolder:
     task: str
@@ -103,8 +104,12 @@ def prepare_sweep_tasks(spec: SweepSpec) -> dict[str, PreparedTask]:
         source = spec.data.sources.get(name)
         try:
             out[name] = prepare_task(
-                name, seed=spec.data.seed, cap=spec.data.cap, max_chars=spec.data.max_chars,
-                source=source, need_train=name in forget,
+                name,
+                seed=spec.data.seed,
+                cap=spec.data.cap,
+                max_chars=spec.data.max_chars,
+                source=source,
+                need_train=name in forget,
             )
         except BadInput as exc:
             if source is None:

@@ -81,7 +81,9 @@ class RealTask(Task):
                 if len(choices) < 2:
                     raise TaskLoadError(f"{where} has {len(choices)} choice(s); at least 2 are needed")
                 if not 0 <= gold < len(choices):
-                    raise TaskLoadError(f"{where} has label {gold}, outside its {len(choices)} choices {choices} (unlabelled split?)")
+                    raise TaskLoadError(
+                        f"{where} has label {gold}, outside its {len(choices)} choices {choices} (unlabelled split?)"
+                    )
 
 
 class LabelTask(RealTask):
@@ -110,7 +112,11 @@ class _Arc(RealTask):
     def render_raw(self, r):
         choices = r["choices"]
         # answerKey is a letter (A-E) or, for a few questions, a digit (1-4), as in choices.label.
-        return f"Question: {r['question']}\nAnswer:", list(choices["text"]), list(choices["label"]).index(r["answerKey"])
+        return (
+            f"Question: {r['question']}\nAnswer:",
+            list(choices["text"]),
+            list(choices["label"]).index(r["answerKey"]),
+        )
 
 
 @register
@@ -367,6 +373,25 @@ class WSC(LabelTask):
 
 
 REAL_TASKS = (
-    "piqa", "arc_easy", "arc_challenge", "creak", "boolq", "sciq", "pubmedqa", "mathqa", "toxigen",
-    "cola", "mnli", "mnli_mismatch", "mrpc", "qnli", "rte", "sglue_rte", "wnli", "cb", "copa", "wic", "wsc",
+    "piqa",
+    "arc_easy",
+    "arc_challenge",
+    "creak",
+    "boolq",
+    "sciq",
+    "pubmedqa",
+    "mathqa",
+    "toxigen",
+    "cola",
+    "mnli",
+    "mnli_mismatch",
+    "mrpc",
+    "qnli",
+    "rte",
+    "sglue_rte",
+    "wnli",
+    "cb",
+    "copa",
+    "wic",
+    "wsc",
 )
