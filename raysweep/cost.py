@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from raysweep.constants import SPLITS
 from raysweep.errors import BadInput
+from raysweep.methods import METHODS
 from raysweep.scoring import encode_examples
 from raysweep.spec import SweepSpec, TrialPlan
 from raysweep.store import SCORES_SCHEMA
@@ -208,9 +209,11 @@ class SweepCost:
 
 
 def phase_epochs(plan: TrialPlan, expected: dict[str, float] | None) -> dict[str, dict[str, float]]:
-    phases = {"finetune": plan.phases.finetune, "forget": plan.phases.forget}
-    if plan.phases.relearn.enabled:
-        phases["relearn"] = plan.phases.relearn
+    phases = {"finetune": plan.phases.finetune}
+    if METHODS.get(plan.method).forgets:  # a reference (`none`) stops after fine-tuning
+        phases["forget"] = plan.phases.forget
+        if plan.phases.relearn.enabled:
+            phases["relearn"] = plan.phases.relearn
     upper = {ph: float(cfg.max_epochs) for ph, cfg in phases.items()}
     exp = {
         ph: min(upper[ph], (expected or {}).get(ph, max(1.0, round(DEFAULT_EXPECTED_FRACTION * upper[ph]))))

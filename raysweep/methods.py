@@ -39,6 +39,8 @@ class ForgetMethod(ABC):
     # The forget ratio's denominator: random-label methods aim at chance (1/2); flipped labels
     # aim at the mirror image of the fine-tuned accuracy.
     ratio_formula: ClassVar[str] = "random"
+    # False for a reference that fine-tunes and stops there: its trial has no forget phase.
+    forgets: ClassVar[bool] = True
 
     def __init__(self, args: BaseModel | None = None):
         self.args = args if args is not None else self.Args()
@@ -164,3 +166,15 @@ class NPO(ForgetMethod):
 
     def load_state_dict(self, state: dict) -> None:
         self._ref = {int(k): v for k, v in state.get("reference", {}).items()}
+
+
+@register_method
+class NoForgetting(ForgetMethod):
+    """A reference, not a forgetting method: the trial fine-tunes as every other does and stops
+    there (no forget or relearn phase). Forget quality compares forget runs against it."""
+
+    name = "none"
+    forgets = False
+
+    def targets(self, examples, epoch, rng):
+        raise RuntimeError("method 'none' has no forget phase")

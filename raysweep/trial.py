@@ -324,6 +324,8 @@ class TrialRunner:
                 self.train_phase(p.phases.finetune, progress, opt_state, lambda epoch: gold, nll_loss, hook),
                 None,
             )
+        if progress.phase == "finetune" and progress.phase_done and not self.method.forgets:
+            return progress  # a reference trial: fine-tuned, never forgotten
         if progress.phase == "finetune" and progress.phase_done:
             progress = _next_phase(progress, "forget")
             self.method.prepare(self.lm.model, self._epoch_batches("forget", 0, gold, p.phases.forget))

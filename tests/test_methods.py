@@ -187,8 +187,8 @@ def test_analyses_work_for_every_method(forgotten):
 def test_methods_spec_validates():
     spec = parse_spec((Path(__file__).resolve().parents[1] / "specs" / "methods.yaml").read_text())
     plans = spec.trials()
-    assert {p.method for p in plans} == set(METHODS)
-    assert len(plans) == len(spec.forget_task_list) * len(METHODS)
+    assert {p.method for p in plans} == {*METHODS, "none"}  # and the never-forgotten reference
+    assert len(plans) == len(spec.forget_task_list) * (len(METHODS) + 1)
     assert len(spec.forget_task_list) >= 2 and spec.eval_task_list == spec.tasks
     # Every method sees the same data, fine-tuning and forget hyperparameters.
     assert len({(p.forget_task, p.phases.model_dump_json(), p.data.model_dump_json()) for p in plans}) == len(
@@ -228,7 +228,7 @@ def test_trial_ids_from_before_method_args_are_kept():
     # The ids specs/methods.yaml expanded to when NPO's beta was a forget-phase field: a
     # store written then is resumed, not rerun, by the same spec now.
     spec = parse_spec((Path(__file__).resolve().parents[1] / "specs" / "methods.yaml").read_text())
-    assert [p.trial_id for p in spec.trials()] == [
+    assert [p.trial_id for p in spec.trials() if p.method != "none"] == [
         "compare-random-n100-s0-6e3ce9f8b1",
         "compare-flipped-n100-s0-9bb97a07eb",
         "compare-gradient-ascent-n100-s0-8f664fe710",

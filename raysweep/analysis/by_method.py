@@ -30,6 +30,7 @@ from raysweep.analysis.measures import (
     agreement,
     draw_finetuned_forgotten,
     headroom,
+    method_rank,
     ratio_formula,
     seed_value,
 )
@@ -37,8 +38,6 @@ from raysweep.analysis.plotting import MAX_PANELS, OTHER, OWN, num, yerr
 from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
 from raysweep.analysis.runner import AnalysisOutcome
 from raysweep.store import trial_fields
-
-METHOD_ORDER = ("random", "flipped", "gradient_ascent", "npo")
 
 
 def _conf_drop(c: Cell | dict) -> float | None:
@@ -130,10 +129,6 @@ class Split:
     other: list[Cell]
 
 
-def _method_key(m: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
-
-
 COND = [*trial_fields("model", "size")]
 METHODS_SCHEMA = pa.schema(
     COND
@@ -182,13 +177,13 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         (s.own if c.eval_task == c.forget_task else s.other).append(c)
     groups = {k: v for k, v in groups.items() if len(v) >= 2}
     if not groups:
-        methods = ", ".join(sorted({c.method for c in cells}, key=_method_key))
+        methods = ", ".join(sorted({c.method for c in cells}, key=method_rank))
         raise Skip(f"no model and size was forgotten with two or more methods (methods in the sweep: {methods})")
 
     method_rows, task_rows, agree_rows = [], [], []
     for (model, size), by_method in sorted(groups.items()):
         cond = {"model": model, "size": size}
-        for method in sorted(by_method, key=_method_key):
+        for method in sorted(by_method, key=method_rank):
             s = by_method[method]
             r = ctx.params.bootstrap_resamples
             own_ratio, own_lo, own_hi = ratio_estimate(s.own, r, (model, size, method, "own"))
@@ -232,7 +227,7 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
                         "conf_drop_other": _mean([_conf_drop(c) for c in other]),
                     }
                 )
-        for a, b in combinations(sorted(by_method, key=_method_key), 2):
+        for a, b in combinations(sorted(by_method, key=method_rank), 2):
             for measure, value in (("forget_ratio", seed_value("forget_ratio")), ("conf_drop", _conf_drop)):
                 est = agreement(
                     by_method[a].other,

@@ -32,14 +32,27 @@ MILESTONE_ACC = ("acc_pretrained", "acc_finetuned", "acc_forgotten")
 WITH_INTERVALS = (*MILESTONE_ACC, "forget_gap", "forget_ratio")
 
 
+def _methods():
+    # The method classes carry what the analyses need to know of a method; importing them
+    # brings torch, so only when an analysis first asks.
+    from raysweep.methods import METHODS
+
+    return METHODS
+
+
 def ratio_formula(method: str) -> str:
     """Flipped labels push accuracy towards 1 - acc_ft rather than chance: the paper's
     Appendix C baseline. Random labels, gradient ascent and NPO aim at chance (1/2). The
     method registry says which; a method it does not know (a store from a newer raysweep)
     is read with the random-label formula."""
-    from raysweep.methods import METHODS
+    methods = _methods()
+    return methods.get(method).ratio_formula if method in methods else "random"
 
-    return METHODS.get(method).ratio_formula if method in METHODS else "random"
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Display order of methods: the order they are registered in, unknown ones last."""
+    names = _methods().names()
+    return (names.index(method) if method in names else len(names), method)
 
 
 def headroom(acc_ft: float | None, method: str) -> float | None:

@@ -18,7 +18,9 @@ seed: a stratified bootstrap over members and held-out examples.
 The reference is the pretrained model, which trained on neither split: `auc_pretrained` is
 its AUC, `privleak` = 100 (AUC - AUC_pretrained) / AUC_pretrained (open-unlearning's, with
 this reference), and `forget_quality` is the p-value of a two-sample KS test of the members'
-confidences at the finetuned and forgotten milestones against the pretrained model's.
+confidences at the finetuned and forgotten milestones against the pretrained model's, and
+against a `methods: [none]` trial's (fine-tuned the same way, never forgotten) where the
+sweep has one.
 
 Unlike open-unlearning, the statistics are of the scored response only (the store holds
 response log-likelihoods), and Min-K% / Min-K%++ (which need per-token log-probabilities,
@@ -217,35 +219,58 @@ def privleak(auc_run: float | None, auc_reference: float | None) -> float | None
     return 100.0 * (auc_run - auc_reference) / auc_reference
 
 
-def forget_quality_rows(t: TrialInfo, tm: TrialMembership) -> list[dict]:
+def never_forgotten(ctx: AnalysisContext) -> dict[tuple, np.ndarray]:
+    """(model, forget task, size, seed) -> the members' confidences at the finetuned milestone
+    of a `none` trial: the same fine-tuning as the forget runs, never made to forget."""
+    out: dict[tuple, np.ndarray] = {}
+    for t in ctx.index.trials:
+        ref = t.milestones.get("finetuned")
+        f = t.scan_file(ctx.store.root, "scores", ref) if t.method == "none" and ref is not None else None
+        if f is None:
+            continue
+        rows = ctx.engine.reduce(
+            Scan((f,), columns=("split", "confidence"), trial_task=((t.sweep, t.trial_id, t.forget_task),)),
+            CollectRows(order=("split",)),
+        )
+        conf = rows.filter(pc.equal(rows["split"], MEMBERS))["confidence"].to_numpy(zero_copy_only=False)
+        out.setdefault((t.model, t.forget_task, t.size, t.seed), conf.astype(np.float64))
+    return out
+
+
+def forget_quality_rows(t: TrialInfo, tm: TrialMembership, never: dict[tuple, np.ndarray]) -> list[dict]:
     """Two-sample KS of the members' confidences at the finetuned and forgotten milestones
-    against the pretrained model's on the same examples (a model that never trained on them):
-    open-unlearning's forget quality is the p-value, high when the two are indistinguishable."""
+    against each reference on the same examples: the pretrained model (it never trained on
+    them) and a `none` trial of the same model, task and size (fine-tuned, never forgotten;
+    the same seed where the sweep has one). open-unlearning's forget quality is the p-value,
+    high when the two are indistinguishable."""
     from scipy.stats import ks_2samp
 
-    ref = tm.member_confidence.get("pretrained")
+    same = [
+        v
+        for (m, task, size, seed), v in sorted(never.items(), key=lambda kv: kv[0][3] != t.seed)
+        if (m, task, size) == (t.model, t.forget_task, t.size)
+    ]
+    references = {"pretrained": tm.member_confidence.get("pretrained"), "none": same[0] if same else None}
     out = []
     for milestone in ("finetuned", "forgotten"):
         got = tm.member_confidence.get(milestone)
-        if ref is None or got is None:
-            continue
-        ks = ks_2samp(got, ref)
-        out.append(
-            {
-                "sweep": t.sweep,
-                "trial_id": t.trial_id,
-                "model": t.model,
-                "method": t.method,
-                "size": t.size,
-                "forget_task": t.forget_task,
-                "seed": t.seed,
-                "milestone": milestone,
-                "reference": "pretrained",
-                "n": int(got.size),
-                "ks_statistic": float(ks.statistic),
-                "forget_quality": float(ks.pvalue),
-            }
-        )
+        for name, ref in references.items():
+            if ref is None or got is None or not ref.size:
+                continue
+            ks = ks_2samp(got, ref)
+            out.append(
+                {
+                    **{
+                        k: getattr(t, k)
+                        for k in ("sweep", "trial_id", "model", "method", "size", "forget_task", "seed")
+                    },
+                    "milestone": milestone,
+                    "reference": name,
+                    "n": int(got.size),
+                    "ks_statistic": float(ks.statistic),
+                    "forget_quality": float(ks.pvalue),
+                }
+            )
     return out
 
 
@@ -257,11 +282,12 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     quality: list[dict] = []
     by_cell: dict[tuple, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
     leaks: dict[tuple, dict[int, tuple[float | None, float | None]]] = defaultdict(dict)
+    never = never_forgotten(ctx)
     for t in ctx.index.trials:
         tm = trial_scores(ctx, t)
         if tm is None:
             continue
-        quality += forget_quality_rows(t, tm)
+        quality += forget_quality_rows(t, tm, never)
         for step, per in tm.steps.items():
             for attack, groups in per.items():
                 m, h = groups[MEMBERS], groups[HELD_OUT]
