@@ -12,27 +12,9 @@ from raysweep.spec import parse_spec
 from raysweep.store import Store
 from raysweep.sweep import models_dir_for
 from raysweep.trial import TrialRunner
+from tests.spec_helpers import tiny_spec_text
 
-SPEC = """
-name: reference
-models:
-  - name: micro-gpt2
-    arch: gpt2
-    tiny: {layers: 5, hidden: 32, heads: 2, vocab: 512}
-    pretrain: {steps: 40, batch_size: 16}
-tasks: [sentiment, word_order]
-forget_tasks: [sentiment]
-methods: [random, none]
-sizes: [24]
-seeds: [0]
-data: {cap: 24}
-phases:
-  finetune: {optimizer: adamw, lr: 3.0e-3, batch_size: 8, max_epochs: 20}
-  forget: {optimizer: adamw, lr: 2.0e-3, batch_size: 8, max_epochs: 4}
-  relearn: {enabled: true, optimizer: adamw, lr: 1.0e-3, batch_size: 8, max_epochs: 2}
-scoring: {batch_size: 64}
-resources: {cpu: 1, gpu: 0}
-"""
+SPEC = tiny_spec_text(name="reference", methods=("random", "none"), ft_epochs=6, fg_epochs=3, relearn=True)
 
 
 @pytest.fixture(scope="module")
