@@ -367,6 +367,11 @@ def scores_row_bytes(rows: int = 20_000) -> float:
         "confidence": pa.array(rng.random(rows).astype(np.float32)),
         "prediction": pa.array(rng.integers(0, 2, rows).astype(np.int8)),
         "correct": pa.array(rng.random(rows) < 0.7),
+        **{
+            f"min_k{pp}_{side}": pa.array(-rng.exponential(3.0, rows).astype(np.float32))
+            for pp in ("", "_pp")
+            for side in ("correct", "distractor")
+        },
     }
     return _parquet_bytes_per_row(pa.table(cols, schema=SCORES_SCHEMA))
 

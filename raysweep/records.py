@@ -93,6 +93,7 @@ def epoch_tables(
             "confidence": pa.array(res.confidence(gold).astype(np.float32)),
             "prediction": pa.array(pred),
             "correct": pa.array(pred == gold),
+            **_min_k_columns(res, rows, gold),
         }
     )
     hidden = _hidden_table(common, res, gold) if with_hidden and res.hidden is not None else None
@@ -223,6 +224,17 @@ def _hidden_table(common: dict[str, pa.Array], res: ScoreResult, gold: np.ndarra
     return pa.table(columns, schema=hidden_schema(d))
 
 
+def _min_k_columns(res: ScoreResult, rows: np.ndarray, gold: np.ndarray) -> dict[str, pa.Array]:
+    cols = {}
+    for name, values in (("min_k", res.min_k), ("min_k_pp", res.min_k_pp)):
+        if values is None:
+            values = np.full((len(rows), 2), np.nan)
+        for side, pick in (("correct", gold), ("distractor", 1 - gold)):
+            v = values[rows, pick]
+            cols[f"{name}_{side}"] = pa.array(v.astype(np.float32), mask=~np.isfinite(v))
+    return cols
+
+
 def _interleave(parts: list[ScoreResult], n: int) -> ScoreResult:
     """Undo the interleaved split of `score_all`: rank r scored examples r, r + world, ..."""
     world = len(parts)
@@ -230,9 +242,12 @@ def _interleave(parts: list[ScoreResult], n: int) -> ScoreResult:
     n_tokens = np.zeros((n, 2), dtype=np.int64)
     with_hidden = all(p.hidden is not None for p in parts)
     hidden = np.zeros((n, *parts[0].hidden.shape[1:]), dtype=np.float32) if with_hidden and n else None
+    min_k, min_k_pp = np.full((n, 2), np.nan), np.full((n, 2), np.nan)
     for rank, part in enumerate(parts):
         ll_sum[rank::world] = part.ll_sum
         n_tokens[rank::world] = part.n_tokens
+        if part.min_k is not None:
+            min_k[rank::world], min_k_pp[rank::world] = part.min_k, part.min_k_pp
         if hidden is not None:
             hidden[rank::world] = part.hidden
-    return ScoreResult(ll_sum=ll_sum, n_tokens=n_tokens, hidden=hidden, layers=parts[0].layers)
+    return ScoreResult(ll_sum, n_tokens, hidden, parts[0].layers, min_k, min_k_pp)

@@ -20,6 +20,9 @@ import torch
 from raysweep.tasks.base import Example
 
 HIDDEN_LAYER = -5  # the paper's "fifth to last layer"
+# Min-K% and Min-K%++ average a continuation's lowest-scoring 20% of tokens (at least one):
+# the k of Shi et al. (2024) and Zhang et al. (2025).
+MIN_K_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -135,12 +138,65 @@ class _Seq:
 PROMPT, PAIR_0, PAIR_1 = 0, 1, 2
 
 
+class TokenStats:
+    """Per continuation, from the log-softmax its tokens are scored with: the summed
+    log-likelihood, and the per-token statistics Min-K% and Min-K%++ read. Min-K% is the mean
+    log-probability of the continuation's lowest-scoring k% of tokens; Min-K%++ the mean of
+    the lowest k% of (log p(x_t) - mu_t) / sigma_t, where mu_t and sigma_t^2 are the mean and
+    variance of log p(z) under the model's own next-token distribution p at that position."""
+
+    def __init__(self, n: int):
+        self.sums = np.zeros(n, dtype=np.float64)
+        self._owner: list[np.ndarray] = []
+        self._logp: list[np.ndarray] = []
+        self._z: list[np.ndarray] = []
+
+    def add(self, logp: torch.Tensor, targets: torch.Tensor, owner: np.ndarray) -> None:
+        """`logp`: (tokens, vocab) log-softmax at each continuation position; `targets` the
+        token scored there; `owner` the continuation each position belongs to."""
+        picked = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+        prob = logp.exp()
+        # 0 * log 0 is 0: a vocabulary entry the model rules out adds nothing.
+        plogp = torch.where(prob > 0, prob * logp, torch.zeros_like(logp))
+        mu = plogp.sum(-1)
+        var = torch.where(prob > 0, plogp * logp, torch.zeros_like(logp)).sum(-1) - mu * mu
+        z = (picked - mu) / var.clamp_min(1e-12).sqrt()
+        lp = picked.double().cpu().numpy()
+        np.add.at(self.sums, owner, lp)
+        self._owner.append(owner)
+        self._logp.append(lp)
+        self._z.append(z.double().cpu().numpy())
+
+    def min_k(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Min-K%, Min-K%++) of every continuation; NaN for one without tokens."""
+        n = len(self.sums)
+        if not self._owner:
+            return np.full(n, np.nan), np.full(n, np.nan)
+        owner, lp, z = (np.concatenate(x) for x in (self._owner, self._logp, self._z))
+        count = np.bincount(owner, minlength=n)
+        k = np.maximum(1, np.ceil(MIN_K_FRACTION * count)).astype(np.int64)
+        out = []
+        for values in (lp, z):
+            order = np.lexsort((values, owner))  # by continuation, lowest value first
+            first = np.searchsorted(owner[order], np.arange(n))
+            rank = np.arange(len(order)) - first[owner[order]]
+            keep = order[rank < k[owner[order]]]
+            total = np.zeros(n)
+            np.add.at(total, owner[keep], values[keep])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out.append(np.where(count > 0, total / np.minimum(k, np.maximum(count, 1)), np.nan))
+        return out[0], out[1]
+
+
 @dataclass
 class ScoreResult:
     ll_sum: np.ndarray  # (n_examples, 2) float64
     n_tokens: np.ndarray  # (n_examples, 2) int
     hidden: np.ndarray | None  # (n_examples, n_layers, 3, d) float32: PROMPT, PAIR_0, PAIR_1
     layers: tuple[int, ...] = (HIDDEN_LAYER,)
+    # (n_examples, 2) float64 each: Min-K% and Min-K%++ of each choice (see TokenStats)
+    min_k: np.ndarray | None = None
+    min_k_pp: np.ndarray | None = None
 
     @property
     def ll_mean(self) -> np.ndarray:
@@ -199,8 +255,8 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     """Summed log-likelihood of each (context, continuation), exactly as lm-eval computes it."""
     max_length = model_max_length(model, tokenizer)
     windows = _windows([encode_pair(tokenizer, ctx, cont) for ctx, cont in requests], max_length)
-    sums, _ = _run_windows(model, windows, batch_size, pad_id(tokenizer), [False] * len(requests), (), max_length)
-    return [float(x) for x in sums]
+    stats, _ = _run_windows(model, windows, batch_size, pad_id(tokenizer), [False] * len(requests), (), max_length)
+    return [float(x) for x in stats.sums]
 
 
 def _blocks(base, n_layers: int) -> torch.nn.ModuleList | None:
@@ -289,7 +345,7 @@ def _run_windows(
     base, head = _base_and_head(model)
     device = next(model.parameters()).device
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
-    sums = np.zeros(len(windows), dtype=np.float64)
+    stats = TokenStats(len(windows))
     hidden: dict[int, np.ndarray] = {}
     fed = [
         len(w.input_ids) - (0 if want and len(w.input_ids) <= max_length else 1)
@@ -298,14 +354,14 @@ def _run_windows(
     late = [i for i in order if want_hidden[i] and fed[i] < len(windows[i].input_ids)]
     with _Taps(base, layers) as taps:
         _window_batches(
-            base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, sums, hidden
+            base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, stats, hidden
         )
         _late_states(base, taps, windows, late, batch_size, max_length, device, hidden)
-    return sums, hidden
+    return stats, hidden
 
 
 def _window_batches(
-    base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, sums, hidden
+    base, head, taps, windows, order, fed, batch_size, pad_id, want_hidden, layers, device, stats, hidden
 ):
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -334,8 +390,7 @@ def _window_batches(
         out, per_layer = taps.forward(base, read_r, read_c, input_ids=ids, attention_mask=mask)
         states = out.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
         logp = torch.log_softmax(head(states).float(), dim=-1)
-        picked = logp.gather(1, torch.tensor(targets, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
-        np.add.at(sums, np.array(owner), picked)
+        stats.add(logp, torch.tensor(targets, device=device), np.array(owner))
         if reads:
             got = torch.stack(per_layer, 1).float().cpu().numpy().reshape(len(reads), 2, len(layers), -1)
             for k, (_, i) in enumerate(reads):
@@ -436,7 +491,7 @@ def _run_packed(
     ones = sorted((i for i in range(n) if single[i]), key=lambda i: -lengths[i])
     batches = [(True, rows) for _, rows in _pack_rows(lengths, multi, batch_size)]
     batches += [(False, [[i] for i in ones[k : k + batch_size]]) for k in range(0, len(ones), batch_size)]
-    sums = np.zeros((n, 2), dtype=np.float64)
+    stats = TokenStats(2 * n)  # continuation 2i + c: example i's choice c
     hidden = np.zeros((n, len(layers), 3, model.config.hidden_size), dtype=np.float32) if capture else None
     # Unmasked rows' padding is never read, but transformers warns about any pad id it sees
     # without a mask: fill it with another token.
@@ -482,12 +537,11 @@ def _run_packed(
             )
             states = out.last_hidden_state[torch.tensor(sel_r, device=device), torch.tensor(sel_c, device=device)]
             logp = torch.log_softmax(head(states).float(), dim=-1)
-            picked = logp.gather(1, torch.tensor(sel_t, device=device).unsqueeze(1)).squeeze(1).double().cpu().numpy()
-            np.add.at(sums.reshape(-1), np.array(owner), picked)
+            stats.add(logp, torch.tensor(sel_t, device=device), np.array(owner))
             if capture:
                 got = torch.stack(per_layer, 1).float().cpu().numpy()  # (3 * examples, n_layers, d)
                 hidden[members] = got.reshape(len(members), 3, len(layers), -1).transpose(0, 2, 1, 3)
-    return sums, hidden
+    return stats, hidden
 
 
 def _block_mask(example: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype, additive: bool) -> torch.Tensor:
@@ -525,6 +579,8 @@ def score_examples(
     layers = check_layers(model, layers) if capture_hidden else ()
     n = len(examples)
     ll_sum = np.zeros((n, 2), dtype=np.float64)
+    min_k = np.full((n, 2), np.nan)
+    min_k_pp = np.full((n, 2), np.nan)
     n_tokens = np.zeros((n, 2), dtype=np.int64)
     hidden = np.zeros((n, len(layers), 3, model.config.hidden_size), dtype=np.float32) if capture_hidden and n else None
     shared, separate = [], []
@@ -540,7 +596,7 @@ def score_examples(
         )
         (shared if ok else separate).append(i)
     if shared:
-        sums, hid = _run_packed(
+        stats, hid = _run_packed(
             model,
             [pairs[i][0].context for i in shared],
             [(pairs[i][0].continuation, pairs[i][1].continuation) for i in shared],
@@ -548,16 +604,27 @@ def score_examples(
             pad,
             layers,
         )
-        ll_sum[shared] = sums
+        ll_sum[shared] = stats.sums.reshape(-1, 2)
+        mk, mkpp = stats.min_k()
+        min_k[shared], min_k_pp[shared] = mk.reshape(-1, 2), mkpp.reshape(-1, 2)
         if capture_hidden:
             hidden[shared] = hid
     if separate:
         windows = _windows([p for i in separate for p in pairs[i]], max_length)
-        sums, hid = _run_windows(model, windows, batch_size, pad, [capture_hidden] * len(windows), layers, max_length)
-        ll_sum[separate] = sums.reshape(-1, 2)
+        stats, hid = _run_windows(model, windows, batch_size, pad, [capture_hidden] * len(windows), layers, max_length)
+        ll_sum[separate] = stats.sums.reshape(-1, 2)
+        mk, mkpp = stats.min_k()
+        min_k[separate], min_k_pp[separate] = mk.reshape(-1, 2), mkpp.reshape(-1, 2)
         if capture_hidden:
             for k, i in enumerate(separate):
                 hidden[i, :, PROMPT] = hid[2 * k][:, 0]
                 hidden[i, :, PAIR_0] = hid[2 * k][:, 1]
                 hidden[i, :, PAIR_1] = hid[2 * k + 1][:, 1]
-    return ScoreResult(ll_sum=ll_sum, n_tokens=n_tokens, hidden=hidden, layers=tuple(layers) or (HIDDEN_LAYER,))
+    return ScoreResult(
+        ll_sum=ll_sum,
+        n_tokens=n_tokens,
+        hidden=hidden,
+        layers=tuple(layers) or (HIDDEN_LAYER,),
+        min_k=min_k,
+        min_k_pp=min_k_pp,
+    )

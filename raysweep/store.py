@@ -43,7 +43,10 @@ import pyarrow.parquet as pq
 from raysweep.errors import BadInput, StoreError, is_no_space
 from raysweep.tasks.base import EXAMPLES_SCHEMA
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# v2 stores read as v3 with the Min-K% columns null; v1 ones (prompt-token hidden states
+# only, which the pair probes cannot read) are refused.
+OLDEST_READABLE_VERSION = 2
 # Errors a trial records when its process is stopped (Ctrl+C, Tune stopping its actor),
 # not when the trial itself fails: such a trial is `interrupted` and resumes on the next run.
 INTERRUPT_ERRORS = ("KeyboardInterrupt", "SystemExit")
@@ -114,6 +117,12 @@ SCORES_SCHEMA = pa.schema(
         ("confidence", pa.float32()),
         ("prediction", pa.int8()),
         ("correct", pa.bool_()),
+        # Schema v3: Min-K% and Min-K%++ (k = 20%) of each response (scoring.TokenStats);
+        # null in rows written by v2.
+        ("min_k_correct", pa.float32()),
+        ("min_k_distractor", pa.float32()),
+        ("min_k_pp_correct", pa.float32()),
+        ("min_k_pp_distractor", pa.float32()),
     ]
 )
 
@@ -319,8 +328,7 @@ class Store:
             raise StoreError(
                 f"store: {self.root} was written by a newer raysweep (schema v{version}); this one reads up to v{SCHEMA_VERSION}"
             )
-        if version < SCHEMA_VERSION:
-            # v1 kept only the prompt token's hidden state, which the pair probes cannot read.
+        if version < OLDEST_READABLE_VERSION:
             raise StoreError(
                 f"store: {self.root} has schema v{version} (hidden states without pair states); this raysweep writes "
                 f"v{SCHEMA_VERSION}: run the sweep into a new store"

@@ -224,6 +224,10 @@ def _scores(key: EpochKey, eval_col, split_col, idx_col, gold: np.ndarray, conf:
             "confidence": pa.array(conf),
             "prediction": pa.array(np.where(correct, gold, 1 - gold).astype(np.int8)),
             "correct": pa.array(correct),
+            "min_k_correct": pa.array((ll_c * 1.5).astype(np.float32)),
+            "min_k_distractor": pa.array((ll_d * 1.5).astype(np.float32)),
+            "min_k_pp_correct": pa.array((ll_c + 1).astype(np.float32)),
+            "min_k_pp_distractor": pa.array((ll_d + 1).astype(np.float32)),
         },
         schema=SCORES_SCHEMA,
     )

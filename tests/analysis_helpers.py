@@ -81,6 +81,12 @@ def scores_table(key: EpochKey, rows: dict[tuple[str, str], list[float]]) -> pa.
             cols["confidence"].append(c)
             cols["prediction"].append(gold if correct else 1 - gold)
             cols["correct"].append(correct)
+            # Three tokens of log-probability log(c) each: Min-K% is log(c); Min-K%++ a
+            # monotone function of it, as standardising against a fixed distribution would be.
+            cols["min_k_correct"].append(math.log(c))
+            cols["min_k_distractor"].append(math.log(1 - c))
+            cols["min_k_pp_correct"].append(2 * math.log(c) + 1)
+            cols["min_k_pp_distractor"].append(2 * math.log(1 - c) + 1)
     return pa.table(cols, schema=SCORES_SCHEMA)
 
 

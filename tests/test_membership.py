@@ -108,6 +108,12 @@ def test_same_distribution_gives_half_memorised_gives_one_and_forgetting_brings_
     assert 0.5 < runs[("memorised", 1, "loss")]["auc"] < 1.0
     assert abs(runs[("memorised", 2, "loss")]["auc"] - 0.5) < 0.08
     assert abs(runs[("same", 0, "loss")]["auc"] - 0.5) < 0.08
+    # Min-K% and Min-K%++ read the stored per-token statistics: here monotone in the
+    # confidence, so they rank members exactly as the loss does.
+    for attack in ("min_k", "min_k_pp"):
+        for key in (("memorised", 0), ("memorised", 2), ("same", 0)):
+            assert runs[(*key, attack)]["auc"] == pytest.approx(runs[(*key, "loss")]["auc"], abs=1e-9), (key, attack)
+    assert runs[("memorised", 0, "min_k")]["auc"] == pytest.approx(1.0)
 
     # zlib: the same AUC as computed here from the stored log-likelihoods and the prompts.
     sizes = {
@@ -161,3 +167,23 @@ def test_seeds_give_a_t_interval_and_no_forget_phase_is_skipped(tmp_path):
     w.finish(best_finetune=1, last_forget=None)
     (o,) = run_analyses(bare, only=["membership"], engine="local")
     assert o.status == "skipped" and "forget" in o.message
+
+
+def test_a_store_without_min_k_columns_leaves_those_attacks_empty_and_says_why(tmp_path):
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    store = _store(tmp_path, "v2")
+    held = rng.uniform(0.3, 0.8, N_HELD_OUT)
+    _write(store, "old", 0, rng.uniform(0.9, 0.99, N_MEMBERS), held, [rng.uniform(0.3, 0.8, N_MEMBERS)])
+    # Score files as schema v2 wrote them: no Min-K% columns.
+    for f in (store.root / "scores").rglob("*.parquet"):
+        t = pq.read_table(f)
+        pq.write_table(t.drop([c for c in t.column_names if c.startswith("min_k")]), f)
+    (o,) = run_analyses(store, only=["membership"], engine="local")
+    assert o.status == "ok", o.message
+    runs = {(r["step"], r["attack"]): r for r in o.tables["runs"].to_pylist()}
+    assert runs[(0, "loss")]["auc"] == pytest.approx(1.0)
+    assert runs[(0, "min_k")]["auc"] is None and runs[(0, "min_k_pp")]["auc"] is None
+    # The analysis's notes reach its one-line message (what `analyze` prints and the report shows).
+    assert "Min-K% / Min-K%++ AUCs left empty: the store's scores predate schema v3" in o.message

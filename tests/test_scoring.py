@@ -227,3 +227,52 @@ def test_rows_pack_several_examples_without_changing_results(lm):
         ll, _, h = reference(model, tok, ex)
         np.testing.assert_allclose(packed.ll_sum[i], ll, atol=1e-4)
         np.testing.assert_allclose(packed.hidden[i], h, atol=1e-5)
+
+
+def min_k_reference(model, tok, ex: Example, fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Min-K% and Min-K%++ of each choice from one unbatched forward in float64: the mean of
+    the lowest ceil(k n) token log-probs, and of the lowest standardised ones, (log p(x) - mu)
+    / sigma with mu, sigma^2 the mean and variance of log p(z) under p at that position."""
+    max_length = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+    out_k, out_pp = [], []
+    for cont in ex.continuations:
+        pair = encode_pair(tok, ex.prompt, cont)
+        ids = (pair.context + pair.continuation)[-max_length - 1 :]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[:-1]])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        n = len(pair.continuation)
+        lp, z = [], []
+        for k in range(len(ids) - n, len(ids)):
+            row = logp[k - 1]
+            mu = float((row.exp() * row).sum())
+            sigma = float(((row.exp() * row * row).sum() - mu * mu).sqrt())
+            lp.append(float(row[ids[k]]))
+            z.append((float(row[ids[k]]) - mu) / sigma)
+        keep = max(1, int(np.ceil(fraction * n)))
+        out_k.append(np.mean(sorted(lp)[:keep]))
+        out_pp.append(np.mean(sorted(z)[:keep]))
+    return np.array(out_k), np.array(out_pp)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_min_k_statistics_equal_a_per_token_reference(lm, share_prefix):
+    model, tok = lm
+    # capital's answers are several tokens long (Min-K% then averages the lowest of them);
+    # the long prompt is cut to the window, which only the separate path scores.
+    exs = prepare_task("capital", seed=3, cap=6, max_chars=2048).split("test") + prepare_task(
+        "sentiment", seed=3, cap=4, max_chars=2048
+    ).split("test")
+    exs.append(
+        Example(
+            idx=99, uid="long", prompt="Review: " + "so good and " * 40 + "\nAnswer:", choices=("no", "yes"), gold=1
+        )
+    )
+    res = score_examples(model, tok, exs, batch_size=3, share_prefix=share_prefix)
+    assert max(len(encode_pair(tok, ex.prompt, c).continuation) for ex in exs for c in ex.continuations) >= 5
+    for i, ex in enumerate(exs):
+        want_k, want_pp = min_k_reference(model, tok, ex)
+        np.testing.assert_allclose(res.min_k[i], want_k, atol=1e-4)
+        np.testing.assert_allclose(res.min_k_pp[i], want_pp, atol=1e-3)
+    # Min-K% over at least one token is never above the continuation's mean log-prob.
+    assert np.all(res.min_k <= res.ll_sum / res.n_tokens + 1e-6)

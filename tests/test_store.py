@@ -45,6 +45,11 @@ def _scores(trial: str, phase: str, epoch: int, n: int = 5) -> pa.Table:
             "confidence": conf,
             "prediction": pa.array([0] * n, pa.int8()),
             "correct": conf > 0.5,
+            **{
+                f"min_k{pp}_{side}": rng.random(n).astype(np.float32)
+                for pp in ("", "_pp")
+                for side in ("correct", "distractor")
+            },
         }
     )
 

@@ -22,9 +22,15 @@ confidences at the finetuned and forgotten milestones against the pretrained mod
 against a `methods: [none]` trial's (fine-tuned the same way, never forgotten) where the
 sweep has one.
 
-Unlike open-unlearning, the statistics are of the scored response only (the store holds
-response log-likelihoods), and Min-K% / Min-K%++ (which need per-token log-probabilities,
-not stored) are not computed.
+- `min_k`: Min-K% (Shi et al. 2024), the mean log-probability of the correct response's
+  lowest-scoring 20% of tokens;
+- `min_k_pp`: Min-K%++ (Zhang et al. 2025), the same over each token's log-probability
+  standardised by the mean and standard deviation of log p under the model's next-token
+  distribution at that position. Both are computed at scoring time (`scoring.TokenStats`)
+  and stored from schema v3 on.
+
+Unlike open-unlearning, the statistics are of the scored response only (the store holds the
+response's, not the prompt's).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from raysweep.analysis.common import require_trials
@@ -48,7 +55,9 @@ from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
 from raysweep.analysis.runner import AnalysisOutcome
 from raysweep.store import trial_fields
 
-ATTACKS = ("loss", "zlib")
+ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
+# Min-K% / Min-K%++ of the correct response, stored from schema v3 on (scoring.TokenStats).
+MIN_K_COLUMNS = ("min_k_correct", "min_k_pp_correct")
 MEMBERS, HELD_OUT = "train", "test"
 _COND = [*trial_fields("model", "method", "size", "forget_task")]
 RUN_SCHEMA = pa.schema(
@@ -166,10 +175,13 @@ def trial_scores(ctx: AnalysisContext, t: TrialInfo) -> TrialMembership | None:
         if f is not None
     ]
     files += list(ctx.index.phase_files("scores", ("forget",), (t,)))
+    # A store written before schema v3 has no Min-K% columns: those attacks stay empty.
+    min_k = all(set(MIN_K_COLUMNS) <= set(pq.read_schema(f.path).names) for f in files)
     rows = ctx.engine.reduce(
         Scan(
             tuple(files),
-            columns=("phase", "epoch", "split", "example_idx", "ll_sum_correct", "ll_mean_correct", "confidence"),
+            columns=("phase", "epoch", "split", "example_idx", "ll_sum_correct", "ll_mean_correct", "confidence")
+            + (MIN_K_COLUMNS if min_k else ()),
             trial_task=((t.sweep, t.trial_id, t.forget_task),),
         ),
         CollectRows(order=("phase", "epoch", "split", "example_idx")),
@@ -191,7 +203,18 @@ def trial_scores(ctx: AnalysisContext, t: TrialInfo) -> TrialMembership | None:
         if "zlib_bytes" in rows.column_names
         else np.full(rows.num_rows, np.nan)
     )
-    scores = (("loss", loss), ("zlib", total / zbytes))
+
+    def column(name: str) -> np.ndarray:
+        if name not in rows.column_names:
+            return np.full(rows.num_rows, np.nan)
+        return rows[name].to_numpy(zero_copy_only=False).astype(np.float64)
+
+    scores = (
+        ("loss", loss),
+        ("zlib", total / zbytes),
+        ("min_k", column("min_k_correct")),
+        ("min_k_pp", column("min_k_pp_correct")),
+    )
 
     def at(ref) -> np.ndarray:
         return (phase == ref.phase) & (epoch == ref.epoch)
@@ -350,6 +373,8 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     notes = []
     if not np.isfinite([r["auc"] if r["auc"] is not None else np.nan for r in run_rows if r["attack"] == "zlib"]).any():
         notes.append("zlib AUC left empty: the store has no prepared examples to compress")
+    if not any(r["auc"] is not None for r in run_rows if r["attack"] == "min_k"):
+        notes.append("Min-K% / Min-K%++ AUCs left empty: the store's scores predate schema v3, which stores them")
     tables = {"summary": summary, "runs": runs, "forget_quality": pa.Table.from_pylist(quality, schema=QUALITY_SCHEMA)}
     return AnalysisResult(tables, msg, notes=notes)
 
@@ -358,8 +383,9 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
 def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     figs = []
     for model, size, rs in per_model(o.tables["summary"].to_pylist()):
-        fig = Figure(figsize=(9.0, 3.6), layout="constrained")
-        for ax, attack in zip(fig.subplots(1, 2), ("loss", "zlib")):
+        attacks = [a for a in ATTACKS if any(r["attack"] == a and r["auc"] is not None for r in rs)]
+        fig = Figure(figsize=(4.5 * max(1, len(attacks)), 3.6), layout="constrained")
+        for ax, attack in zip(np.atleast_1d(fig.subplots(1, max(1, len(attacks)))), attacks):
             for task, method in sorted({(r["forget_task"], r["method"]) for r in rs if r["attack"] == attack}):
                 line = sorted(
                     (r for r in rs if (r["forget_task"], r["method"], r["attack"]) == (task, method, attack)),

@@ -120,7 +120,7 @@ def run_analyses(
             t0 = time.perf_counter()
             try:
                 result = registry.get(name).run(ctx)
-                msg = "; ".join(m for m in (result.message, index.dropped_note()) if m)
+                msg = "; ".join(m for m in (result.message, *result.notes, index.dropped_note()) if m)
                 out = AnalysisOutcome(name, "ok", one_line(msg), dict(result.tables))
             except registry.Skip as exc:
                 out = AnalysisOutcome(name, "skipped", one_line(str(exc)))
