@@ -101,7 +101,8 @@ def test_trials_score_the_examples_the_driver_recorded(tmp_path):
     so the rows it writes join that table exactly."""
     import pyarrow.parquet as pq
 
-    from raysweep.sweep import _examples_table, prepare_sweep_data
+    from raysweep.sweep import prepare_sweep_data
+    from raysweep.tasks.base import examples_table
     from raysweep.trial import prepare_tasks
 
     spec = parse_spec(tiny_spec_text(name="ex"))
@@ -109,10 +110,10 @@ def test_trials_score_the_examples_the_driver_recorded(tmp_path):
     store.ensure()
     data = prepare_sweep_data(spec)
     # Tamper with one recorded prompt: the trial must see the store's version, not re-prepare.
-    table = _examples_table(data["sentiment"]).to_pylist()
+    table = examples_table("sentiment", data["sentiment"].splits).to_pylist()
     table[0]["prompt"] = "RECORDED " + table[0]["prompt"]
     store.write_examples("ex", "sentiment", __import__("pyarrow").Table.from_pylist(table))
-    store.write_examples("ex", "word_order", _examples_table(data["word_order"]))
+    store.write_examples("ex", "word_order", examples_table("word_order", data["word_order"].splits))
     tasks = prepare_tasks(spec.trials()[0], store)
     first = [e for e in tasks["sentiment"].split(table[0]["split"]) if e.idx == table[0]["example_idx"]][0]
     assert first.prompt.startswith("RECORDED ")

@@ -85,7 +85,7 @@ def _folder_examples(root: Path, task: str) -> list[tuple]:
     out = []
     for split in ("train", "validation", "test"):
         for r in pq.read_table(root / task / f"{split}.parquet").to_pylist():
-            out.append((split, r["idx"], r["prompt"], r["choice_0"], r["choice_1"], r["gold"]))
+            out.append((split, r["example_idx"], r["prompt"], r["choice_0"], r["choice_1"], r["gold"]))
     return sorted(out)
 
 
