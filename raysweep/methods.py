@@ -72,9 +72,12 @@ def register_method(cls: type[ForgetMethod]) -> type[ForgetMethod]:
 
 def method_args(name: str, given: Mapping | None = None) -> dict:
     """The method's arguments with its defaults filled in; ValueError names a bad one."""
-    cls = METHODS.get(name)
+    return _validated_args(name, given).model_dump()
+
+
+def _validated_args(name: str, given: Mapping | None) -> BaseModel:
     try:
-        return cls.Args.model_validate(dict(given or {})).model_dump()
+        return METHODS.get(name).Args.model_validate(dict(given or {}))
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
@@ -82,8 +85,7 @@ def method_args(name: str, given: Mapping | None = None) -> dict:
 
 
 def get_method(name: str, args: Mapping | None = None) -> ForgetMethod:
-    cls = METHODS.get(name)
-    return cls(cls.Args(**method_args(name, args)))
+    return METHODS.get(name)(_validated_args(name, args))
 
 
 def registered_methods() -> list[str]:

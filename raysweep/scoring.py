@@ -156,10 +156,11 @@ class TokenStats:
         token scored there; `owner` the continuation each position belongs to."""
         picked = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
         prob = logp.exp()
-        # 0 * log 0 is 0: a vocabulary entry the model rules out adds nothing.
-        plogp = torch.where(prob > 0, prob * logp, torch.zeros_like(logp))
+        # 0 * log 0 is 0: a vocabulary entry the model rules out (log p = -inf) adds nothing.
+        finite = torch.where(prob > 0, logp, torch.zeros_like(logp))
+        plogp = prob * finite
         mu = plogp.sum(-1)
-        var = torch.where(prob > 0, plogp * logp, torch.zeros_like(logp)).sum(-1) - mu * mu
+        var = (plogp * finite).sum(-1) - mu * mu
         z = (picked - mu) / var.clamp_min(1e-12).sqrt()
         lp = picked.double().cpu().numpy()
         np.add.at(self.sums, owner, lp)

@@ -73,10 +73,6 @@ class TrialKey:
     def label(self) -> str:
         return f"{self.model}/{self.forget_task}/{self.method}/n{self.size}/s{self.seed}"
 
-    @classmethod
-    def of(cls, row: dict) -> "TrialKey":
-        return cls(**{n: row[n] for n in TRIAL_KEY})
-
     def row(self) -> dict[str, object]:
         return {n: getattr(self, n) for n in TRIAL_KEY}
 
@@ -212,6 +208,12 @@ def _name_full_disk(exc: OSError, path: Path) -> OSError:
     return exc
 
 
+def _temp_beside(path: Path) -> Path:
+    """A private name next to `path`: it starts with '_' and does not end in .parquet, so no
+    reader's glob picks it up, and `remove_temp_files` knows it (`_*.tmp-*`)."""
+    return path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
 @contextlib.contextmanager
 def replacing(path: Path):
     """Yield a temporary path beside `path`, then rename it over `path`: readers see the old
@@ -219,7 +221,7 @@ def replacing(path: Path):
     end in .parquet, so no reader's glob picks it up; a failed write (a full disk) leaves
     nothing behind, and its error names the store file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"_{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _temp_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -240,7 +242,7 @@ def replacing_dir(target: Path, *, keep_existing: bool = False):
     good) and the new one dropped."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide a shared folder.
-    tmp = target.parent / f"_{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _temp_beside(target)
     tmp.mkdir()
     try:
         yield tmp

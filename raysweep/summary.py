@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raysweep.constants import PHASES
-from raysweep.store import Store, TrialKey
+from raysweep.store import TRIAL_KEY, Store, TrialKey
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def summarize(store: Store, sweep: str | None = None) -> list[TrialSummary]:
         tid = t["trial_id"]
         out.append(
             TrialSummary(
-                **TrialKey.of(t).row(),
+                **{k: t[k] for k in TRIAL_KEY},
                 status=t["status"],
                 error=t["error"],
                 epochs_committed=counts.get(tid, 0),
