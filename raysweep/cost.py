@@ -115,7 +115,8 @@ class TrialCost:
     train: TrainTokens
     epochs: dict[str, dict[str, float]]  # "upper" / "expected" -> phase -> epochs
     model: ModelShape
-    # The relearning attack's part of the trained set (phases.relearn.examples); None: all of it.
+    # What the relearning attack trains on, when not the whole trained set: part of it
+    # (phases.relearn.examples) or another task's train split (phases.relearn.task).
     relearn: TrainTokens | None = None
 
     @property
@@ -258,11 +259,12 @@ def estimate(
     """Count every trial of `spec` on its prepared data; each (model, task, split) is
     tokenized once however many trials read it."""
     missing = [t for t in spec.tasks if t not in data]
-    no_train = {t for t in spec.forget_task_list if t in data and not data[t].splits.get("train")}
+    no_train = {t for t in spec.trained_task_list if t in data and not data[t].splits.get("train")}
     plans = planned_trials(spec, data)
 
     def sized_from_others(plan: TrialPlan, task: str, split: str) -> bool:
-        return task in missing or ((task, split) == (plan.forget_task, "train") and task in no_train)
+        trained = (plan.forget_task, plan.phases.relearn.task if plan.phases.relearn.enabled else None)
+        return task in missing or (split == "train" and task in no_train and task in trained)
 
     slice_cache: dict[tuple, SliceTokens] = {}
     train_cache: dict[tuple, TrainTokens] = {}
@@ -292,16 +294,16 @@ def estimate(
             train_cache[tkey] = _stand_in_train(
                 plan.size, [v for k, v in train_cache.items() if k[0] == plan.model.name]
             )
-        relearn = None
-        k = plan.phases.relearn.examples
-        if plan.phases.relearn.enabled and k is not None and k < plan.size:
-            rkey = (plan.model.name, plan.forget_task, k)
+        relearn, r = None, plan.phases.relearn
+        source, k = r.task or plan.forget_task, r.examples or plan.size
+        if r.enabled and (source != plan.forget_task or k < plan.size):
+            rkey = (plan.model.name, source, k)
             if rkey not in train_cache:
                 train_cache[rkey] = (
                     _stand_in_train(k, [train_cache[tkey]])
-                    if sized_from_others(plan, plan.forget_task, "train")
+                    if sized_from_others(plan, source, "train")
                     else TrainTokens.count(
-                        data[plan.forget_task].split("train")[:k],
+                        data[source].split("train")[:k],
                         tokenizers[plan.model.name],
                         shapes[plan.model.name].max_length,
                     )

@@ -22,9 +22,12 @@ Format: one or more faults separated by ';', each a comma-separated list of key=
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 ENV = "RAYSWEEP_FAULT"
 ACTIONS = ("kill", "raise", "oom")
@@ -102,3 +105,23 @@ def fire(fault: Fault, trial_id: str, attempt: int) -> None:
 
         raise torch.OutOfMemoryError(f"injected by {ENV}: out of memory at {where}")
     raise InjectedFault(f"injected by {ENV}: failure at {where}")
+
+
+class FaultPoints:
+    """The faults injected into one trial process (from `text`, else the variable), fired
+    where the trial's recipe names a point. Each is logged before it fires: a SIGKILL leaves
+    no other trace, and the tests count real faults."""
+
+    def __init__(self, text: str | None, trial_id: str, rank: int, log_dir: Path):
+        self.faults = parse_faults(text if text is not None else os.environ.get(ENV))
+        self.trial_id, self.rank, self.log = trial_id, rank, Path(log_dir) / "faults.log"
+        self.attempt = 1
+
+    def at(self, point: str, phase: str, epoch: int) -> None:
+        for fault in self.faults:
+            if fault.matches(self.trial_id, self.attempt, phase, epoch, point, self.rank):
+                entry = {"pid": os.getpid(), "rank": self.rank, "attempt": self.attempt, "action": fault.action}
+                entry |= {"phase": phase, "epoch": epoch, "point": point, "time": time.time()}
+                with open(self.log, "a") as fh:
+                    fh.write(json.dumps(entry) + "\n")
+                fire(fault, self.trial_id, self.attempt)

@@ -23,6 +23,36 @@ from raysweep.tasks import Example
 Accuracies = dict[tuple[str, str], float]  # (eval task, split) -> accuracy
 
 
+@dataclass(frozen=True)
+class EpochReport:
+    """One epoch's headline figures: the epochs table's row (less its timing) and what the
+    scheduler shows in the live progress view."""
+
+    trial_id: str
+    phase: str
+    epoch: int
+    train_loss: float
+    forget_train_acc: float
+    forget_validation_acc: float
+    forget_test_acc: float
+    eval_test_acc: float  # mean test accuracy over all evaluation tasks
+
+    @classmethod
+    def of(cls, plan: TrialPlan, phase: str, epoch: int, train_loss: float, acc: Accuracies) -> "EpochReport":
+        ft = plan.forget_task
+        test_accs = [v for (_, split), v in acc.items() if split == "test"]
+        return cls(
+            plan.trial_id,
+            phase,
+            epoch,
+            train_loss,
+            acc.get((ft, "train"), float("nan")),
+            acc[(ft, "validation")],
+            acc[(ft, "test")],
+            float(np.mean(test_accs)),
+        )
+
+
 @dataclass
 class EvalSlice:
     task: str
@@ -119,32 +149,21 @@ class TrialRecords:
         self.plan = plan
 
     def commit(
-        self,
-        slices: list[EvalSlice],
-        phase: str,
-        epoch: int,
-        res: ScoreResult,
-        acc: Accuracies,
-        train_loss: float,
-        seconds: float,
-        phase_end: bool,
+        self, slices: list[EvalSlice], report: EpochReport, res: ScoreResult, seconds: float, phase_end: bool
     ) -> None:
         """One epoch's scores, summary row and (by the spec's policy) hidden states, marker last."""
-        p = self.plan
+        p, phase, epoch = self.plan, report.phase, report.epoch
         policy = p.scoring.hidden_states
         with_hidden = policy == "every_epoch" or (policy == "phase_end" and phase_end)
         scores, hidden = epoch_tables(p, slices, phase, epoch, res, with_hidden)
-        ft = p.forget_task
+        figures = ("train_loss", "forget_train_acc", "forget_validation_acc", "forget_test_acc")
         summary = pa.table(
             {
                 "sweep": [p.sweep],
                 "trial_id": [p.trial_id],
                 "phase": [phase],
                 "epoch": pa.array([epoch], pa.int32()),
-                "train_loss": pa.array([train_loss], pa.float32()),
-                "forget_train_acc": pa.array([acc.get((ft, "train"), float("nan"))], pa.float32()),
-                "forget_validation_acc": pa.array([acc[(ft, "validation")]], pa.float32()),
-                "forget_test_acc": pa.array([acc[(ft, "test")]], pa.float32()),
+                **{name: pa.array([getattr(report, name)], pa.float32()) for name in figures},
                 "seconds": pa.array([seconds], pa.float32()),
             }
         )

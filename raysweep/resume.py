@@ -254,6 +254,12 @@ class ResumePoints:
         except OSError:
             pass  # a full disk: the line on stderr is all there is room for
 
+    def write_error(self, attempt: int, text: str) -> None:
+        """The whole traceback of the failure that ended `attempt` (the trials row keeps one line)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rank = "" if self.group.is_main else f"-rank{self.group.rank}"
+        (self.dir / f"error-{attempt}{rank}.txt").write_text(text)
+
     @contextlib.contextmanager
     def lock(self):
         """One process per trial. Tune never runs a trial twice at once, but a worker of a

@@ -230,6 +230,10 @@ class RelearnConfig(PhaseConfig):
     # set, with their true labels; None relearns on all of them. The stop rule still reads
     # the whole trained set, so with few examples the phase usually runs its max_epochs.
     examples: ExampleCount | None = None
+    # Or relearn on another task's train split (true labels; its first `examples`, else
+    # `size`): does training on other data bring the forgotten task back? Recovery is read on
+    # the forget task's test split either way.
+    task: str | None = None
 
 
 class Phases(_Strict):
@@ -410,6 +414,9 @@ class SweepSpec(_Strict):
             extra = [t for t in getattr(self, field) or [] if t not in self.tasks]
             if extra:
                 raise ValueError(f"{field}: {extra} not listed under 'tasks'")
+        relearn_task = self.phases.relearn.task
+        if relearn_task is not None and relearn_task not in self.tasks:
+            raise ValueError(f"phases.relearn.task: {relearn_task!r} is not listed under 'tasks'")
         for name in self.data.sources:
             if name not in self.tasks:
                 raise ValueError(f"data.sources: {name!r} is not one of the spec's tasks")
@@ -423,6 +430,13 @@ class SweepSpec(_Strict):
     @property
     def forget_task_list(self) -> list[str]:
         return list(self.forget_tasks or self.tasks)
+
+    @property
+    def trained_task_list(self) -> list[str]:
+        """The tasks whose train split some phase trains on: they must have one."""
+        relearn = self.phases.relearn
+        extra = [relearn.task] if relearn.enabled and relearn.task else []
+        return list(dict.fromkeys([*self.forget_task_list, *extra]))
 
     @property
     def eval_task_list(self) -> list[str]:
@@ -476,8 +490,9 @@ class TrialPlan(_Strict):
             },
         )
         # Added after trial ids existed: hashed only when set, so every earlier trial keeps its id.
-        if ident["phases"]["relearn"].get("examples") is None:
-            ident["phases"]["relearn"].pop("examples", None)
+        for added in ("examples", "task"):
+            if ident["phases"]["relearn"].get(added) is None:
+                ident["phases"]["relearn"].pop(added, None)
         # NPO's beta was a forget-phase field, hashed into every trial, before methods had
         # arguments of their own. It is hashed there still (its old default for the other
         # methods), so that earlier trials keep their ids; other methods' arguments, when
@@ -543,6 +558,8 @@ def expand(spec: SweepSpec, data: "Mapping[str, PreparedTask] | None" = None) ->
         raise BadInput(f"spec: no prepared data for task(s) {missing}")
     digests = {name: examples_digest(data[name]) for name in spec.tasks}
     eval_tasks = spec.eval_task_list
+    relearn = spec.phases.relearn
+    relearn_data = [relearn.task] if relearn.enabled and relearn.task else []  # another task's, if any
     plans: list[TrialPlan] = []
     for model, task, method, size, seed in grid(spec):
         fields = dict(
@@ -559,7 +576,7 @@ def expand(spec: SweepSpec, data: "Mapping[str, PreparedTask] | None" = None) ->
             scoring=spec.scoring,
             data=spec.data,
             resources=spec.resources,
-            data_digest={t: digests[t] for t in dict.fromkeys([task, *eval_tasks])},
+            data_digest={t: digests[t] for t in dict.fromkeys([task, *eval_tasks, *relearn_data])},
         )
         probe = TrialPlan(trial_id="x", **fields)
         plans.append(probe.model_copy(update={"trial_id": _trial_id(probe.identity())}))

@@ -28,11 +28,20 @@ from ray import tune
 # reporter at verbose=0 stays silent.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
+from raysweep import tracking
+from raysweep.distributed import Group
 from raysweep.errors import BadInput, DiskFull
+from raysweep.faults import parse_faults
+from raysweep.models import ensure_model
+from raysweep.records import trial_row
+from raysweep.resume import lock_held
 from raysweep.spec import SweepSpec, TrialPlan, plan_version
 from raysweep.store import INTERRUPT_ERRORS, Store
 from raysweep.tasks import PreparedTask
 from raysweep.tasks.base import examples_table
+from raysweep.tasks.prepare import prepare_sweep_tasks
+from raysweep.tracking import report_metrics
+from raysweep.trial import TrialRunner, failure_reason
 
 
 @dataclass
@@ -81,7 +90,6 @@ def models_dir_for(store: Store) -> Path:
 
 def prepare_sweep_data(spec: SweepSpec) -> dict[str, PreparedTask]:
     """Load and prepare every task once in the driver: bad data fails here, before writes."""
-    from raysweep.tasks.prepare import prepare_sweep_tasks
 
     return prepare_sweep_tasks(spec)
 
@@ -261,9 +269,6 @@ def _trainable(
     """Runs inside a Ray worker: one trial, resuming from the store if it ran before."""
     import torch
 
-    from raysweep.tracking import report_metrics
-    from raysweep.trial import TrialRunner
-
     plan = TrialPlan.model_validate_json(plans[config["trial_id"]])
     store = Store(store_root)
     prev = store.read("trials", sweep=plan.sweep, filter=None).to_pylist()
@@ -281,7 +286,6 @@ def _trainable(
     except DiskFull as exc:
         # Recorded as failed; a retry on a full disk would only fail the same way, so the
         # trial ends normally and says how it ended in its last result (the live view's).
-        from raysweep.trial import failure_reason
 
         tune.report({FAILED_KEY: failure_reason(exc)})
 
@@ -295,8 +299,6 @@ def _run_workers(plan: TrialPlan, store: Store, models_dir: str, faults: str | N
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raysweep.trial import failure_reason
 
     r = plan.resources
     cpu_each, gpu_each = r.per_worker
@@ -336,10 +338,6 @@ def _trial_worker(config: dict) -> None:
     import ray.train
     import torch
     from ray.train.torch import get_device
-
-    from raysweep.distributed import Group
-    from raysweep.tracking import report_metrics
-    from raysweep.trial import TrialRunner
 
     plan = TrialPlan.model_validate_json(config["plan"])
     group = Group.from_torch()
@@ -435,7 +433,6 @@ def run_sweep(
     dashboard_host: str = "127.0.0.1",
 ) -> SweepOutcome:
     t0 = time.time()
-    from raysweep import tracking
 
     tracking.check_available(spec.tracking)
     Store.check_writable(store.root)
@@ -447,8 +444,6 @@ def run_sweep(
     version = plan_version(plans)
     faults = os.environ.get("RAYSWEEP_FAULT")
     if faults:
-        from raysweep.faults import parse_faults
-
         try:
             parse_faults(faults)
         except ValueError as exc:
@@ -505,7 +500,6 @@ def _record_plan(
     existing: dict[str, dict],
 ) -> None:
     """Make `plans` the sweep's current version in the store (under the driver lock)."""
-    from raysweep.trial import trial_row
 
     current = {p.trial_id for p in plans}
     # Trials of an earlier version first, before the examples they read are replaced: their
@@ -636,7 +630,6 @@ def _tune_pending(
     outcome: SweepOutcome,
 ) -> None:
     models_dir = models_dir_for(store)
-    from raysweep.models import ensure_model
 
     for model in spec.models:
         ensure_model(model, models_dir)
@@ -659,7 +652,6 @@ def _tune_pending(
         ),
         trial_resources,
     )
-    from raysweep import tracking
 
     # With tracking on, each trial's params ride in its Tune config for the loggers to record.
     tracked = tracking.enabled(spec.tracking)
@@ -689,7 +681,6 @@ def _account(store: Store, sweep: str, pending: list[TrialPlan], outcome: SweepO
     """How each trial this driver ran ended, from the trials table; a trial left `running`
     is marked failed, unless another live process holds it (a second driver on the same
     sweep, whose trial this one gave up waiting for): that row is the other process's."""
-    from raysweep.resume import lock_held
 
     final = {r["trial_id"]: r for r in store.trials(sweep).to_pylist()}
     for p in pending:

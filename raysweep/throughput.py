@@ -301,7 +301,7 @@ def prepare_plan_data(spec: SweepSpec) -> tuple[dict[str, PreparedTask], dict[st
     from raysweep.errors import TaskLoadError
     from raysweep.tasks.base import prepare_task
 
-    forget = set(spec.forget_task_list)
+    trained = set(spec.trained_task_list)
     data, missing = {}, {}
     for name in spec.tasks:
 
@@ -316,7 +316,7 @@ def prepare_plan_data(spec: SweepSpec) -> tuple[dict[str, PreparedTask], dict[st
             )
 
         try:
-            data[name] = prepare(name in forget)
+            data[name] = prepare(name in trained)
         except (BadInput, TaskLoadError) as exc:
             reason = str(exc).splitlines()[0]
             try:  # a forget task whose train split is not here is still counted on its other splits

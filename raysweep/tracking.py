@@ -20,8 +20,8 @@ from raysweep.errors import BadInput
 from raysweep.spec import TrackingConfig, TrialPlan
 
 if TYPE_CHECKING:
+    from raysweep.records import EpochReport
     from raysweep.store import Store
-    from raysweep.trial import EpochReport
 
 # The per-epoch values that are logged under `<phase>/<name>`.
 PHASE_METRICS = ("train_loss", "forget_train_acc", "forget_validation_acc", "forget_test_acc", "eval_test_acc")

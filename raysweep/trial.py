@@ -13,34 +13,37 @@ setup, the phases, the save after each epoch, and what happens when it fails.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from raysweep.distributed import SINGLE, Group
 from raysweep.errors import DiskFull, is_no_space, no_space_where
-from raysweep.faults import fire as fire_fault
-from raysweep.faults import parse_faults
+from raysweep.faults import FaultPoints
 from raysweep.integrity import remove_temp_files
 from raysweep.methods import ForgetMethod, get_method, nll_loss
 from raysweep.models import LoadedModel, load_model
-from raysweep.records import Accuracies, EvalSlice, TrialRecords, accuracies, score_all, trial_row
+from raysweep.records import (
+    Accuracies,
+    EpochReport,
+    EvalSlice,
+    TrialRecords,
+    accuracies,
+    score_all,
+    trial_row,
+)
 from raysweep.resume import Progress, ResumePoints
 from raysweep.scoring import ScoreResult
 from raysweep.spec import PhaseConfig, TrialPlan
 from raysweep.store import Store
-from raysweep.tasks import Example, PreparedTask, prepare_task
-from raysweep.tasks.base import derived_seed, examples_from_table
+from raysweep.tasks import Example, PreparedTask, get_task, prepare_task
+from raysweep.tasks.base import PrepReport, derived_seed, examples_from_table
 from raysweep.train import build_batches, make_optimizer, train_epoch
 
 __all__ = [
@@ -58,20 +61,6 @@ __all__ = [
 
 # checkpoint_optimizer: auto keeps optimizer state in resume points up to this model size.
 OPTIMIZER_STATE_MAX_PARAMS = 1_000_000_000
-
-
-@dataclass(frozen=True)
-class EpochReport:
-    """What a trial tells the scheduler after each epoch (shown in the live progress view)."""
-
-    trial_id: str
-    phase: str
-    epoch: int
-    train_loss: float
-    forget_train_acc: float
-    forget_validation_acc: float
-    forget_test_acc: float
-    eval_test_acc: float  # mean test accuracy over all evaluation tasks
 
 
 Reporter = Callable[[EpochReport], None]
@@ -118,7 +107,8 @@ def prepare_tasks(plan: TrialPlan, store: Store | None = None) -> dict[str, Prep
     trial, on any node, scores the very examples the `examples` table describes and no trial
     reads 21 datasets again. Prepared afresh only where the store has none (a trial run on
     its own, outside a sweep)."""
-    names = list(dict.fromkeys([plan.forget_task, *plan.eval_tasks]))
+    relearn = plan.phases.relearn.task if plan.phases.relearn.enabled else None
+    names = list(dict.fromkeys([plan.forget_task, *plan.eval_tasks, *([relearn] if relearn else [])]))
     out: dict[str, PreparedTask] = {}
     for name in names:
         path = store.path("examples", plan.sweep, f"{name}.parquet") if store is not None else None
@@ -131,15 +121,12 @@ def prepare_tasks(plan: TrialPlan, store: Store | None = None) -> dict[str, Prep
                 cap=plan.data.cap,
                 max_chars=plan.data.max_chars,
                 source=plan.data.sources.get(name),
-                need_train=name == plan.forget_task,
+                need_train=name in (plan.forget_task, relearn),
             )
     return out
 
 
 def _from_examples_table(name: str, table: pa.Table, source: str) -> PreparedTask:
-    from raysweep.tasks import get_task
-    from raysweep.tasks.base import PrepReport
-
     splits = examples_from_table(table, get_task(name).delimiter)
     return PreparedTask(name=name, splits=splits, report=PrepReport(task=name, source=f"store:{source}"))
 
@@ -233,6 +220,9 @@ class BestEpoch(PhaseHook):
 
 
 class TrialRunner:
+    """The recipe of one trial: `setup`, then `run` the phases (each epoch trained, scored,
+    committed and saved as a resume point), recording the failure if one ends it."""
+
     def __init__(
         self,
         plan: TrialPlan,
@@ -254,21 +244,21 @@ class TrialRunner:
         self.resume = ResumePoints(store, plan.sweep, plan.trial_id, plan.train.checkpoint, group)
         self.ckpt_dir = self.resume.dir
         self.records = TrialRecords(store, plan)
-        # Test hook (raysweep/faults.py): off unless RAYSWEEP_FAULT is set.
-        self.faults = parse_faults(faults if faults is not None else os.environ.get("RAYSWEEP_FAULT"))
+        self.faults = FaultPoints(faults, plan.trial_id, group.rank, self.ckpt_dir)  # off unless asked for
         self.attempt = 1
         # Set by `setup`:
         self.train_set: list[Example] = []
-        self.relearn_set: list[Example] = []  # the relearning attack's examples: all of train_set unless fewer
+        self.relearn_set: list[Example] = []  # what the relearning attack trains on
         self.slices: list[EvalSlice] = []
         self.lm: LoadedModel | None = None
         self.method: ForgetMethod | None = None
 
     def setup(self) -> None:
-        p = self.plan
+        p, relearn = self.plan, self.plan.phases.relearn
         tasks = prepare_tasks(p, self.store)
         self.train_set = tasks[p.forget_task].split("train")[: p.size]
-        self.relearn_set = self.train_set[: p.phases.relearn.examples or p.size]
+        relearn_source = tasks[relearn.task].split("train") if relearn.enabled and relearn.task else self.train_set
+        self.relearn_set = relearn_source[: relearn.examples or p.size]
         self.slices = _eval_slices(p, tasks, self.train_set)
         self.lm = self._load_model()
         policy = p.train.checkpoint_optimizer
@@ -280,7 +270,7 @@ class TrialRunner:
         return load_model(self.plan.model, self.models_dir, device=self.device)
 
     def run(self, attempt: int = 1) -> Progress:
-        self.attempt = self.resume.attempt = attempt
+        self.attempt = self.resume.attempt = self.faults.attempt = attempt
         # The lock comes first: if another live process still owns this trial (a retry racing
         # its predecessor's exit), fail here without touching that process's status row.
         main = self.group.is_main
@@ -296,18 +286,11 @@ class TrialRunner:
                 self._write_status("done", progress)
                 return progress
             except BaseException as exc:
-                if not is_no_space(exc):
-                    self._record_failure(exc, progress, attempt)
+                failure = DiskFull(self.store.root, no_space_where(exc, self.store.root)) if is_no_space(exc) else exc
+                self._record_failure(failure, progress, attempt)
+                if failure is exc:
                     raise
-                # A full disk: the partial files go first (their space is what lets the
-                # failure be recorded at all), then the reason in words, not torch's.
-                full = DiskFull(self.store.root, no_space_where(exc, self.store.root))
-                if main:
-                    with contextlib.suppress(OSError):
-                        remove_temp_files(self.store, self.plan.sweep, self.plan.trial_id)
-                with contextlib.suppress(Exception):
-                    self._record_failure(full, progress, attempt)
-                raise full from exc
+                raise failure from exc  # the reason in words, not torch's
 
     def _run_phases(self, progress: Progress, opt_state: dict | None) -> Progress:
         p, gold = self.plan, [ex.gold for ex in self.train_set]
@@ -320,10 +303,8 @@ class TrialRunner:
             self.fault_point("resume", "pretrained", 0)
         if progress.phase == "finetune" and not progress.phase_done:
             hook = BestEpoch(self, progress)
-            progress, opt_state = (
-                self.train_phase(p.phases.finetune, progress, opt_state, lambda epoch: gold, nll_loss, hook),
-                None,
-            )
+            progress = self.train_phase(p.phases.finetune, progress, opt_state, lambda epoch: gold, nll_loss, hook)
+            opt_state = None
         if progress.phase == "finetune" and progress.phase_done and not self.method.forgets:
             return progress  # a reference trial: fine-tuned, never forgotten
         if progress.phase == "finetune" and progress.phase_done:
@@ -337,25 +318,27 @@ class TrialRunner:
         if p.phases.relearn.enabled and progress.phase == "forget" and progress.phase_done:
             progress = _next_phase(progress, "relearn")
         if progress.phase == "relearn" and not progress.phase_done:
-            cfg = p.phases.relearn
-            hook = PhaseHook(lambda acc, epoch: relearn_should_stop(acc[(p.forget_task, "train")], epoch, cfg))
-            relearn_gold = gold[: len(self.relearn_set)]
-            progress = self.train_phase(cfg, progress, opt_state, lambda epoch: relearn_gold, nll_loss, hook)
+            progress = self._relearn(progress, opt_state)
         return progress
 
     def _forget(self, progress: Progress, opt_state: dict | None) -> Progress:
         cfg, seed = self.plan.phases.forget, self.plan.seed
 
         def targets(epoch: int) -> list[int]:
-            return self.method.targets(
-                self.train_set, epoch, random.Random(derived_seed(seed, "forget", epoch, "labels"))
-            )
+            rng = random.Random(derived_seed(seed, "forget", epoch, "labels"))
+            return self.method.targets(self.train_set, epoch, rng)
 
         def should_stop(acc: Accuracies, epoch: int) -> bool:
             test_acc = acc[(self.plan.forget_task, "test")]
             return forget_should_stop(test_acc, epoch, cfg, self.method.ratio_formula, progress.finetuned_test_acc)
 
         return self.train_phase(cfg, progress, opt_state, targets, self.method.loss, PhaseHook(should_stop))
+
+    def _relearn(self, progress: Progress, opt_state: dict | None) -> Progress:
+        # True labels of the attack's examples; the stop rule reads the whole forgotten set.
+        cfg, gold = self.plan.phases.relearn, [ex.gold for ex in self.relearn_set]
+        hook = PhaseHook(lambda acc, epoch: relearn_should_stop(acc[(self.plan.forget_task, "train")], epoch, cfg))
+        return self.train_phase(cfg, progress, opt_state, lambda epoch: gold, nll_loss, hook)
 
     def train_phase(
         self, cfg: PhaseConfig, progress: Progress, opt_state: dict | None, targets, loss_fn, hook: PhaseHook
@@ -405,68 +388,29 @@ class TrialRunner:
         res = score_all(self.lm, self.slices, self.plan.scoring, self.group)
         return res, self.group.broadcast(accuracies(self.slices, res) if self.group.is_main else None)
 
-    def _commit(
-        self,
-        phase: str,
-        epoch: int,
-        res: ScoreResult | None,
-        acc: Accuracies,
-        train_loss: float,
-        seconds: float,
-        phase_end: bool,
-    ) -> None:
-        ft = self.plan.forget_task
+    def _commit(self, phase: str, epoch: int, res, acc: Accuracies, loss: float, seconds: float, phase_end: bool):
+        report = EpochReport.of(self.plan, phase, epoch, loss, acc)
         if self.group.is_main:
-            self.records.commit(self.slices, phase, epoch, res, acc, train_loss, seconds, phase_end)
+            self.records.commit(self.slices, report, res, seconds, phase_end)
         self.fault_point("commit", phase, epoch)
-        test_accs = [v for (t, s), v in acc.items() if s == "test"]
-        self.reporter(
-            EpochReport(
-                self.plan.trial_id,
-                phase,
-                epoch,
-                train_loss,
-                acc.get((ft, "train"), float("nan")),
-                acc[(ft, "validation")],
-                acc[(ft, "test")],
-                float(np.mean(test_accs)),
-            )
-        )
+        self.reporter(report)
 
     def fault_point(self, point: str, phase: str, epoch: int) -> None:
-        """Fire the injected faults (raysweep/faults.py) that match this point of the trial."""
-        for f in self.faults:
-            if f.matches(self.plan.trial_id, self.attempt, phase, epoch, point, self.group.rank):
-                # Logged before firing (a SIGKILL leaves no other trace): tests count real faults.
-                with open(self.ckpt_dir / "faults.log", "a") as fh:
-                    fh.write(
-                        json.dumps(
-                            {
-                                "pid": os.getpid(),
-                                "rank": self.group.rank,
-                                "attempt": self.attempt,
-                                "action": f.action,
-                                "phase": phase,
-                                "epoch": epoch,
-                                "point": point,
-                                "time": time.time(),
-                            }
-                        )
-                        + "\n"
-                    )
-                fire_fault(f, self.plan.trial_id, self.attempt)
+        self.faults.at(point, phase, epoch)
 
-    def _write_status(
-        self, status: str, progress: Progress, error: str | None = None, attempts: int | None = None
-    ) -> None:
+    def _write_status(self, status: str, progress: Progress, error: str | None = None) -> None:
         if self.group.is_main:
-            self.records.write_status(status, progress, attempts if attempts is not None else self.attempt, error)
+            self.records.write_status(status, progress, self.attempt, error)
 
     def _record_failure(self, exc: BaseException, progress: Progress, attempt: int) -> None:
-        self._write_status("failed", progress, error=failure_reason(exc), attempts=attempt)
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        rank = "" if self.group.is_main else f"-rank{self.group.rank}"
-        (self.ckpt_dir / f"error-{attempt}{rank}.txt").write_text(traceback.format_exc())
+        full = isinstance(exc, DiskFull)
+        # A full disk: the partial files go first (their space is what lets the failure be
+        # recorded at all), and recording it may still fail.
+        with contextlib.suppress(Exception) if full else contextlib.nullcontext():
+            if full and self.group.is_main:
+                remove_temp_files(self.store, self.plan.sweep, self.plan.trial_id)
+            self._write_status("failed", progress, error=failure_reason(exc))
+            self.resume.write_error(attempt, traceback.format_exc())
 
 
 def _next_phase(progress: Progress, phase: str) -> Progress:

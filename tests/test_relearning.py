@@ -3,15 +3,19 @@ a real micro model), and the recovery measures on a hand-built store whose curve
 
 from __future__ import annotations
 
+import random
+
 import pyarrow.compute as pc
 import pytest
 
 from raysweep import trial as trial_module
 from raysweep.analysis import run_analyses
 from raysweep.errors import BadInput
+from raysweep.planning import plan_sweep
 from raysweep.spec import parse_spec
 from raysweep.store import Store
 from raysweep.sweep import models_dir_for
+from raysweep.train import build_batches
 from raysweep.trial import TrialRunner
 from tests.analysis_helpers import TrialSpec, TrialWriter
 from tests.spec_helpers import tiny_spec_text
@@ -77,7 +81,8 @@ def _attack_spec(k: int | None) -> str:
     return text.replace("relearn: {enabled: true,", f"relearn: {{enabled: true, stop_train_acc: 1.0,{extra}")
 
 
-def test_relearn_examples_train_on_the_first_k_trained_examples_only(tmp_path, monkeypatch):
+def _run_recording_batches(tmp_path, monkeypatch, spec_text: str):
+    """Run the spec's first trial for real, recording the examples of every batch build."""
     seen: list[tuple[str, ...]] = []
     real = trial_module.build_batches
 
@@ -86,12 +91,17 @@ def test_relearn_examples_train_on_the_first_k_trained_examples_only(tmp_path, m
         return real(tokenizer, model, examples, *args, **kwargs)
 
     monkeypatch.setattr(trial_module, "build_batches", recording)
-    spec = parse_spec(_attack_spec(3))
+    spec = parse_spec(spec_text)
     plan = spec.trials()[0]
     store = Store(tmp_path / "store")
     store.ensure()
     runner = TrialRunner(plan, store, models_dir_for(store))
     runner.run()
+    return spec, store, runner, seen
+
+
+def test_relearn_examples_train_on_the_first_k_trained_examples_only(tmp_path, monkeypatch):
+    _, store, runner, seen = _run_recording_batches(tmp_path, monkeypatch, _attack_spec(3))
     trained = tuple(e.uid for e in runner.train_set)
     assert len(trained) == 24 and runner.relearn_set == runner.train_set[:3]
     # Fine-tuning and forgetting train on all 24, each of the 2 relearn epochs on the first 3.
@@ -108,3 +118,50 @@ def test_relearn_examples_leave_other_trial_ids_alone_and_must_fit_the_sizes():
     assert attacked.identity()["phases"]["relearn"]["examples"] == 3 and attacked.trial_id != plain.trial_id
     with pytest.raises(BadInput, match=r"phases.relearn.examples: 30 is more than the smallest size \(24\)"):
         parse_spec(_attack_spec(30))
+
+
+def _other_task_spec(task: str = "word_order", k: int = 5) -> str:
+    return _attack_spec(None).replace(
+        "relearn: {enabled: true,", f"relearn: {{enabled: true, task: {task}, examples: {k},"
+    )
+
+
+def test_relearn_on_another_task_trains_on_its_train_split_and_is_reported_as_such(tmp_path, monkeypatch):
+    spec, store, runner, seen = _run_recording_batches(tmp_path, monkeypatch, _other_task_spec())
+    plan = runner.plan
+    assert plan.forget_task == "sentiment" and plan.phases.relearn.task == "word_order"
+    other = tuple(e.uid for e in trial_module.prepare_tasks(plan, store)["word_order"].split("train")[:5])
+    assert tuple(e.uid for e in runner.relearn_set) == other
+    assert not set(other) & {e.uid for e in runner.train_set}
+    # Fine-tuning and forgetting train on the 24 forgotten examples, both relearn epochs on
+    # the other task's first 5.
+    assert seen[-2:] == [other, other] and all(s == tuple(e.uid for e in runner.train_set) for s in seen[:-2])
+    (o,) = run_analyses(store, only=["relearning"], engine="local")
+    assert o.status == "ok", o.message
+    (t,) = o.tables["trials"].to_pylist()
+    assert (t["forget_task"], t["relearn_data"], t["relearn_examples"], t["relearn_epochs"]) == (
+        "sentiment",
+        "word_order",
+        5,
+        2,
+    )
+    # The plan counts the relearn phase's tokens on what it really trains on.
+    cost = plan_sweep(spec, store, gpu="h100").cost
+    batches = build_batches(
+        runner.lm.tokenizer,
+        runner.lm.model,
+        runner.relearn_set,
+        [e.gold for e in runner.relearn_set],
+        8,
+        random.Random(0),
+    )
+    assert cost.trials[0].relearn.gold == int(sum(b.attention_mask.sum() for b in batches))
+
+
+def test_relearn_task_must_be_a_listed_task_and_leaves_other_trial_ids_alone():
+    plain = parse_spec(_attack_spec(None)).trials()[0]
+    assert "task" not in plain.identity()["phases"]["relearn"]
+    other = parse_spec(_other_task_spec()).trials()[0]
+    assert other.identity()["phases"]["relearn"]["task"] == "word_order" and other.trial_id != plain.trial_id
+    with pytest.raises(BadInput, match=r"phases.relearn.task: 'compare' is not listed under 'tasks'"):
+        parse_spec(_other_task_spec("compare"))

@@ -1,7 +1,8 @@
 """Beyond the paper: relearning attacks (Hu et al., 2024). After forgetting, the relearn
-phase fine-tunes on the forgotten task again, with true labels, on all of the trained set or
-(`phases.relearn.examples: k`) on its first k examples only: how fast does the held-out
-accuracy come back?
+phase fine-tunes with true labels on all of the trained set, on its first k examples only
+(`phases.relearn.examples: k`), or on another task's train split (`phases.relearn.task`):
+how fast does the forget task's held-out accuracy come back? `relearn_data` names what was
+relearned: "forget set" or the other task.
 
 Per trial, on the forget task's test split (held out from every phase), step 0 being the
 forgotten milestone the phase starts from and step e its e-th relearn epoch:
@@ -41,7 +42,13 @@ from raysweep.store import trial_fields
 
 SPLIT = "test"
 RECOVER = 0.9
-_COND = [*trial_fields("model", "method", "size", "forget_task"), ("relearn_examples", pa.int32())]
+_COND = [
+    *trial_fields("model", "method", "size", "forget_task"),
+    ("relearn_data", pa.string()),
+    ("relearn_examples", pa.int32()),
+]
+_COND_NAMES = [name for name, _ in _COND]
+FORGET_SET = "forget set"
 CURVE_SCHEMA = pa.schema(
     [*trial_fields("sweep", "trial_id")]
     + _COND
@@ -125,12 +132,14 @@ def _bootstrap_auc(
     return percentile(np.concatenate(draws))
 
 
-def _relearn_examples(ctx: AnalysisContext, t: TrialInfo) -> int:
+def _relearn_data(ctx: AnalysisContext, t: TrialInfo) -> tuple[str, int]:
+    """What the trial relearned on, and how many examples (its plan, as the trial ran it)."""
     rows = ctx.memo(("relearn_plans", t.sweep), lambda: ctx.store.trials(t.sweep).select(["trial_id", "plan_json"]))
     hit = rows.filter(pc.equal(rows["trial_id"], t.trial_id))["plan_json"].to_pylist()
     plan = json.loads(hit[0]) if hit and hit[0] else {}
-    k = ((plan.get("phases") or {}).get("relearn") or {}).get("examples")
-    return int(k) if k else t.size
+    relearn = (plan.get("phases") or {}).get("relearn") or {}
+    k = relearn.get("examples")
+    return relearn.get("task") or FORGET_SET, int(k) if k else t.size
 
 
 def trial_recovery(ctx: AnalysisContext, t: TrialInfo) -> Recovery | None:
@@ -181,7 +190,7 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         r = trial_recovery(ctx, t)
         if r is None:
             continue
-        k = _relearn_examples(ctx, t)
+        data, k = _relearn_data(ctx, t)
         base = {
             "sweep": t.sweep,
             "trial_id": t.trial_id,
@@ -189,6 +198,7 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
             "method": t.method,
             "size": t.size,
             "forget_task": t.forget_task,
+            "relearn_data": data,
             "relearn_examples": k,
             "seed": t.seed,
         }
@@ -218,7 +228,7 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
                     "first_correct_epoch": None if first[i] < 0 else int(first[i]),
                 }
             )
-        groups[(t.model, t.method, t.size, t.forget_task, k)][t.seed] = (r, row)
+        groups[tuple(base[name] for name in _COND_NAMES)][t.seed] = (r, row)
     if not trials:
         raise Skip("no trial has a relearn phase with scored epochs (phases.relearn.enabled is false)")
     summary = []
@@ -226,7 +236,7 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         seeds = groups[key]
         rows = [row for _, row in seeds.values()]
         reached = [row["epochs_to_90"] for row in rows if row["epochs_to_90"] is not None]
-        out = dict(zip(("model", "method", "size", "forget_task", "relearn_examples"), key))
+        out = dict(zip(_COND_NAMES, key))
         out.update(
             n_trials=len(rows),
             n_recovered_90=len(reached),
@@ -256,25 +266,32 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
     )
 
 
+def _run_of(row: dict) -> tuple:
+    return row["forget_task"], row["method"], row["relearn_data"], row["relearn_examples"], row["seed"]
+
+
 @draws("relearning")
 def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     figs = []
     for model, size, rs in per_model(o.tables["curves"].to_pylist()):
         fig = Figure(figsize=(7.0, 3.6), layout="constrained")
         ax = fig.subplots()
-        for run in sorted({(r["forget_task"], r["method"], r["relearn_examples"], r["seed"]) for r in rs}, key=str):
-            line = sorted(
-                (r for r in rs if (r["forget_task"], r["method"], r["relearn_examples"], r["seed"]) == run),
-                key=lambda r: r["step"],
-            )
+        for run in sorted({_run_of(r) for r in rs}, key=str):
+            line = sorted((r for r in rs if _run_of(r) == run), key=lambda r: r["step"])
+            task, method, data, k, seed = run
+            on = f"k={k}" if data == FORGET_SET else f"{data} k={k}"
             ax.plot(
                 [r["step"] for r in line],
                 [num(r["acc"]) for r in line],
                 marker=".",
-                label=f"{run[0]} / {run[1]} / k={run[2]} / s{run[3]}",
+                label=f"{task} / {method} / {on} / s{seed}",
             )
         epoch_axis(ax, "relearn epoch (0 = forgotten milestone)", "forget-task test accuracy")
-        ax.legend(fontsize=7, title="forget task / method / relearn examples / seed", title_fontsize=7)
-        fig.suptitle(f"{model}, n={size}: held-out accuracy while relearning on k trained examples", fontsize=9)
+        ax.legend(fontsize=7, title="forget task / method / relearned on / seed", title_fontsize=7)
+        fig.suptitle(
+            f"{model}, n={size}: forget task's test accuracy while relearning on k forgotten examples"
+            " (or another task's)",
+            fontsize=9,
+        )
         figs.append((f"relearning_{model}_n{size}", fig))
     return figs

@@ -95,10 +95,10 @@ def prepare_to_folder(
 
 
 def prepare_sweep_tasks(spec: SweepSpec) -> dict[str, PreparedTask]:
-    """Every task of `spec`, prepared once as its trials will see it. A forget task needs a
-    train split; a task that is only evaluated does not. An error about a folder named
+    """Every task of `spec`, prepared once as its trials will see it. A task some phase trains
+    on needs a train split; a task that is only evaluated does not. An error about a folder named
     under `data.sources` starts with that field, which is what the user edits."""
-    forget = set(spec.forget_task_list)
+    trained = set(spec.trained_task_list)
     out: dict[str, PreparedTask] = {}
     for name in spec.tasks:
         source = spec.data.sources.get(name)
@@ -109,7 +109,7 @@ def prepare_sweep_tasks(spec: SweepSpec) -> dict[str, PreparedTask]:
                 cap=spec.data.cap,
                 max_chars=spec.data.max_chars,
                 source=source,
-                need_train=name in forget,
+                need_train=name in trained,
             )
         except BadInput as exc:
             if source is None:
