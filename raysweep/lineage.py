@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from raysweep.errors import BadInput
-from raysweep.spec import ModelSpec, TrialPlan
+from raysweep.models import builtin_key, file_digest
+from raysweep.spec import ModelSpec, TrialPlan, locate_gguf
+from raysweep.store import Store
+from raysweep.summary import summarize
 
 # Distribution names whose versions a row records, by column.
 PACKAGES = {
@@ -80,7 +83,6 @@ def environment() -> dict[str, str | None]:
 
 @functools.lru_cache(maxsize=64)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    from raysweep.models import file_digest
 
     return file_digest(Path(path))
 
@@ -108,12 +110,8 @@ def model_revision(spec: ModelSpec) -> str | None:
     """What identifies the model's weights: the built-in recipe key, a GGUF file's sha256,
     a local directory's commit hash or file listing, a hub model's cached snapshot."""
     if spec.builtin:
-        from raysweep.models import builtin_key
-
         return f"builtin:{builtin_key(spec)}"
     if spec.gguf is not None:
-        from raysweep.spec import locate_gguf
-
         try:
             p = locate_gguf(spec.gguf)
             st = p.stat()
@@ -180,7 +178,6 @@ class StoreDiff:
 
 
 def _open(root: Path):
-    from raysweep.store import Store
 
     store = Store(root)
     if not store.root.exists():
@@ -192,7 +189,6 @@ def _open(root: Path):
 
 
 def _headlines(store) -> dict[tuple[str, str], dict[str, float | None]]:
-    from raysweep.summary import summarize
 
     out = {}
     for s in summarize(store):

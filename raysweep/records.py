@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from raysweep.distributed import Group
 from raysweep.lineage import lineage_fields
+from raysweep.methods import METHODS
 from raysweep.models import LoadedModel, model_source
 from raysweep.resume import Progress
 from raysweep.scoring import PAIR_0, PAIR_1, PROMPT, ScoreResult, score_examples
@@ -136,6 +137,7 @@ def trial_row(plan: TrialPlan) -> dict:
         **key.row(),
         "model_source": model_source(plan.model),
         "plan_json": plan.model_dump_json(),
+        "ratio_formula": METHODS.get(plan.method).ratio_formula,
         # Where each write happens (the driver's pending row, then the trial's own process).
         **lineage_fields(plan),
     }

@@ -135,6 +135,10 @@ TRIALS_SCHEMA = pa.schema(
         ("last_relearn_epoch", pa.int32()),
         ("updated_at", pa.float64()),
         ("plan_json", pa.string()),
+        # The forget ratio's baseline the trial's method aims at (random: chance; flipped: the
+        # mirror of the fine-tuned accuracy), so that analyses read it here and need no method
+        # code. Rows written before it existed read it as null.
+        ("ratio_formula", pa.string()),
         # Lineage: what produced the row's results besides its plan (see raysweep/lineage.py).
         # Rows written before these columns existed read them as null.
         ("raysweep_version", pa.string()),
@@ -152,6 +156,15 @@ TRIALS_SCHEMA = pa.schema(
         ("world_size", pa.int32()),
     ]
 )
+
+
+def recorded_formula(method: str, recorded: str | None) -> str:
+    """The forget ratio's baseline of a trial's method, as its trials row records it: chance
+    (1/2) for random labels, gradient ascent and NPO; the mirror image of the fine-tuned
+    accuracy for flipped labels (the paper's Appendix C). Rows written before the column
+    existed: flipped labels were then the only method with another baseline."""
+    return recorded or ("flipped" if method == "flipped" else "random")
+
 
 EPOCHS_SCHEMA = pa.schema(
     [

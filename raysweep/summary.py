@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raysweep.constants import PHASES
-from raysweep.store import TRIAL_KEY, Store, TrialKey
+from raysweep.store import TRIAL_KEY, Store, TrialKey, recorded_formula
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class TrialSummary(TrialKey):
     finetuned_test_acc: float | None
     forgotten_test_acc: float | None
     forgotten_train_acc: float | None
+    ratio_formula: str
 
     @property
     def forget_ratio(self) -> float | None:
@@ -26,7 +27,7 @@ class TrialSummary(TrialKey):
         from raysweep.analysis.measures import forget_ratio
 
         floor = AnalysisParams().min_headroom
-        return forget_ratio(self.finetuned_test_acc, self.forgotten_test_acc, self.method, floor)
+        return forget_ratio(self.finetuned_test_acc, self.forgotten_test_acc, self.ratio_formula, floor)
 
 
 def summarize(store: Store, sweep: str | None = None) -> list[TrialSummary]:
@@ -60,6 +61,7 @@ def summarize(store: Store, sweep: str | None = None) -> list[TrialSummary]:
                 finetuned_test_acc=get(tid, "finetune", t["best_finetune_epoch"], "forget_test_acc"),
                 forgotten_test_acc=get(tid, "forget", t["last_forget_epoch"], "forget_test_acc"),
                 forgotten_train_acc=get(tid, "forget", t["last_forget_epoch"], "forget_train_acc"),
+                ratio_formula=recorded_formula(t["method"], t.get("ratio_formula")),
             )
         )
     return out

@@ -4,6 +4,7 @@ trainer on the sweep's own examples."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -11,12 +12,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from raysweep.cost import FLOAT_BYTES, ModelShape, SliceTokens, SweepCost, makespan, planned_trials, trial_slices
-from raysweep.errors import BadInput
+from raysweep.errors import BadInput, TaskLoadError
+from raysweep.methods import nll_loss
+from raysweep.models import (
+    build_tiny,
+    builtin_key,
+    file_digest,
+    find_gguf,
+    gguf_cache_dir,
+    load_model,
+    pretrain_tiny,
+    train_tokenizer,
+)
+from raysweep.reproducible import pin_cpu_numerics
+from raysweep.scoring import model_max_length, score_examples
 from raysweep.spec import ModelSpec, SweepSpec
-from raysweep.tasks.base import PreparedTask
+from raysweep.tasks.base import PreparedTask, prepare_task
+from raysweep.train import build_batches, make_optimizer, train_epoch
 
 # Dense tensor-core peaks (TFLOP/s) from the vendors' data sheets: 16-bit, and TF32 for fp32 training.
 GPU_PEAK_TFLOPS = {
@@ -65,15 +81,11 @@ def model_shape_and_tokenizer(spec: ModelSpec, stand_in_tokenizer: str | None = 
 
     weight_bytes = FLOAT_BYTES[spec.dtype]
     if spec.builtin:
-        from raysweep.models import build_tiny, train_tokenizer
-
         tok = train_tokenizer(spec.tiny.vocab, add_bos=spec.arch == "llama")
         with torch.device("meta"):
             config = build_tiny(spec, tok).config
         return _meta_shape(spec.name, config, weight_bytes, "built-in config"), tok
     if spec.gguf is not None:
-        from raysweep.models import find_gguf
-
         path = find_gguf(spec.gguf)
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -106,8 +118,6 @@ def load_tokenizer_ref(ref: str):
     from transformers import AutoTokenizer
 
     if ref.endswith(".gguf"):
-        from raysweep.models import find_gguf
-
         path = find_gguf(ref)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     try:
@@ -201,11 +211,6 @@ def calibrate_cpu(
 ) -> CpuRate:
     """Time the real scorer on a seeded sample of the first trial's scored examples and the
     real trainer on a few batches of its training set, per model, with the trial's threads."""
-    from raysweep.methods import nll_loss
-    from raysweep.models import build_tiny, builtin_key, pretrain_tiny, train_tokenizer
-    from raysweep.reproducible import pin_cpu_numerics
-    from raysweep.scoring import score_examples
-    from raysweep.train import build_batches, make_optimizer, train_epoch
 
     pin_cpu_numerics()
     threads = torch.get_num_threads()
@@ -263,7 +268,6 @@ def calibrate_cpu(
             train_rate[model_spec.name] = seconds / max(int(sum(b.attention_mask.sum() for b in built)), 1)
     finally:
         torch.set_num_threads(threads)
-    import os
 
     imports, ray_start = _startup_seconds()
     sweep_setup["driver: imports, data, Ray start"] = imports + data_seconds + ray_start
@@ -274,8 +278,6 @@ def _load_for_timing(spec: ModelSpec, models_dir: Path):
     """The model as trials load it; a GGUF file not yet dequantised into the cache is
     dequantised in memory only (planning writes nothing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raysweep.models import file_digest, find_gguf, gguf_cache_dir, load_model
 
     if spec.gguf is not None:
         path = find_gguf(spec.gguf)
@@ -290,7 +292,6 @@ def _load_for_timing(spec: ModelSpec, models_dir: Path):
 
 
 def model_max(model, tok) -> int:
-    from raysweep.scoring import model_max_length
 
     return model_max_length(model, tok)
 
@@ -298,8 +299,6 @@ def model_max(model, tok) -> int:
 def prepare_plan_data(spec: SweepSpec) -> tuple[dict[str, PreparedTask], dict[str, str]]:
     """Each task prepared as its trials would see it; a task whose data cannot be read here
     is left out with the reason (the plan estimates it from the others)."""
-    from raysweep.errors import TaskLoadError
-    from raysweep.tasks.base import prepare_task
 
     trained = set(spec.trained_task_list)
     data, missing = {}, {}
@@ -329,7 +328,6 @@ def prepare_plan_data(spec: SweepSpec) -> tuple[dict[str, PreparedTask], dict[st
 
 def observed_epochs(store, models: list[str]) -> dict[str, float] | None:
     """Mean epochs per phase of the finished trials in `store` of these models, or None."""
-    import numpy as np
 
     if store is None or not store.exists():
         return None

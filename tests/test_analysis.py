@@ -107,8 +107,6 @@ def test_single_task_forget_ratio_is_a_quarter(local):
 
 def test_forget_ratio_formulas():
     assert forget_ratio(0.75, 0.375, "random") == 1.5
-    assert forget_ratio(0.75, 0.375, "gradient_ascent") == 1.5
-    assert forget_ratio(0.75, 0.375, "npo") == 1.5
     assert forget_ratio(0.75, 0.375, "flipped") == 0.75  # (0.75 - 0.375) / (0.75 - 0.25)
     assert forget_ratio(0.5, 0.4, "random") is None  # nothing above chance to forget
     assert forget_ratio(0.5, 0.4, "flipped") is None
@@ -410,3 +408,34 @@ def test_ray_engine_gives_identical_results(rich_store, local, ray_cluster):
         assert list(a.tables) == list(b.tables)
         for t in a.tables:
             assert a.tables[t].equals(b.tables[t]), (name, t)
+
+
+def test_the_forget_ratio_baseline_is_the_one_the_trials_row_records_and_needs_no_method_code(tmp_path):
+    """A method this raysweep does not know, recorded as aiming at the mirror of the
+    fine-tuned accuracy: the analyses read the row, in a process that never imports torch."""
+    import subprocess
+    import sys
+
+    from analysis_helpers import TrialSpec, TrialWriter
+
+    from raysweep.store import Store
+
+    store = Store(tmp_path / "store")
+    store.ensure()
+    spec = TrialSpec("x", "m1", "t0", method="mirror_method", eval_tasks=["t0"])
+    w = TrialWriter(store, spec, splits=("test",))
+    for phase, epoch, p in (("pretrained", 0, 0.5), ("finetune", 1, 0.75), ("forget", 1, 0.375)):
+        w.epoch(phase, epoch, {("t0", "test"): [0.8] * int(p * 8) + [0.3] * (8 - int(p * 8))})
+    w.finish(best_finetune=1, last_forget=1)
+    store.write_trial_row({**store.read_trial_row(w.sweep, "x"), "ratio_formula": "flipped"})
+    code = (
+        "import json, sys\n"
+        "from raysweep.analysis import run_analyses\n"
+        "from raysweep.store import Store\n"
+        f"(o,) = run_analyses(Store({str(store.root)!r}), only=['single_task'], engine='local')\n"
+        "r = o.tables['tasks'].to_pylist()[0]\n"
+        "print(json.dumps([r['forget_ratio'], r['ratio_formula'], 'torch' in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # (0.75 - 0.375) / (0.75 - 0.25): the flipped baseline, not (0.75 - 0.375) / (0.75 - 0.5).
+    assert json.loads(out.splitlines()[-1]) == [0.75, "flipped", False]

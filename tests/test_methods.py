@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from raysweep.analysis import run_analyses
-from raysweep.analysis.measures import forget_ratio, ratio_formula
+from raysweep.analysis.measures import forget_ratio
 from raysweep.methods import FlippedLabels, RandomLabels, get_method, registered_methods
 from raysweep.models import load_model
+from raysweep.records import trial_row
 from raysweep.spec import parse_spec
-from raysweep.store import Store
+from raysweep.store import Store, recorded_formula
 from raysweep.sweep import models_dir_for
 from raysweep.tasks import prepare_task
 from raysweep.train import build_batches
@@ -153,13 +154,22 @@ def test_flipped_batches_train_on_the_distractor_text(forgotten):
             assert trained == exs[i].continuations[exs[i].distractor]
 
 
-def test_ratio_formula_agrees_with_each_method():
+def test_each_trials_row_records_its_methods_ratio_formula():
     assert set(METHODS) <= set(registered_methods())
-    for name in registered_methods():
-        assert ratio_formula(name) == get_method(name).ratio_formula, name
+    for plan in parse_spec(SPEC).trials():
+        assert trial_row(plan)["ratio_formula"] == get_method(plan.method).ratio_formula, plan.method
     # Gradient ascent and NPO aim at chance, like random labels.
-    for name in ("random", "gradient_ascent", "npo"):
-        assert forget_ratio(0.9, 0.7, name) == pytest.approx(0.5)
+    assert {name: get_method(name).ratio_formula for name in ("random", "flipped", "gradient_ascent", "npo")} == {
+        "random": "random",
+        "flipped": "flipped",
+        "gradient_ascent": "random",
+        "npo": "random",
+    }
+    # Rows written before the column existed read it as null: flipped was then the only
+    # method with another baseline.
+    assert [recorded_formula(m, None) for m in ("flipped", "npo", "random")] == ["flipped", "random", "random"]
+    assert recorded_formula("random", "flipped") == "flipped"  # the row, not the name, decides
+    assert forget_ratio(0.9, 0.7, "random") == pytest.approx(0.5)
     assert forget_ratio(0.9, 0.7, "flipped") == pytest.approx(0.25)
 
 
@@ -176,7 +186,7 @@ def test_analyses_work_for_every_method(forgotten):
     by_method = outcomes["by_method"]
     assert by_method.status == "ok", by_method.message
     rows = {r["method"]: r for r in by_method.tables["methods"].to_pylist()}
-    assert list(rows) == list(METHODS)  # display order
+    assert list(rows) == sorted(METHODS)  # display order: by name
     for r in rows.values():
         assert r["conf_drop_own"] > 0 and r["n_other_cells"] == 1
     assoc = outcomes["association"]
@@ -206,7 +216,7 @@ def test_pooled_forget_ratio_is_not_ruled_by_near_chance_tasks():
     assert barely.forget_ratio == pytest.approx(-9.0)
     assert pooled_ratio([solid, barely, chance]) == pytest.approx((0.4 - 0.09) / (0.4 + 0.01))
     assert pooled_ratio([chance]) is None
-    flipped = Cell("m", "flipped", 10, "a", "a", acc_finetuned=0.8, acc_forgotten=0.5)
+    flipped = Cell("m", "flipped", 10, "a", "a", acc_finetuned=0.8, acc_forgotten=0.5, ratio_formula="flipped")
     assert pooled_ratio([flipped]) == pytest.approx(flipped.forget_ratio)
 
 

@@ -360,7 +360,7 @@ def test_by_method_on_the_known_store(known):
     bm = out["by_method"]
     assert bm.status == "ok", bm.message
     rows = {r["method"]: r for r in bm.tables["methods"].to_pylist()}
-    assert list(rows) == ["random", "flipped", "gradient_ascent"]
+    assert list(rows) == ["flipped", "gradient_ascent", "random"]  # by name
     assert rows["random"]["ratio_own"] == pytest.approx(0.75) and rows["random"]["ratio_other"] == 0
     assert rows["random"]["ratio_spillover"] == 0
     assert rows["gradient_ascent"]["ratio_own"] == pytest.approx(0.75) and rows["gradient_ascent"]["ratio_other"] == 0

@@ -30,8 +30,6 @@ from raysweep.analysis.measures import (
     agreement,
     draw_finetuned_forgotten,
     headroom,
-    method_rank,
-    ratio_formula,
     seed_value,
 )
 from raysweep.analysis.plotting import MAX_PANELS, OTHER, OWN, num, yerr
@@ -64,7 +62,7 @@ def pooled_ratio(cells: list[Cell]) -> float | None:
     for c in cells:
         if c.acc_finetuned is None or c.acc_forgotten is None:
             continue
-        base = 1.0 - c.acc_finetuned if ratio_formula(c.method) == "flipped" else 0.5
+        base = 1.0 - c.acc_finetuned if c.ratio_formula == "flipped" else 0.5
         if c.acc_finetuned - base > 0:
             lost += c.acc_finetuned - c.acc_forgotten
             headroom += c.acc_finetuned - base
@@ -84,7 +82,7 @@ def ratio_estimate(cells: list[Cell], resamples: int, key: tuple) -> tuple[float
                 v = c.per_seed.get(s)
                 if v is None or v["acc_finetuned"] is None or v["acc_forgotten"] is None:
                     continue
-                h = headroom(v["acc_finetuned"], c.method)
+                h = headroom(v["acc_finetuned"], c.ratio_formula)
                 if h is not None and h > 0:
                     lost += v["acc_finetuned"] - v["acc_forgotten"]
                     head += h
@@ -99,13 +97,13 @@ def ratio_estimate(cells: list[Cell], resamples: int, key: tuple) -> tuple[float
     for c in cells:
         if not c.trials or c.acc_finetuned is None or c.acc_forgotten is None:
             continue
-        if (headroom(c.acc_finetuned, c.method) or 0.0) <= 0:
+        if (headroom(c.acc_finetuned, c.ratio_formula) or 0.0) <= 0:
             continue
         ft, fg = draw_finetuned_forgotten(c.trials[0], rng, resamples)
         if ft is None or fg is None:
             continue
         lost += ft - fg
-        head += 2.0 * ft - 1.0 if ratio_formula(c.method) == "flipped" else ft - 0.5
+        head += 2.0 * ft - 1.0 if c.ratio_formula == "flipped" else ft - 0.5
     with np.errstate(invalid="ignore", divide="ignore"):
         draws = np.where(head > 0, lost / np.where(head > 0, head, 1.0), np.nan)
     lo, hi = percentile(draws)
@@ -177,13 +175,13 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
         (s.own if c.eval_task == c.forget_task else s.other).append(c)
     groups = {k: v for k, v in groups.items() if len(v) >= 2}
     if not groups:
-        methods = ", ".join(sorted({c.method for c in cells}, key=method_rank))
+        methods = ", ".join(sorted({c.method for c in cells}))
         raise Skip(f"no model and size was forgotten with two or more methods (methods in the sweep: {methods})")
 
     method_rows, task_rows, agree_rows = [], [], []
     for (model, size), by_method in sorted(groups.items()):
         cond = {"model": model, "size": size}
-        for method in sorted(by_method, key=method_rank):
+        for method in sorted(by_method):
             s = by_method[method]
             r = ctx.params.bootstrap_resamples
             own_ratio, own_lo, own_hi = ratio_estimate(s.own, r, (model, size, method, "own"))
@@ -227,7 +225,7 @@ def run(ctx: AnalysisContext) -> AnalysisResult:
                         "conf_drop_other": _mean([_conf_drop(c) for c in other]),
                     }
                 )
-        for a, b in combinations(sorted(by_method, key=method_rank), 2):
+        for a, b in combinations(sorted(by_method), 2):
             for measure, value in (("forget_ratio", seed_value("forget_ratio")), ("conf_drop", _conf_drop)):
                 est = agreement(
                     by_method[a].other,

@@ -17,7 +17,7 @@ from raysweep.analysis.engine import Engine, Scan, ScanFile, make_engine
 from raysweep.analysis.reducers import AccuracySums, CollectRows, FirstCrossing, PairedCorrect
 from raysweep.constants import MILESTONES, SPLITS
 from raysweep.errors import BadInput
-from raysweep.store import EpochKey, Store, TrialKey, trial_fields
+from raysweep.store import EpochKey, Store, TrialKey, recorded_formula, trial_fields
 
 HIDDEN_CHUNK_BYTES = 256 * 1024**2
 DENOMINATORS = ("trial", "own")
@@ -130,6 +130,7 @@ class EpochRef:
 class TrialInfo(TrialKey):
     """A done trial as the analyses see it: its key, its milestones and what it committed."""
 
+    ratio_formula: str  # the forget ratio's baseline of its method (see measures.recorded_formula)
     milestones: dict[str, EpochRef]
     # Committed epochs per phase (commit marker present): only these files are read.
     committed: dict[str, tuple[int, ...]]
@@ -201,6 +202,7 @@ class SweepIndex:
                         method=r["method"] or "random",
                         size=int(r["size"] or 0),
                         seed=int(r["seed"] or 0),
+                        ratio_formula=recorded_formula(r["method"] or "random", r.get("ratio_formula")),
                         milestones=ms[tid],
                         committed=committed,
                     )
@@ -231,12 +233,21 @@ class SweepIndex:
                         method=t.method,
                         size=t.size,
                         seed=t.seed,
+                        ratio_formula=t.ratio_formula,
                         milestone=name,
                         phase=ref.phase,
                         epoch=ref.epoch,
                     )
                 )
-        schema = pa.schema([*trial_fields(), ("milestone", pa.string()), ("phase", pa.string()), ("epoch", pa.int32())])
+        schema = pa.schema(
+            [
+                *trial_fields(),
+                ("ratio_formula", pa.string()),
+                ("milestone", pa.string()),
+                ("phase", pa.string()),
+                ("epoch", pa.int32()),
+            ]
+        )
         return pa.Table.from_pylist(rows, schema=schema)
 
     def trial_table(self) -> pa.Table:

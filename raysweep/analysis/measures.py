@@ -26,46 +26,23 @@ from raysweep.analysis.intervals import (
 )
 from raysweep.analysis.reducers import from_fixed_point
 from raysweep.constants import MILESTONES
-from raysweep.store import trial_fields
+from raysweep.store import recorded_formula, trial_fields
 
 MILESTONE_ACC = ("acc_pretrained", "acc_finetuned", "acc_forgotten")
 WITH_INTERVALS = (*MILESTONE_ACC, "forget_gap", "forget_ratio")
 
 
-def _methods():
-    # The method classes carry what the analyses need to know of a method; importing them
-    # brings torch, so only when an analysis first asks.
-    from raysweep.methods import METHODS
-
-    return METHODS
-
-
-def ratio_formula(method: str) -> str:
-    """Flipped labels push accuracy towards 1 - acc_ft rather than chance: the paper's
-    Appendix C baseline. Random labels, gradient ascent and NPO aim at chance (1/2). The
-    method registry says which; a method it does not know (a store from a newer raysweep)
-    is read with the random-label formula."""
-    methods = _methods()
-    return methods.get(method).ratio_formula if method in methods else "random"
-
-
-def method_rank(method: str) -> tuple[int, str]:
-    """Display order of methods: the order they are registered in, unknown ones last."""
-    names = _methods().names()
-    return (names.index(method) if method in names else len(names), method)
-
-
-def headroom(acc_ft: float | None, method: str) -> float | None:
+def headroom(acc_ft: float | None, formula: str) -> float | None:
     """acc_ft - baseline: acc_ft - 0.5, or for flipped labels acc_ft - (1 - acc_ft)."""
     if acc_ft is None:
         return None
-    return 2.0 * acc_ft - 1.0 if ratio_formula(method) == "flipped" else acc_ft - 0.5
+    return 2.0 * acc_ft - 1.0 if formula == "flipped" else acc_ft - 0.5
 
 
 def forget_ratio(
     acc_ft: float | None,
     acc_forget: float | None,
-    method: str,
+    formula: str,
     min_headroom: float = 0.0,
     denominator_acc: float | None = None,
 ) -> float | None:
@@ -74,7 +51,7 @@ def forget_ratio(
     is at or below zero or under `min_headroom`: no above-chance skill worth a ratio."""
     if acc_ft is None or acc_forget is None:
         return None
-    h = headroom(acc_ft if denominator_acc is None else denominator_acc, method)
+    h = headroom(acc_ft if denominator_acc is None else denominator_acc, formula)
     if h is None or h <= 0 or h < min_headroom:
         return None
     return (acc_ft - acc_forget) / h
@@ -113,6 +90,7 @@ class Cell:
     # The trials themselves (counts per milestone), for measures pooled over several cells
     # that need their own bootstrap.
     trials: list = field(default_factory=list, repr=False)
+    ratio_formula: str = "random"  # the method's baseline (`recorded_formula`)
 
     @property
     def forget_gap(self) -> float | None:
@@ -122,7 +100,7 @@ class Cell:
     def forget_ratio(self) -> float | None:
         if self.ratio_from_seeds:
             return self.ratio
-        return forget_ratio(self.acc_finetuned, self.acc_forgotten, self.method)
+        return forget_ratio(self.acc_finetuned, self.acc_forgotten, self.ratio_formula)
 
 
 def _interval_fields() -> list[tuple[str, pa.DataType]]:
@@ -169,7 +147,7 @@ class _Trial:
 
 @dataclass(frozen=True)
 class RatioRule:
-    method: str
+    formula: str
     min_headroom: float
     denominator: str  # trial | own
 
@@ -200,8 +178,11 @@ def cells_from_sums(
         "n_correct",
         "conf_fx",
     ]
-    for r in sums.select(cols).to_pylist():
+    formula_of: dict[tuple, str] = {}
+    has_formula = "ratio_formula" in sums.column_names
+    for r in sums.select(cols + ["ratio_formula"] if has_formula else cols).to_pylist():
         key = (r["model"], r["method"], r["size"], r["forget_task"], r["eval_task"])
+        formula_of[key] = recorded_formula(r["method"], r.get("ratio_formula"))
         tr = (r["sweep"], r["trial_id"])
         seed_of[tr] = int(r["seed"])
         per.setdefault(key, {}).setdefault(tr, {})[r["milestone"]] = (r["n"], r["n_correct"], r["conf_fx"])
@@ -217,7 +198,7 @@ def cells_from_sums(
     diag = {(*key[:3], key[3], t.seed): t for key, v in trials.items() if key[3] == key[4] for t in v.values()}
     cells = []
     for key in sorted(trials):
-        rule = RatioRule(key[1], min_headroom, denominator)
+        rule = RatioRule(formula_of[key], min_headroom, denominator)
         own = {}
         if denominator == "own":
             own = {t.seed: diag.get((*key[:3], key[4], t.seed)) for t in trials[key].values()}
@@ -232,17 +213,17 @@ def _seed_values(t: _Trial, own: _Trial | None, rule: RatioRule) -> dict[str, fl
     denom = None
     if rule.denominator == "own":
         denom = own.acc("finetuned") if own is not None else None
-        v["headroom"] = headroom(denom, rule.method)
-        ratio = forget_ratio(v["acc_finetuned"], fg, rule.method, rule.min_headroom, denom)
+        v["headroom"] = headroom(denom, rule.formula)
+        ratio = forget_ratio(v["acc_finetuned"], fg, rule.formula, rule.min_headroom, denom)
         v["forget_ratio"] = ratio if denom is not None else None
     else:
-        v["headroom"] = headroom(v["acc_finetuned"], rule.method)
-        v["forget_ratio"] = forget_ratio(v["acc_finetuned"], fg, rule.method, rule.min_headroom)
+        v["headroom"] = headroom(v["acc_finetuned"], rule.formula)
+        v["forget_ratio"] = forget_ratio(v["acc_finetuned"], fg, rule.formula, rule.min_headroom)
     return v
 
 
 def _cell(key: tuple, trials: list[_Trial], own: dict[int, _Trial | None], rule: RatioRule, resamples: int) -> Cell:
-    c = Cell(*key)
+    c = Cell(*key, ratio_formula=rule.formula)
     ft_trials = [t for t in trials if t.counts.get("finetuned", (0,))[0]]
     c.n_trials = len(ft_trials)
     c.n_examples = sum(t.counts["finetuned"][0] for t in ft_trials)
@@ -296,7 +277,7 @@ def _bootstrap(t: _Trial, own: _Trial | None, rule: RatioRule, resamples: int, r
     if fg is not None:
         out["forget_gap"] = percentile(fg - 0.5)
     if ft is not None and fg is not None and denom is not None:
-        h = 2.0 * denom - 1.0 if ratio_formula(rule.method) == "flipped" else denom - 0.5
+        h = 2.0 * denom - 1.0 if rule.formula == "flipped" else denom - 0.5
         ok = (h > 0) & (h >= rule.min_headroom)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = np.where(ok, (ft - fg) / np.where(ok, h, 1.0), np.nan)
@@ -342,7 +323,7 @@ def cells_table(cells: list[Cell], denominator: str = "trial") -> pa.Table:
         for m in WITH_INTERVALS:
             lo, hi = c.bounds.get(m, (None, None))
             row.update({m: getattr(c, m), f"{m}_lo": lo, f"{m}_hi": hi})
-        row.update(n_seeds=c.n_trials, ratio_formula=ratio_formula(c.method), denominator=denominator)
+        row.update(n_seeds=c.n_trials, ratio_formula=c.ratio_formula, denominator=denominator)
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=CELL_SCHEMA)
 
