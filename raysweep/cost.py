@@ -118,6 +118,9 @@ class TrialCost:
     # What the relearning attack trains on, when not the whole trained set: part of it
     # (phases.relearn.examples) or another task's train split (phases.relearn.task).
     relearn: TrainTokens | None = None
+    # The slices whose pretrained scores this trial computes: the sweep's earlier trials of
+    # its model already scored the rest (raysweep/pretrained.py). None: all of them.
+    pretrained: list[SliceTokens] | None = None
 
     @property
     def rows_per_epoch(self) -> int:
@@ -141,8 +144,15 @@ class TrialCost:
             out["forget"] += self.train.gold  # the reference model's one pass over the forget set
         return out
 
+    @property
+    def pretrained_slices(self) -> list[SliceTokens]:
+        return self.slices if self.pretrained is None else self.pretrained
+
     def scored_tokens(self, bound: str) -> float:
-        return self.scored_epochs(bound) * self.scored_per_epoch
+        """Tokens this trial puts through the model to score (its rows hold more: the
+        pretrained slices it reuses)."""
+        trained_epochs = self.scored_epochs(bound) - 1
+        return trained_epochs * self.scored_per_epoch + sum(s.scored for s in self.pretrained_slices)
 
     def flops(self, bound: str) -> dict[str, float]:
         """Training: forward + backward = 3 forwards with the LM head over every position.
@@ -153,10 +163,17 @@ class TrialCost:
         trained = sum(self.trained_tokens(bound).values())
         mean_sq = self.train.squared / max(self.train.upper, 1)  # tokens-weighted mean length
         train_flops = 3 * trained * (2 * m.body_params + head + 2 * m.layers * m.hidden * mean_sq)
-        per_epoch = sum(
-            2 * m.body_params * s.scored + head * s.answer + 2 * m.layers * m.hidden * s.squared for s in self.slices
-        )
-        return {"train": train_flops, "score": self.scored_epochs(bound) * per_epoch}
+
+        def score_flops(slices: list[SliceTokens]) -> float:
+            return sum(
+                2 * m.body_params * s.scored + head * s.answer + 2 * m.layers * m.hidden * s.squared for s in slices
+            )
+
+        trained_epochs = self.scored_epochs(bound) - 1
+        return {
+            "train": train_flops,
+            "score": trained_epochs * score_flops(self.slices) + score_flops(self.pretrained_slices),
+        }
 
     def hidden_rows(self, bound: str) -> float:
         policy = self.plan.scoring.hidden_states
@@ -280,15 +297,21 @@ def estimate(
                 data[plan.forget_task].split("train")[: plan.size], tok, shape.max_length
             )
     trials = []
+    pretrained_done: set[tuple] = set()  # (model, task, split, examples) scored by an earlier trial
     for plan in plans:
         counted = [v for k, v in slice_cache.items() if k[0] == plan.model.name]
-        slices = []
+        slices, pretrained = [], []
         for task, split, examples in trial_slices(plan, data):
+            key = (plan.model.name, task, split, len(examples))
             if sized_from_others(plan, task, split):
                 n = plan.size if (task, split) == (plan.forget_task, "train") else spec.data.cap
                 slices.append(_stand_in_slice(task, split, n, counted))
+                key = (plan.model.name, task, split, n)
             else:
-                slices.append(slice_cache[(plan.model.name, task, split, len(examples))])
+                slices.append(slice_cache[key])
+            if key not in pretrained_done:
+                pretrained_done.add(key)
+                pretrained.append(slices[-1])
         tkey = (plan.model.name, plan.forget_task, plan.size)
         if tkey not in train_cache:
             train_cache[tkey] = _stand_in_train(
@@ -310,7 +333,15 @@ def estimate(
                 )
             relearn = train_cache[rkey]
         trials.append(
-            TrialCost(plan, slices, train_cache[tkey], phase_epochs(plan, expected), shapes[plan.model.name], relearn)
+            TrialCost(
+                plan,
+                slices,
+                train_cache[tkey],
+                phase_epochs(plan, expected),
+                shapes[plan.model.name],
+                relearn,
+                pretrained,
+            )
         )
     hidden_bytes = {name: hidden_row_bytes(s.hidden) for name, s in shapes.items()}
     return SweepCost(

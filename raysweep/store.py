@@ -16,6 +16,7 @@ and an epoch counts as committed once its marker in `commits/` exists, which is 
     prep/<sweep>/<task>.parquet                  per-task preparation report
     checkpoints/<sweep>/<trial_id>/latest.pt     the trial's resume point (see trial.py)
     models/<key>/                                cached built-in pretrained tiny models
+    pretrained/<sweep>/<model key>/<slice>.npz   pretrained scores shared by a sweep's trials (pretrained.py)
     analysis/<name>.parquet                      analysis results
     ray/                                         Ray Tune's experiment storage
 

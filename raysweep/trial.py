@@ -29,6 +29,7 @@ from raysweep.faults import FaultPoints
 from raysweep.integrity import remove_temp_files
 from raysweep.methods import ForgetMethod, get_method, nll_loss
 from raysweep.models import LoadedModel, load_model
+from raysweep.pretrained import PretrainedScores
 from raysweep.records import (
     Accuracies,
     EpochReport,
@@ -244,6 +245,7 @@ class TrialRunner:
         self.resume = ResumePoints(store, plan.sweep, plan.trial_id, plan.train.checkpoint, group)
         self.ckpt_dir = self.resume.dir
         self.records = TrialRecords(store, plan)
+        self.pretrained = PretrainedScores(store, plan, self.device, group)
         self.faults = FaultPoints(faults, plan.trial_id, group.rank, self.ckpt_dir)  # off unless asked for
         self.attempt = 1
         # Set by `setup`:
@@ -296,7 +298,8 @@ class TrialRunner:
         p, gold = self.plan, [ex.gold for ex in self.train_set]
         if progress.phase == "pretrained" and progress.epoch < 0:
             t0 = time.time()
-            res, acc = self._score_epoch()
+            res = self.pretrained.score(self.lm, self.slices)  # shared by the sweep's trials of this model
+            acc = self.group.broadcast(accuracies(self.slices, res) if self.group.is_main else None)
             self._commit("pretrained", 0, res, acc, float("nan"), time.time() - t0, phase_end=True)
             progress = Progress(phase="finetune", epoch=0)
             self.save(progress, None, None)
