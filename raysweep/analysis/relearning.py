@@ -274,20 +274,32 @@ def _run_of(row: dict) -> tuple:
 def draw(o: AnalysisOutcome) -> list[tuple[str, Figure]]:
     figs = []
     for model, size, rs in per_model(o.tables["curves"].to_pylist()):
-        fig = Figure(figsize=(7.0, 3.6), layout="constrained")
+        fig = Figure(figsize=(8.5, 3.8), layout="constrained")
         ax = fig.subplots()
+        # One colour per (forget task, method); solid: relearned on forgotten examples,
+        # dashed: on another task's; one line per seed.
+        colours = {cond: f"C{i % 10}" for i, cond in enumerate(sorted({(r["forget_task"], r["method"]) for r in rs}))}
         for run in sorted({_run_of(r) for r in rs}, key=str):
             line = sorted((r for r in rs if _run_of(r) == run), key=lambda r: r["step"])
             task, method, data, k, seed = run
-            on = f"k={k}" if data == FORGET_SET else f"{data} k={k}"
+            on = f"{k} forgotten" if data == FORGET_SET else f"{k} of {data}"
             ax.plot(
                 [r["step"] for r in line],
                 [num(r["acc"]) for r in line],
-                marker=".",
+                marker="o" if seed % 2 == 0 else "s",
+                markersize=3,
+                color=colours[(task, method)],
+                linestyle="-" if data == FORGET_SET else "--",
                 label=f"{task} / {method} / {on} / s{seed}",
             )
         epoch_axis(ax, "relearn epoch (0 = forgotten milestone)", "forget-task test accuracy")
-        ax.legend(fontsize=7, title="forget task / method / relearned on / seed", title_fontsize=7)
+        ax.legend(
+            fontsize=7,
+            title="forget task / method / relearned on / seed",
+            title_fontsize=7,
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+        )
         fig.suptitle(
             f"{model}, n={size}: forget task's test accuracy while relearning on k forgotten examples"
             " (or another task's)",
