@@ -3,8 +3,8 @@ bytes, checkpoint disk; turned into time by `raysweep.throughput` (a GPU's peak 
 MFU, or this CPU's rate from a short timed pass).
 
 Counts follow what the trial does (raysweep.trial): every epoch scores the forget task on
-its trained examples, validation and test, and every other evaluation task on the spec's
-splits; the scorer reads each example as one packed row (prompt once, then both answers);
+its trained examples, validation and test, and the other evaluation tasks on the spec's
+splits at the epochs `scoring.schedule` names and at every milestone; the scorer reads each example as one packed row (prompt once, then both answers);
 training feeds prompt + target answer, cut to the model's window.
 """
 
@@ -22,7 +22,7 @@ from raysweep.constants import SPLITS
 from raysweep.errors import BadInput
 from raysweep.methods import METHODS
 from raysweep.scoring import encode_examples
-from raysweep.spec import SweepSpec, TrialPlan
+from raysweep.spec import ScoringConfig, SweepSpec, TrialPlan
 from raysweep.store import SCORES_SCHEMA
 from raysweep.tasks.base import Example, PreparedTask, PrepReport
 
@@ -124,6 +124,7 @@ class TrialCost:
 
     @property
     def rows_per_epoch(self) -> int:
+        """Rows of an epoch that scores every evaluation task (every epoch, by default)."""
         return sum(s.examples for s in self.slices)
 
     @property
@@ -133,6 +134,16 @@ class TrialCost:
     def scored_epochs(self, bound: str) -> float:
         """Epochs scored: the pretrained model once, then every trained epoch."""
         return 1 + sum(self.epochs[bound].values())
+
+    def passes(self, s: SliceTokens, bound: str) -> float:
+        """Trained epochs at which the slice is scored: every one for the forget task, the
+        schedule's epochs plus the phase's milestone for the other tasks."""
+        if s.task == self.plan.forget_task:
+            return sum(self.epochs[bound].values())
+        return sum(scheduled_epochs(self.plan.scoring, ph, n) for ph, n in self.epochs[bound].items())
+
+    def rows(self, bound: str) -> float:
+        return sum(s.examples * (1 + self.passes(s, bound)) for s in self.slices)
 
     def trained_tokens(self, bound: str) -> dict[str, float]:
         out = {}
@@ -151,8 +162,8 @@ class TrialCost:
     def scored_tokens(self, bound: str) -> float:
         """Tokens this trial puts through the model to score (its rows hold more: the
         pretrained slices it reuses)."""
-        trained_epochs = self.scored_epochs(bound) - 1
-        return trained_epochs * self.scored_per_epoch + sum(s.scored for s in self.pretrained_slices)
+        trained = sum(s.scored * self.passes(s, bound) for s in self.slices)
+        return trained + sum(s.scored for s in self.pretrained_slices)
 
     def flops(self, bound: str) -> dict[str, float]:
         """Training: forward + backward = 3 forwards with the LM head over every position.
@@ -169,18 +180,21 @@ class TrialCost:
                 2 * m.body_params * s.scored + head * s.answer + 2 * m.layers * m.hidden * s.squared for s in slices
             )
 
-        trained_epochs = self.scored_epochs(bound) - 1
-        return {
-            "train": train_flops,
-            "score": trained_epochs * score_flops(self.slices) + score_flops(self.pretrained_slices),
-        }
+        trained_scoring = sum(score_flops([s]) * self.passes(s, bound) for s in self.slices)
+        return {"train": train_flops, "score": trained_scoring + score_flops(self.pretrained_slices)}
 
     def hidden_rows(self, bound: str) -> float:
         policy = self.plan.scoring.hidden_states
         if policy == "none":
             return 0.0
-        epochs = self.scored_epochs(bound) if policy == "every_epoch" else 1 + len(self.epochs[bound])
-        return epochs * self.rows_per_epoch * len(self.plan.scoring.layers)
+        kept = self.slices
+        if self.plan.scoring.hidden_tasks == "forget":
+            kept = [s for s in self.slices if s.task == self.plan.forget_task]
+        if policy == "every_epoch":
+            rows = sum(s.examples * (1 + self.passes(s, bound)) for s in kept)
+        else:
+            rows = (1 + len(self.epochs[bound])) * sum(s.examples for s in kept)
+        return rows * len(self.plan.scoring.layers)
 
     def checkpoint_bytes(self) -> dict[str, int]:
         """A trial's resume point (weights, plus optimizer state when kept) and, while it
@@ -214,7 +228,7 @@ class SweepCost:
         if what == "scored":
             return sum(t.scored_tokens(bound) for t in self.trials)
         if what == "rows":
-            return sum(t.scored_epochs(bound) * t.rows_per_epoch for t in self.trials)
+            return sum(t.rows(bound) for t in self.trials)
         if what == "hidden_rows":
             return sum(t.hidden_rows(bound) for t in self.trials)
         if what == "flops":
@@ -224,6 +238,19 @@ class SweepCost:
     def store_bytes(self, bound: str) -> float:
         hidden = sum(t.hidden_rows(bound) * self.hidden_row_bytes[t.model.name] for t in self.trials)
         return self.total("rows", bound) * self.store_row_bytes + hidden
+
+
+def scheduled_epochs(scoring: ScoringConfig, phase: str, epochs: float) -> float:
+    """Epochs of a phase of `epochs` epochs at which the other evaluation tasks are scored:
+    those on the schedule, and the phase's milestone when it is not one of them. Forget and
+    relearn end at their milestone; fine-tuning's (the best-validation epoch) is known only
+    when it ends, so it counts as off the schedule unless every epoch is on it."""
+    n = math.ceil(epochs)
+    if n == 0:
+        return 0.0
+    on = sum(scoring.scores_others_at(e) for e in range(1, n + 1))
+    milestone_on = on == n if phase == "finetune" else scoring.scores_others_at(n)
+    return float(on + (0 if milestone_on else 1))
 
 
 def phase_epochs(plan: TrialPlan, expected: dict[str, float] | None) -> dict[str, dict[str, float]]:

@@ -113,6 +113,19 @@ def render_plan(result: PlanResult) -> list:
         + ", ".join(f"{p} {n:g}" for p, n in first.epochs["expected"].items())
         + f" ({cost.epochs_from})"
     )
+    schedule = spec.scoring.schedule
+    out.append(
+        "scoring: the forget task on all its splits every epoch; the other evaluation tasks on "
+        + ", ".join(spec.scoring.splits)
+        + (
+            " every epoch"
+            if schedule == "every_epoch"
+            else f" at the milestones and {'epochs 1, 2, 4, 8, ...' if schedule == 'log' else f'every {schedule} epochs'}"
+            if schedule != "milestones"
+            else " at the milestones only"
+        )
+        + " (per-epoch figures below are of an epoch that scores every task)"
+    )
     for task, reason in result.missing.items():
         if reason.startswith("no train split"):
             out.append(f"data: {task}: {reason}")

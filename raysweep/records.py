@@ -36,12 +36,16 @@ class EpochReport:
     forget_train_acc: float
     forget_validation_acc: float
     forget_test_acc: float
-    eval_test_acc: float  # mean test accuracy over all evaluation tasks
+    # Mean test accuracy over all evaluation tasks; NaN at an epoch the scoring schedule
+    # scored the forget task alone (a mean over it would read as a mean over all).
+    eval_test_acc: float
 
     @classmethod
     def of(cls, plan: TrialPlan, phase: str, epoch: int, train_loss: float, acc: Accuracies) -> "EpochReport":
         ft = plan.forget_task
         test_accs = [v for (_, split), v in acc.items() if split == "test"]
+        if any((t, "test") not in acc for t in plan.eval_tasks if "test" in plan.scoring.splits):
+            test_accs = [float("nan")]
         return cls(
             plan.trial_id,
             phase,
@@ -127,7 +131,12 @@ def epoch_tables(
             **_min_k_columns(res, rows, gold),
         }
     )
-    hidden = _hidden_table(common, res, gold) if with_hidden and res.hidden is not None else None
+    hidden = None
+    if with_hidden and res.hidden is not None:
+        keep = rows
+        if plan.scoring.hidden_tasks == "forget":
+            keep = np.flatnonzero(np.array([sl.task == plan.forget_task for sl in slices for _ in sl.examples], bool))
+        hidden = _hidden_table(common, res, gold, keep)
     return scores, hidden
 
 
@@ -180,6 +189,12 @@ class TrialRecords:
         if hidden is not None:
             self.store.add_to_commit(EpochKey(self.plan.sweep, self.plan.trial_id, "finetune", epoch), "hidden", hidden)
 
+    def extend_best(self, slices: list[EvalSlice], epoch: int, res: ScoreResult) -> None:
+        """The slices the schedule skipped at the best fine-tuning epoch, scored with its
+        weights when the phase ends, added to that epoch's committed scores."""
+        scores, _ = epoch_tables(self.plan, slices, "finetune", epoch, res, with_hidden=False)
+        self.store.extend_scores(EpochKey(self.plan.sweep, self.plan.trial_id, "finetune", epoch), scores)
+
     def drop_stale(self, phase: str, last: int, milestone: int | None) -> None:
         """Called when a phase ends at epoch `last`. An earlier attempt of this trial may have
         gone further (or kept hidden states of another epoch) before it died: a rerun that is
@@ -227,19 +242,19 @@ class TrialRecords:
         )
 
 
-def _hidden_table(common: dict[str, pa.Array], res: ScoreResult, gold: np.ndarray) -> pa.Table:
-    """One row per (example, layer), example-major; the pair states reordered from choice
-    order to (correct, distractor)."""
-    n, n_layers, _, d = res.hidden.shape
-    rows = np.arange(n)
+def _hidden_table(common: dict[str, pa.Array], res: ScoreResult, gold: np.ndarray, rows: np.ndarray) -> pa.Table:
+    """One row per (example of `rows`, layer), example-major; the pair states reordered from
+    choice order to (correct, distractor)."""
+    _, n_layers, _, d = res.hidden.shape
+    gold = gold[rows]
 
     def vectors(states: np.ndarray) -> pa.FixedSizeListArray:
         return pa.FixedSizeListArray.from_arrays(pa.array(states.reshape(-1).astype(np.float32)), d)
 
     take = np.repeat(rows, n_layers)
     columns = {k: v.take(pa.array(take)) for k, v in common.items()}
-    columns["layer"] = pa.array(np.tile(np.array(res.layers, dtype=np.int16), n))
-    columns["hidden"] = vectors(res.hidden[:, :, PROMPT])
+    columns["layer"] = pa.array(np.tile(np.array(res.layers, dtype=np.int16), len(rows)))
+    columns["hidden"] = vectors(res.hidden[rows, :, PROMPT])
     columns["hidden_correct"] = vectors(res.hidden[rows, :, PAIR_0 + gold])
     columns["hidden_distractor"] = vectors(res.hidden[rows, :, PAIR_1 - gold])
     return pa.table(columns, schema=hidden_schema(d))
@@ -254,6 +269,25 @@ def _min_k_columns(res: ScoreResult, rows: np.ndarray, gold: np.ndarray) -> dict
             v = values[rows, pick]
             cols[f"{name}_{side}"] = pa.array(v.astype(np.float32), mask=~np.isfinite(v))
     return cols
+
+
+def concat_results(parts: list[ScoreResult]) -> ScoreResult:
+    """Results of consecutive slices scored apart, as one (in the given order)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def stacked(name: str) -> np.ndarray | None:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    return ScoreResult(
+        stacked("ll_sum"),
+        stacked("n_tokens"),
+        stacked("hidden"),
+        parts[0].layers,
+        stacked("min_k"),
+        stacked("min_k_pp"),
+    )
 
 
 def _interleave(parts: list[ScoreResult], n: int) -> ScoreResult:

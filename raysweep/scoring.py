@@ -484,23 +484,17 @@ def _run_packed(
     cut = 0 if capture else 1  # the last token of a choice is only a target unless its state is read
     n = len(prompts)
     lengths = [len(prompts[i]) + len(conts[i][0]) + len(conts[i][1]) - 2 * cut for i in range(n)]
-    # Without hidden states, examples whose choices are one token each form batches of their
-    # own: their rows are plain prompts, one per row, right-padded, which need no mask at all
-    # (padding comes after every position that is read) and so get the fused causal kernel.
-    single = [not capture and len(conts[i][0]) == 1 and len(conts[i][1]) == 1 for i in range(n)]
-    multi = sorted((i for i in range(n) if not single[i]), key=lambda i: -lengths[i])
-    ones = sorted((i for i in range(n) if single[i]), key=lambda i: -lengths[i])
-    batches = [(True, rows) for _, rows in _pack_rows(lengths, multi, batch_size)]
-    batches += [(False, [[i] for i in ones[k : k + batch_size]]) for k in range(0, len(ones), batch_size)]
+    # Every example is packed, one-token answers too: plain right-padded rows would get the
+    # fused causal kernel without a mask, but on real records (prompts of very different
+    # lengths) their padding cost more than the kernel saved (BENCHMARKS.md).
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    batches = [rows for _, rows in _pack_rows(lengths, order, batch_size)]
     stats = TokenStats(2 * n)  # continuation 2i + c: example i's choice c
     hidden = np.zeros((n, len(layers), 3, model.config.hidden_size), dtype=np.float32) if capture else None
-    # Unmasked rows' padding is never read, but transformers warns about any pad id it sees
-    # without a mask: fill it with another token.
-    unread = pad_id if pad_id != model.config.pad_token_id else (pad_id + 1) % model.config.vocab_size
     with _Taps(base, layers) as taps:
-        for masked, rows in batches:
+        for rows in batches:
             width = max(sum(lengths[i] for i in row) for row in rows)
-            ids = torch.full((len(rows), width), pad_id if masked else unread, dtype=torch.long)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             # Per position: which example of its row (-1 padding), and 0 prompt / 1, 2 choice.
             example = torch.full((len(rows), width), -1, dtype=torch.int16)
             segment = torch.zeros((len(rows), width), dtype=torch.int8)
@@ -527,7 +521,7 @@ def _run_packed(
                             sel_t.append(tok)
                             owner.append(2 * i + choice)
                     at = end
-            mask = _block_mask(example.to(device), segment.to(device), dtype, additive) if masked else None
+            mask = _block_mask(example.to(device), segment.to(device), dtype, additive)
             out, per_layer = taps.forward(
                 base,
                 torch.tensor(read_r, device=device),

@@ -297,6 +297,37 @@ class ScoringConfig(_Strict):
     # Layers whose states are kept, indexed as Python indexes the model's hidden states
     # (embeddings first): -5 is the fifth-to-last, where the probes read; -2 the penultimate.
     layers: list[int] = [-5]
+    # Whose hidden states are kept: every evaluation task's, or the forget task's alone (all
+    # that the probes and the variance predictor read; a 7B model's other tasks would
+    # otherwise be most of the store's bytes).
+    hidden_tasks: Literal["all", "forget"] = "all"
+    # When the evaluation tasks other than the forget task are scored within each phase:
+    # every epoch, every k-th epoch (an integer k), at epochs 1, 2, 4, 8, ... ("log"), or at
+    # the milestones only. The forget task is scored on all its splits every epoch (its stop
+    # rules and the per-epoch analyses read it), and every task at every milestone: the
+    # pretrained model, the best fine-tuning epoch, the last forget and relearn epochs.
+    schedule: Literal["every_epoch", "log", "milestones"] | Annotated[int, Field(gt=0, le=100_000)] = "every_epoch"
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_known(cls, v):
+        named = isinstance(v, str) and v in ("every_epoch", "log", "milestones")
+        every_k = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100_000
+        if not (named or every_k):
+            raise ValueError(f"must be every_epoch, log, milestones or a number of epochs k >= 1 (got {v!r})")
+        return "every_epoch" if v == 1 else v
+
+    def scores_others_at(self, epoch: int) -> bool:
+        """Whether the schedule scores the other evaluation tasks at this epoch of a phase
+        (the milestones are scored whatever it says)."""
+        s = self.schedule
+        if s == "every_epoch":
+            return True
+        if s == "milestones":
+            return False
+        if s == "log":
+            return epoch > 0 and epoch & (epoch - 1) == 0
+        return epoch % s == 0
 
     @field_validator("splits", "layers")
     @classmethod
@@ -493,6 +524,9 @@ class TrialPlan(_Strict):
         for added in ("examples", "task"):
             if ident["phases"]["relearn"].get(added) is None:
                 ident["phases"]["relearn"].pop(added, None)
+        for added, default in (("schedule", "every_epoch"), ("hidden_tasks", "all")):
+            if ident["scoring"].get(added) == default:
+                ident["scoring"].pop(added)
         # NPO's beta was a forget-phase field, hashed into every trial, before methods had
         # arguments of their own. It is hashed there still (its old default for the other
         # methods), so that earlier trials keep their ids; other methods' arguments, when

@@ -499,6 +499,23 @@ class Store:
                 meta["files"] = [*meta.get("files", []), name]
                 atomic_write_bytes(marker, json.dumps(meta).encode())
 
+    def extend_scores(self, key: EpochKey, table: pa.Table) -> None:
+        """Add rows to a committed epoch's scores: the other evaluation tasks at the best
+        fine-tuning epoch, scored when the phase ends under a sparse scoring schedule. Rows of
+        the same (task, split) already there are replaced, so a rerun after a crash adds
+        nothing twice; the file is replaced by rename, then the marker's row count."""
+        path = self.root / key.file("scores")
+        old = pq.read_table(path)
+        added = {(t, s) for t, s in zip(table["eval_task"].to_pylist(), table["split"].to_pylist())}
+        keep = [(t, s) not in added for t, s in zip(old["eval_task"].to_pylist(), old["split"].to_pylist())]
+        merged = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), table.cast(SCORES_SCHEMA)])
+        atomic_write_table(path, merged)
+        marker = self.path("commits", f"{key.rel}.json")
+        if marker.is_file():
+            meta = json.loads(marker.read_text())
+            meta["rows"] = merged.num_rows
+            atomic_write_bytes(marker, json.dumps(meta).encode())
+
     def epoch_files(self, kind: str, sweep: str, trial_id: str, phase: str) -> dict[int, Path]:
         """Every data file of one trial's phase, committed or not, by epoch."""
         base = self.path(kind, sweep, trial_id, phase)

@@ -1,7 +1,8 @@
 """One trial: pretrained eval -> finetune -> forget -> (relearn), scoring after every epoch.
 
 The trial is a small state machine over (phase, epoch). After each epoch it scores every
-example of every evaluation task, commits the rows to the store (marker last), then saves a
+example of the forget task and, at the epochs `scoring.schedule` names and at every milestone,
+of the other evaluation tasks; commits the rows to the store (marker last), then saves a
 resume point. Randomness is derived from (seed, phase, epoch), never carried across epochs,
 so a trial resumed from its last resume point writes exactly what an uninterrupted one does.
 
@@ -36,6 +37,7 @@ from raysweep.records import (
     EvalSlice,
     TrialRecords,
     accuracies,
+    concat_results,
     score_all,
     trial_row,
 )
@@ -146,8 +148,9 @@ def _eval_slices(plan: TrialPlan, tasks: dict[str, PreparedTask], train_set: lis
 
 class PhaseHook:
     """What one phase adds to the shared epoch loop of `TrialRunner.train_phase`. The default
-    is forget's and relearn's: stop when `should_stop` says so, decided before the commit so
-    that the last epoch carries the milestone's hidden states."""
+    is forget's and relearn's: stop when `should_stop` says so, decided from the forget task's
+    accuracies before the commit, so that the last epoch (the phase's milestone) carries every
+    evaluation task whatever the schedule, and the milestone's hidden states."""
 
     def __init__(self, should_stop: Callable[[Accuracies, int], bool] | None = None):
         self.should_stop = should_stop
@@ -207,17 +210,25 @@ class BestEpoch(PhaseHook):
         return self.state if self.since_best == 0 else None
 
     def finish(self, runner: "TrialRunner", progress: Progress) -> int | None:
-        model = runner.lm.model
-        if runner.group.is_main:
+        model, best, main = runner.lm.model, progress.best_epoch, runner.group.is_main
+        if main:
             model.load_state_dict(self.state)
         runner.group.sync_module(model)
+        # What the schedule skipped at the best epoch (known only now) is scored with its
+        # weights: every milestone holds every evaluation task.
+        skipped = [] if runner.plan.scoring.scores_others_at(best) else runner.other_slices
+        scored = runner.slices[: len(runner.slices) - len(skipped)]
+        res = self.res
         if not self.scored and runner.plan.scoring.hidden_states == "phase_end":
-            self.res = score_all(
-                runner.lm, runner.slices, runner.plan.scoring, runner.group
-            )  # resumed after the best epoch
-        if runner.group.is_main:
-            runner.records.add_best_hidden(runner.slices, progress.best_epoch, self.res)
-        return progress.best_epoch
+            res = runner.score(scored)  # resumed after the best epoch: its states are gone
+        if skipped:
+            extra = runner.score(skipped)
+            if main:
+                runner.records.extend_best(skipped, best, extra)
+                res = concat_results([res, extra]) if res is not None else None
+        if main:
+            runner.records.add_best_hidden(runner.slices, best, res)
+        return best
 
 
 class TrialRunner:
@@ -251,7 +262,8 @@ class TrialRunner:
         # Set by `setup`:
         self.train_set: list[Example] = []
         self.relearn_set: list[Example] = []  # what the relearning attack trains on
-        self.slices: list[EvalSlice] = []
+        self.slices: list[EvalSlice] = []  # the forget task's first, then the other tasks'
+        self.other_slices: list[EvalSlice] = []
         self.lm: LoadedModel | None = None
         self.method: ForgetMethod | None = None
 
@@ -262,6 +274,7 @@ class TrialRunner:
         relearn_source = tasks[relearn.task].split("train") if relearn.enabled and relearn.task else self.train_set
         self.relearn_set = relearn_source[: relearn.examples or p.size]
         self.slices = _eval_slices(p, tasks, self.train_set)
+        self.other_slices = [sl for sl in self.slices if sl.task != p.forget_task]
         self.lm = self._load_model()
         policy = p.train.checkpoint_optimizer
         n_params = sum(t.numel() for t in self.lm.model.parameters())
@@ -355,9 +368,8 @@ class TrialRunner:
         for epoch in range(progress.epoch + 1, cfg.max_epochs + 1):
             t0 = time.time()
             loss = train_epoch(model, opt, self._epoch_batches(phase, epoch, targets(epoch), cfg), loss_fn, self.group)
-            res, acc = self._score_epoch()
-            last = hook.ends_here(acc, epoch)
-            self._commit(phase, epoch, res, acc, loss, time.time() - t0, phase_end=last)
+            slices, res, acc, last = self._score_epoch(epoch, hook)
+            self._commit(phase, epoch, res, acc, loss, time.time() - t0, phase_end=last, slices=slices)
             progress.epoch = epoch
             if hook.after_commit(progress, epoch, res, acc):
                 break
@@ -386,15 +398,36 @@ class TrialRunner:
         examples = self.relearn_set if phase == "relearn" else self.train_set
         return build_batches(self.lm.tokenizer, self.lm.model, examples, targets, cfg.batch_size, rng)
 
-    def _score_epoch(self) -> tuple[ScoreResult | None, Accuracies]:
-        """Scores (rank 0) and accuracies (every rank: they drive the stop rules)."""
-        res = score_all(self.lm, self.slices, self.plan.scoring, self.group)
-        return res, self.group.broadcast(accuracies(self.slices, res) if self.group.is_main else None)
+    def score(self, slices: list[EvalSlice]) -> ScoreResult | None:
+        """Scores of the slices (rank 0 holds them)."""
+        return score_all(self.lm, slices, self.plan.scoring, self.group)
 
-    def _commit(self, phase: str, epoch: int, res, acc: Accuracies, loss: float, seconds: float, phase_end: bool):
+    def _accuracies(self, slices: list[EvalSlice], res: ScoreResult | None) -> Accuracies:
+        # Every rank: they drive the stop rules.
+        return self.group.broadcast(accuracies(slices, res) if self.group.is_main else None)
+
+    def _score_epoch(self, epoch: int, hook: PhaseHook) -> tuple[list[EvalSlice], ScoreResult | None, Accuracies, bool]:
+        """The slices scored this epoch, their scores and accuracies, and whether the epoch
+        ends the phase. Off the schedule only the forget task is scored, unless its
+        accuracies end the phase here: then the other tasks are too, as at every milestone."""
+        on_schedule = self.plan.scoring.scores_others_at(epoch) or not self.other_slices
+        slices = self.slices if on_schedule else self.slices[: len(self.slices) - len(self.other_slices)]
+        res = self.score(slices)
+        acc = self._accuracies(slices, res)
+        last = hook.ends_here(acc, epoch)
+        if last and not on_schedule:
+            extra = self.score(self.other_slices)
+            acc = {**acc, **self._accuracies(self.other_slices, extra)}
+            res = concat_results([res, extra]) if self.group.is_main else None
+            slices = self.slices
+        return slices, res, acc, last
+
+    def _commit(
+        self, phase: str, epoch: int, res, acc: Accuracies, loss: float, seconds: float, phase_end: bool, slices=None
+    ):
         report = EpochReport.of(self.plan, phase, epoch, loss, acc)
         if self.group.is_main:
-            self.records.commit(self.slices, report, res, seconds, phase_end)
+            self.records.commit(slices or self.slices, report, res, seconds, phase_end)
         self.fault_point("commit", phase, epoch)
         self.reporter(report)
 

@@ -6,6 +6,7 @@ the context, so `run_analyses` reads each file once however many analyses need i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -134,6 +135,9 @@ class TrialInfo(TrialKey):
     milestones: dict[str, EpochRef]
     # Committed epochs per phase (commit marker present): only these files are read.
     committed: dict[str, tuple[int, ...]]
+    # When its other evaluation tasks were scored (`scoring.schedule`): "every_epoch", "log",
+    # "milestones" or every k-th epoch ("5"). The forget task and the milestones always are.
+    schedule: str = "every_epoch"
 
     def file(self, root: Path, kind: str, ref: EpochRef) -> Path:
         return root / EpochKey(self.sweep, self.trial_id, ref.phase, ref.epoch).file(kind)
@@ -143,6 +147,11 @@ class TrialInfo(TrialKey):
             return None
         p = self.file(root, kind, ref)
         return ScanFile(p, self.sweep, self.trial_id) if p.is_file() else None
+
+
+def _schedule(plan_json: str | None) -> str:
+    scoring = (json.loads(plan_json) if plan_json else {}).get("scoring") or {}
+    return str(scoring.get("schedule", "every_epoch"))
 
 
 class _TrialsOnce(Store):
@@ -205,9 +214,22 @@ class SweepIndex:
                         ratio_formula=recorded_formula(r["method"] or "random", r.get("ratio_formula")),
                         milestones=ms[tid],
                         committed=committed,
+                        schedule=_schedule(r.get("plan_json")),
                     )
                 )
         return SweepIndex(store.root, tuple(infos), tuple(dropped))
+
+    def schedule_note(self, reads: str) -> str:
+        """One line when an analysis that reads the other evaluation tasks at every epoch
+        meets trials whose schedule scored them at some epochs only."""
+        sparse = sorted({t.schedule for t in self.trials if t.schedule != "every_epoch"})
+        if reads != "every_epoch" or not sparse:
+            return ""
+        n = sum(t.schedule != "every_epoch" for t in self.trials)
+        return (
+            f"{n} trial(s) scored their other evaluation tasks on scoring.schedule {', '.join(sparse)}, not every "
+            "epoch: their sequences with unscored epochs are left out"
+        )
 
     def dropped_note(self) -> str:
         if not self.dropped:

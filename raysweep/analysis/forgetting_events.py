@@ -132,14 +132,28 @@ def trial_events(ctx: AnalysisContext, t: TrialInfo) -> pa.Table:
                     }
                 )
             )
-    seq = pa.concat_tables(parts).sort_by(
+    seq = _whole_sequences(pa.concat_tables(parts), t).sort_by(
         [(c, "ascending") for c in ("phase", "eval_task", "split", "example_idx", "step")]
     )
+    if seq.num_rows == 0:
+        return EXAMPLE_SCHEMA.empty_table()
     out = _count(seq)
     n = out.num_rows
     for name, typ in reversed(_TRIAL):
         out = out.add_column(0, name, pa.array([getattr(t, name)] * n, typ))
     return out.select(EXAMPLE_SCHEMA.names).cast(EXAMPLE_SCHEMA)
+
+
+def _whole_sequences(seq: pa.Table, t: TrialInfo) -> pa.Table:
+    """Only sequences scored at every step of their phase. A sparse scoring schedule
+    (`scoring.schedule`) scores the other evaluation tasks at some epochs only: events counted
+    over those would be fewer by construction, so such sequences are left out."""
+    keys = ["phase", "eval_task", "split", "example_idx"]
+    steps = {ph: len(t.committed.get(ph, ())) + 1 for ph in PHASE_START}
+    counts = seq.group_by(keys).aggregate([("step", "count")])
+    need = pa.array([steps[ph] for ph in counts["phase"].to_pylist()], pa.int64())
+    whole = counts.filter(pc.greater_equal(counts["step_count"], need)).select(keys)
+    return seq.join(whole, keys=keys, join_type="inner")
 
 
 def _count(seq: pa.Table) -> pa.Table:
@@ -327,7 +341,10 @@ def overlap_table(ex: pa.Table, resamples: int) -> pa.Table:
 
 
 @register(
-    "forgetting_events", title="Forgetting events and unforgettable examples", figure="beyond: Toneva et al. 2019"
+    "forgetting_events",
+    title="Forgetting events and unforgettable examples",
+    figure="beyond: Toneva et al. 2019",
+    reads="every_epoch",
 )
 def run(ctx: AnalysisContext) -> AnalysisResult:
     require_trials(ctx)

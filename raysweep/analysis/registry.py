@@ -5,7 +5,7 @@ figure drawn from its tables, filled by `@draws` next to it in the same module."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Literal
 
 import pyarrow as pa
 
@@ -33,19 +33,23 @@ class Analysis:
     title: str
     figure: str
     run: Callable[["AnalysisContext"], AnalysisResult]
+    # What it reads of the evaluation tasks other than the forget task: their milestones
+    # (always scored), or every epoch of every phase (what `scoring.schedule: every_epoch`
+    # scores). The forget task is scored on all its splits every epoch whatever the schedule.
+    reads: Literal["milestones", "every_epoch"] = "milestones"
 
 
 ANALYSES: Registry[Analysis] = Registry("analysis", field="analysis")
 
 
 def register(
-    name: str, *, title: str, figure: str
+    name: str, *, title: str, figure: str, reads: Literal["milestones", "every_epoch"] = "milestones"
 ) -> Callable[[Callable[["AnalysisContext"], AnalysisResult]], Callable[["AnalysisContext"], AnalysisResult]]:
     if not name.isidentifier():
         raise ValueError(f"analysis name {name!r} must be an identifier (it names a folder next to others)")
 
     def deco(fn: Callable[["AnalysisContext"], AnalysisResult]) -> Callable[["AnalysisContext"], AnalysisResult]:
-        ANALYSES.add(name, Analysis(name=name, title=title, figure=figure, run=fn))
+        ANALYSES.add(name, Analysis(name=name, title=title, figure=figure, run=fn, reads=reads))
         return fn
 
     return deco

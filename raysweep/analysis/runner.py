@@ -119,8 +119,10 @@ def run_analyses(
         for name in names:
             t0 = time.perf_counter()
             try:
-                result = registry.get(name).run(ctx)
-                msg = "; ".join(m for m in (result.message, *result.notes, index.dropped_note()) if m)
+                analysis = registry.get(name)
+                result = analysis.run(ctx)
+                notes = (*result.notes, index.schedule_note(analysis.reads), index.dropped_note())
+                msg = "; ".join(m for m in (result.message, *notes) if m)
                 out = AnalysisOutcome(name, "ok", one_line(msg), dict(result.tables))
             except registry.Skip as exc:
                 out = AnalysisOutcome(name, "skipped", one_line(str(exc)))
