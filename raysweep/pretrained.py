@@ -20,7 +20,7 @@ import numpy as np
 
 from raysweep.distributed import Group
 from raysweep.models import LoadedModel
-from raysweep.records import EvalSlice, score_all
+from raysweep.records import EvalSlice, concat_results, hidden_task, score_all
 from raysweep.scoring import ScoreResult
 from raysweep.spec import TrialPlan
 from raysweep.store import Store, replacing
@@ -42,20 +42,11 @@ def model_key(plan: TrialPlan, device: str) -> str:
     return f"{plan.model.name}-{digest}"
 
 
-def slice_name(sl: EvalSlice) -> str:
+def slice_name(sl: EvalSlice, hidden: bool = True) -> str:
+    """Where a slice's scores are kept; `hidden=False`: scored without hidden states (a task
+    whose states no trial of this model keeps), which cannot stand in for the states."""
     uids = hashlib.sha256("\n".join(ex.uid for ex in sl.examples).encode()).hexdigest()[:16]
-    return f"{sl.task}-{sl.split}-{len(sl.examples)}-{uids}.npz"
-
-
-def concat(parts: list[ScoreResult]) -> ScoreResult:
-    # An empty slice has no hidden-state array at all: it adds no rows to any.
-    parts = [p for p in parts if len(p.ll_sum)] or parts[:1]
-
-    def cat(name: str):
-        arrays = [getattr(p, name) for p in parts]
-        return None if any(a is None for a in arrays) else np.concatenate(arrays)
-
-    return ScoreResult(**{name: cat(name) for name in _ARRAYS}, layers=parts[0].layers)
+    return f"{sl.task}-{sl.split}-{len(sl.examples)}-{uids}{'' if hidden else '-nohidden'}.npz"
 
 
 class PretrainedScores:
@@ -71,14 +62,14 @@ class PretrainedScores:
             have = [self._load(sl) for sl in slices] if main else []
             missing = self.group.broadcast([i for i, r in enumerate(have) if r is None] if main else None)
             for i in missing:
-                res = score_all(lm, [slices[i]], self.plan.scoring, self.group)
+                res = score_all(lm, [slices[i]], self.plan.scoring, self.group, hidden_task(self.plan))
                 if main:
                     self._save(slices[i], res)
                     have[i] = res
             if not main:
                 return None
-            self.reused = [slice_name(sl) for i, sl in enumerate(slices) if i not in missing]
-            return concat(have)
+            self.reused = [self._name(sl) for i, sl in enumerate(slices) if i not in missing]
+            return concat_results(have)
 
     @contextlib.contextmanager
     def _lock(self):
@@ -90,8 +81,12 @@ class PretrainedScores:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def _name(self, sl: EvalSlice) -> str:
+        only = hidden_task(self.plan)
+        return slice_name(sl, hidden=self.plan.scoring.hidden_states != "none" and only in (None, sl.task))
+
     def _load(self, sl: EvalSlice) -> ScoreResult | None:
-        path = self.dir / slice_name(sl)
+        path = self.dir / self._name(sl)
         if not path.exists():
             return None
         try:
@@ -106,5 +101,5 @@ class PretrainedScores:
 
     def _save(self, sl: EvalSlice, res: ScoreResult) -> None:
         arrays = {name: getattr(res, name) for name in _ARRAYS if getattr(res, name) is not None}
-        with replacing(self.dir / slice_name(sl)) as tmp, open(tmp, "wb") as fh:
+        with replacing(self.dir / self._name(sl)) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, layers=np.array(res.layers), **arrays)

@@ -65,23 +65,49 @@ class EvalSlice:
     examples: list[Example]
 
 
-def score_all(lm: LoadedModel, slices: list[EvalSlice], scoring: ScoringConfig, group: Group) -> ScoreResult | None:
+def hidden_task(plan: TrialPlan) -> str | None:
+    """The one task whose hidden states a trial keeps (`scoring.hidden_tasks: forget`), or
+    None when it keeps every task's."""
+    return plan.forget_task if plan.scoring.hidden_tasks == "forget" else None
+
+
+def score_all(
+    lm: LoadedModel, slices: list[EvalSlice], scoring: ScoringConfig, group: Group, only_hidden: str | None = None
+) -> ScoreResult | None:
     """Every example of every slice scored; with several ranks each scores every world-th
-    example (interleaved, so lengths balance) and rank 0 gathers the whole result."""
-    flat = [ex for sl in slices for ex in sl.examples]
+    example (interleaved, so lengths balance) and rank 0 gathers the whole result. With
+    `only_hidden` (a task), hidden states are captured for that task's examples alone: the
+    others are scored without the positions their states would be read at, and their rows
+    of `hidden` are zeros, never written."""
+    flat = [(ex, sl.task) for sl in slices for ex in sl.examples]
     mine = flat[group.rank :: group.world]
-    part = score_examples(
-        lm.model,
-        lm.tokenizer,
-        mine,
-        batch_size=scoring.batch_size,
-        capture_hidden=scoring.hidden_states != "none",
-        layers=scoring.layers,
-    )
+    capture = scoring.hidden_states != "none"
+    groups = [(np.arange(len(mine)), capture)]
+    if capture and only_hidden is not None:
+        wanted = np.array([task == only_hidden for _, task in mine], bool)
+        groups = [(np.flatnonzero(wanted), True), (np.flatnonzero(~wanted), False)]
+    parts = [
+        (
+            rows,
+            score_examples(
+                lm.model,
+                lm.tokenizer,
+                [mine[i][0] for i in rows],
+                batch_size=scoring.batch_size,
+                capture_hidden=hidden,
+                layers=scoring.layers,
+            ),
+        )
+        for rows, hidden in groups
+        if rows.size or len(groups) == 1
+    ]
+    part = parts[0][1] if len(parts) == 1 else merge_rows(len(mine), parts)
     if group.world == 1:
         return part
-    parts = group.gather(part)
-    return _interleave(parts, len(flat)) if group.is_main else None
+    gathered = group.gather(part)
+    if not group.is_main:
+        return None
+    return merge_rows(len(flat), [(np.arange(r, len(flat), group.world), p) for r, p in enumerate(gathered)])
 
 
 def accuracies(slices: list[EvalSlice], res: ScoreResult) -> Accuracies:
@@ -275,34 +301,24 @@ def concat_results(parts: list[ScoreResult]) -> ScoreResult:
     """Results of consecutive slices scored apart, as one (in the given order)."""
     if len(parts) == 1:
         return parts[0]
-
-    def stacked(name: str) -> np.ndarray | None:
-        values = [getattr(p, name) for p in parts]
-        return None if any(v is None for v in values) else np.concatenate(values)
-
-    return ScoreResult(
-        stacked("ll_sum"),
-        stacked("n_tokens"),
-        stacked("hidden"),
-        parts[0].layers,
-        stacked("min_k"),
-        stacked("min_k_pp"),
-    )
+    ends = np.cumsum([len(p.ll_sum) for p in parts])
+    return merge_rows(int(ends[-1]), [(np.arange(e - len(p.ll_sum), e), p) for p, e in zip(parts, ends)])
 
 
-def _interleave(parts: list[ScoreResult], n: int) -> ScoreResult:
-    """Undo the interleaved split of `score_all`: rank r scored examples r, r + world, ..."""
-    world = len(parts)
+def merge_rows(n: int, parts: list[tuple[np.ndarray, ScoreResult]]) -> ScoreResult:
+    """One result of n examples from parts that scored the examples at the given rows. Where
+    some parts captured hidden states and others did not, the others' rows are zeros."""
     ll_sum = np.zeros((n, 2), dtype=np.float64)
     n_tokens = np.zeros((n, 2), dtype=np.int64)
-    with_hidden = all(p.hidden is not None for p in parts)
-    hidden = np.zeros((n, *parts[0].hidden.shape[1:]), dtype=np.float32) if with_hidden and n else None
+    shaped = [p.hidden for _, p in parts if p.hidden is not None and p.hidden.ndim == 4]
+    hidden = np.zeros((n, *shaped[0].shape[1:]), dtype=np.float32) if shaped and n else None
     min_k, min_k_pp = np.full((n, 2), np.nan), np.full((n, 2), np.nan)
-    for rank, part in enumerate(parts):
-        ll_sum[rank::world] = part.ll_sum
-        n_tokens[rank::world] = part.n_tokens
+    layers = next((p.layers for _, p in parts if p.hidden is not None), parts[0][1].layers)
+    for rows, part in parts:
+        ll_sum[rows] = part.ll_sum
+        n_tokens[rows] = part.n_tokens
         if part.min_k is not None:
-            min_k[rank::world], min_k_pp[rank::world] = part.min_k, part.min_k_pp
-        if hidden is not None:
-            hidden[rank::world] = part.hidden
-    return ScoreResult(ll_sum, n_tokens, hidden, parts[0].layers, min_k, min_k_pp)
+            min_k[rows], min_k_pp[rows] = part.min_k, part.min_k_pp
+        if hidden is not None and part.hidden is not None and len(rows):
+            hidden[rows] = part.hidden
+    return ScoreResult(ll_sum, n_tokens, hidden, layers, min_k, min_k_pp)

@@ -38,6 +38,7 @@ from raysweep.records import (
     TrialRecords,
     accuracies,
     concat_results,
+    hidden_task,
     score_all,
     trial_row,
 )
@@ -400,7 +401,7 @@ class TrialRunner:
 
     def score(self, slices: list[EvalSlice]) -> ScoreResult | None:
         """Scores of the slices (rank 0 holds them)."""
-        return score_all(self.lm, slices, self.plan.scoring, self.group)
+        return score_all(self.lm, slices, self.plan.scoring, self.group, hidden_task(self.plan))
 
     def _accuracies(self, slices: list[EvalSlice], res: ScoreResult | None) -> Accuracies:
         # Every rank: they drive the stop rules.

@@ -514,21 +514,34 @@ class DuckRef:
         files = [
             f.path for t in self.index.trials for f in self.index.phase_files("scores", ("forget", "relearn"), (t,))
         ]
+        finetuned = [f.path for f in self.index.milestone_files("scores", ("finetuned",), self.index.trials)]
         thr = self.params.order_threshold
+        # Only what was learned can be forgotten: forgettable if >= thr at the finetuned
+        # milestone, relearnable if < thr at the last forget epoch (the forgotten milestone).
         return self._q(
             f"""WITH x AS (
                 SELECT s.sweep, s.trial_id, s.example_idx, s.phase, s.epoch, s.confidence
-                FROM read_parquet({_files_sql(files)}) s
+                FROM read_parquet({_files_sql(files + finetuned)}) s
                 JOIN trials t ON s.sweep = t.sweep AND s.trial_id = t.trial_id AND s.eval_task = t.forget_task
                 WHERE s.split = '{self.params.order_split}'),
+            st AS (SELECT x.sweep, x.trial_id, x.example_idx,
+                          max(x.confidence) FILTER (WHERE ms.milestone = 'finetuned') AS c_ft,
+                          max(x.confidence) FILTER (WHERE ms.milestone = 'forgotten') AS c_fg
+                   FROM x JOIN ms ON x.sweep = ms.sweep AND x.trial_id = ms.trial_id
+                                 AND x.phase = ms.phase AND x.epoch = ms.epoch
+                   GROUP BY ALL),
             f AS (SELECT sweep, trial_id, example_idx,
                          min(epoch) FILTER (WHERE phase = 'forget' AND confidence <= {thr}::FLOAT) AS fe,
                          min(epoch) FILTER (WHERE phase = 'relearn' AND confidence >= {thr}::FLOAT) AS le
                   FROM x GROUP BY ALL),
+            e AS (SELECT f.sweep, f.trial_id,
+                         CASE WHEN st.c_ft >= {thr}::FLOAT THEN fe END AS fe,
+                         CASE WHEN st.c_fg < {thr}::FLOAT THEN le END AS le
+                  FROM f JOIN st USING (sweep, trial_id, example_idx)),
             k AS (SELECT t.model, t.method, t.size, t.forget_task, fe, le,
                          row_number() OVER (PARTITION BY t.model, t.method, t.size, t.forget_task ORDER BY fe) AS rf,
                          row_number() OVER (PARTITION BY t.model, t.method, t.size, t.forget_task ORDER BY le) AS rl
-                  FROM f JOIN trials t USING (sweep, trial_id) WHERE fe IS NOT NULL AND le IS NOT NULL),
+                  FROM e JOIN trials t USING (sweep, trial_id) WHERE fe IS NOT NULL AND le IS NOT NULL),
             r AS (SELECT *, avg(rf) OVER (PARTITION BY model, method, size, forget_task, fe) AS af,
                             avg(rl) OVER (PARTITION BY model, method, size, forget_task, le) AS al FROM k)
             SELECT model, method, size, forget_task, count(*) AS n_examples,
@@ -634,6 +647,82 @@ def check(name: str, ref: pa.Table, tables: dict[str, pa.Table]) -> str:
     return "agree" if d < 1e-6 else f"differs by {d:.3g}"
 
 
+# ---- one (analysis, engine) per process -------------------------------------------------------
+
+
+@dataclass
+class ChildRun:
+    """What a child process measured: `peak_self`/`peak_tree` as `MemorySampler` has them."""
+
+    peak_self: int
+    peak_tree: int
+    ray_init_seconds: float | None = None
+
+
+def _tables_dir(args: argparse.Namespace, name: str, engine: str) -> Path:
+    return Path(args.dir or tempfile.gettempdir()) / "bench-tables" / name / engine
+
+
+def run_child(args: argparse.Namespace, store: Store, name: str, engine: str) -> None:
+    """Run one analysis on one engine in this (fresh) process; its tables go to parquet for
+    the parent to compare, its measurement to stdout as one JSON line."""
+    import pyarrow.parquet as pq
+
+    out_dir = _tables_dir(args, name, engine)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    ray_init = None
+    if engine == "ray":
+        import ray
+
+        t0 = time.perf_counter()
+        ray.init(num_cpus=args.ray_cpus or None, include_dashboard=False, log_to_driver=False)
+        # Start the workers before the clock does, as the in-process mode's warm-up job does.
+        ray.data.range(64, override_num_blocks=8).map_batches(lambda b: b).materialize()
+        ray_init = time.perf_counter() - t0
+    if engine == "duckdb":
+        secs, mem, ref = measure(lambda: getattr(DuckRef(store, AnalysisParams()), name)())
+        pq.write_table(ref, out_dir / "reference.parquet")
+        status = "ok"
+    else:
+        secs, mem, outs = measure(lambda: run_analyses(store, only=[name], engine=engine))
+        for tname, table in outs[0].tables.items():
+            pq.write_table(table, out_dir / f"{tname}.parquet")
+        status = outs[0].status
+    print(
+        json.dumps(
+            {
+                "seconds": secs,
+                "peak_self": mem.peak_self,
+                "peak_tree": mem.peak_tree,
+                "status": status,
+                "ray_init_seconds": ray_init,
+            }
+        )
+    )
+
+
+def isolated(args: argparse.Namespace, engine: str, name: str) -> tuple[float, ChildRun, object]:
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    cmd = [sys.executable, __file__, "--child", "--analyses", name, "--engines", engine]
+    cmd += ["--rows", str(args.rows), "--tasks", str(args.tasks), "--epochs", str(args.epochs)]
+    cmd += ["--hidden-dim", str(args.hidden_dim), "--dir", str(args.dir), "--ray-cpus", str(args.ray_cpus)]
+    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    out_dir = _tables_dir(args, name, engine)
+    tables = {p.stem: pq.read_table(p) for p in sorted(out_dir.glob("*.parquet"))}
+
+    class Outcome:  # what the comparisons read of an AnalysisOutcome
+        status = got["status"]
+
+    Outcome.tables = tables
+    out = tables["reference"] if engine == "duckdb" else [Outcome]
+    return got["seconds"], ChildRun(got["peak_self"], got["peak_tree"], got["ray_init_seconds"]), out
+
+
 # ---- main ------------------------------------------------------------------------------------
 
 
@@ -663,9 +752,17 @@ def run(args: argparse.Namespace) -> Result:
         file=sys.stderr,
     )
     store = Store(root)
-    # One untimed pass: the page cache, lazy imports (scipy, sklearn) and first-call costs
-    # would otherwise land on whichever engine is timed first.
-    run_analyses(store, only=names, engine="local")
+    if args.child:
+        return run_child(args, store, names[0], engines[0])
+    if args.isolate:
+        # Each (analysis, engine) runs in a process of its own, so its peak is its own and
+        # not what an earlier analysis left resident. Only the page cache is warmed here.
+        for f in sorted(root.rglob("*.parquet")):
+            f.read_bytes()
+    else:
+        # One untimed pass: the page cache, lazy imports (scipy, sklearn) and first-call
+        # costs would otherwise land on whichever engine is timed first.
+        run_analyses(store, only=names, engine="local")
 
     import duckdb
     import ray
@@ -685,7 +782,7 @@ def run(args: argparse.Namespace) -> Result:
     )
     params = AnalysisParams()
     local_tables: dict[str, dict[str, pa.Table]] = {}
-    if "ray" in engines:
+    if "ray" in engines and not args.isolate:
         t0 = time.perf_counter()
         ray.init(num_cpus=args.ray_cpus or None, include_dashboard=False, log_to_driver=False)
         res.ray_init_seconds = time.perf_counter() - t0
@@ -693,6 +790,8 @@ def run(args: argparse.Namespace) -> Result:
         run_analyses(store, only=names[:1], engine="ray")
 
     def once(engine: str, name: str) -> tuple[float, MemorySampler, object]:
+        if args.isolate:
+            return isolated(args, engine, name)
         if engine == "duckdb":
             # The query needs the milestones too: reading them is part of its time.
             return measure(lambda: getattr(DuckRef(store, params), name)())
@@ -706,6 +805,8 @@ def run(args: argparse.Namespace) -> Result:
         for _ in range(max(1, args.repeat)):
             for engine in mine:
                 runs[engine].append(once(engine, name))
+                if isinstance(runs[engine][-1][1], ChildRun) and runs[engine][-1][1].ray_init_seconds:
+                    res.ray_init_seconds = runs[engine][-1][1].ray_init_seconds
         for engine in mine:
             secs, _, out = min(runs[engine], key=lambda r: r[0])
             tree = max(r[1].peak_tree for r in runs[engine])
@@ -740,10 +841,10 @@ def run(args: argparse.Namespace) -> Result:
                 row[f"{e}_peak_mb"] = by[(name, e)].peak_tree_mb
         if "duckdb" in engines:
             for e in ("local", "ray"):
-                if f"{e}_s" in row and row["duckdb_s"] > 0:
+                if f"{e}_s" in row and row.get("duckdb_s"):
                     row[f"{e}_vs_duckdb"] = round(row[f"{e}_s"] / row["duckdb_s"], 2)
         res.summary.append(row)
-    if "ray" in engines:
+    if "ray" in engines and not args.isolate:
         ray.shutdown()
     if not args.dir and not args.keep:
         shutil.rmtree(base, ignore_errors=True)
@@ -792,8 +893,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per (analysis, engine); the fastest is reported")
     ap.add_argument("--ray-cpus", type=int, default=0, help="num_cpus for ray.init (default: all)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks_out" / "analysis.json"))
+    ap.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each (analysis, engine) in a fresh process (needs --dir): peaks are then each analysis's own",
+    )
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.isolate and not args.dir:
+        ap.error("--isolate needs --dir: the child processes read the store written there")
     res = run(args)
+    if args.child:
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asdict(res), indent=1))

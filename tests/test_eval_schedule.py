@@ -158,3 +158,42 @@ def test_hidden_states_of_the_forget_task_alone_when_asked(tmp_path):
     assert len(milestones) == 4 and hidden.num_rows == 4 * 3 * 24
     cost = plan_sweep(_spec("forget-hidden", "milestones", hidden_tasks="forget"), store, gpu="h100").cost
     assert cost.total("hidden_rows", "upper") == hidden.num_rows
+
+
+def test_tasks_whose_states_are_not_kept_are_scored_without_them(tmp_path):
+    """With `hidden_tasks: forget` the other tasks' examples are scored without the positions
+    their states would be read at, and the sweep's pretrained cache holds no states for them;
+    their scores are those of a trial that captured every task's states."""
+    import numpy as np
+
+    store = Store(tmp_path / "store")
+    store.ensure()
+    only = _run(store, _spec("only", hidden_tasks="forget"))
+    every = _run(store, _spec("every", hidden_tasks="all"))
+    scores = store.read("scores")
+    keys = ["phase", "epoch", "eval_task", "split", "example_idx"]
+
+    def of(plan):
+        mine = scores.filter(pc.equal(scores["trial_id"], plan.trial_id))
+        return mine.sort_by([(k, "ascending") for k in keys])
+
+    a, b = of(only), of(every)
+    assert a.num_rows == b.num_rows and a.select(keys).equals(b.select(keys))
+    for col in ("ll_sum_correct", "ll_sum_distractor"):
+        assert np.abs(a[col].to_numpy() - b[col].to_numpy()).max() < 1e-4
+    assert a["correct"].equals(b["correct"])
+    hidden = store.read("hidden")
+    pair = []
+    for plan in (only, every):
+        h = hidden.filter(
+            pc.and_(pc.equal(hidden["trial_id"], plan.trial_id), pc.equal(hidden["eval_task"], "sentiment"))
+        )
+        h = h.sort_by([(k, "ascending") for k in keys])
+        pair.append(np.stack(h["hidden"].to_numpy(zero_copy_only=False)))
+    assert pair[0].shape == pair[1].shape and np.abs(pair[0] - pair[1]).max() < 1e-4
+
+    cached = {p.name: p for p in store.path("pretrained", only.sweep).rglob("*.npz")}
+    assert cached and all(n.endswith("-nohidden.npz") == n.startswith("word_order") for n in cached)
+    for name, path in cached.items():
+        with np.load(path) as saved:
+            assert ("hidden" in saved.files) == name.startswith("sentiment"), name

@@ -5,6 +5,7 @@ count its events from the state the phase starts from."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -68,6 +69,11 @@ def test_events_per_example_are_counted_from_the_state_each_phase_starts_from(tm
     (o,) = run_analyses(store, only=["forgetting_events"], engine="local")
     assert o.status == "ok", o.message
     ex = o.tables["examples"]
+    # Its labels are dictionary-encoded (one dictionary per trial); decoded, they sort.
+    assert pa.types.is_dictionary(ex.schema.field("eval_task").type)
+    ex = ex.cast(
+        pa.schema([(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in ex.schema])
+    )
     own = ex.filter(pc.equal(ex["eval_task"], "t0")).sort_by([("phase", "ascending"), ("example_idx", "ascending")])
     forget = own.filter(pc.equal(own["phase"], "forget")).to_pydict()
     assert forget["forgetting_events"] == FORGET_EVENTS
@@ -148,3 +154,95 @@ def test_engines_agree_and_a_store_without_phases_is_skipped(tmp_path):
     empty.ensure()
     (o,) = run_analyses(empty, only=["forgetting_events"], engine="local")
     assert o.status == "skipped"
+
+
+def _examples_of(trial: dict, places: list[tuple[str, str, str]], rng: np.random.Generator, n: int) -> pa.Table:
+    """An EXAMPLE_SCHEMA chunk as `trial_events` builds one: a trial's labels dictionary-encoded
+    with a dictionary of its own (here in an order of its own, too)."""
+    from raysweep.analysis.forgetting_events import EXAMPLE_SCHEMA
+
+    rows = []
+    for phase, task, split in places:
+        events = rng.integers(0, 4, n)
+        never = rng.random(n) < 0.1
+        for i in range(n):
+            rows.append(
+                {
+                    **trial,
+                    "phase": phase,
+                    "eval_task": task,
+                    "split": split,
+                    "example_idx": i,
+                    "n_steps": 5,
+                    "forgetting_events": int(events[i]),
+                    "learning_events": 0,
+                    "start_correct": True,
+                    "end_correct": False,
+                    "unforgettable": bool(events[i] == 0 and not never[i]),
+                    "never_learned": bool(never[i]),
+                }
+            )
+    plain = pa.schema(
+        [(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in EXAMPLE_SCHEMA]
+    )
+    return pa.Table.from_pylist(rows[::-1], schema=plain).cast(EXAMPLE_SCHEMA)
+
+
+def _trial(trial_id: str, forget_task: str, seed: int, method: str = "random") -> dict:
+    return dict(sweep="s", trial_id=trial_id, model="m1", forget_task=forget_task, method=method, size=10, seed=seed)
+
+
+def test_summary_and_overlap_over_per_trial_dictionaries_match_a_plain_computation():
+    """The summary and the overlap read tens of millions of example rows through integer codes
+    and resample counts, not examples: they must give what pooling the rows plainly gives."""
+    from raysweep.analysis.forgetting_events import overlap_table, summary_table
+
+    rng = np.random.default_rng(7)
+    places = [("forget", "t1", "test"), ("forget", "t0", "test"), ("finetune", "t0", "train")]
+    ex = pa.concat_tables(
+        [
+            _examples_of(_trial("a0", "t0", 0), places, rng, 40),
+            _examples_of(_trial("a1", "t0", 1), places[::-1], rng, 40),
+            _examples_of(_trial("b0", "t1", 0), places[:2], rng, 40),
+        ]
+    )
+    assert ex["eval_task"].num_chunks == 3
+    summary = {
+        (r["forget_task"], r["phase"], r["eval_task"], r["split"]): r for r in summary_table(ex, 4000).to_pylist()
+    }
+    rows = ex.to_pylist()
+    for key, got in summary.items():
+        mine = [r for r in rows if (r["forget_task"], r["phase"], r["eval_task"], r["split"]) == key]
+        assert got["n_examples"] == len(mine) and got["n_trials"] == len({r["trial_id"] for r in mine})
+        assert got["never_learned_frac"] == pytest.approx(np.mean([r["never_learned"] for r in mine]))
+        per_seed = {s: [r["forgetting_events"] for r in mine if r["seed"] == s] for s in {r["seed"] for r in mine}}
+        if len(per_seed) == 2:  # t0's trials: the mean of the two seeds' means
+            assert got["interval"] == "seeds-t95"
+            assert got["mean_forgetting_events"] == pytest.approx(np.mean([np.mean(v) for v in per_seed.values()]))
+        else:  # one seed: bootstrapped; the bounds of index resampling, within resampling noise
+            (v,) = per_seed.values()
+            v = np.array(v, float)
+            idx = np.random.default_rng(0).integers(0, v.size, (4000, v.size))
+            lo, hi = np.percentile(v[idx].mean(axis=1), [2.5, 97.5])
+            assert got["interval"] == "bootstrap95" and got["mean_forgetting_events"] == pytest.approx(v.mean())
+            assert got["mean_forgetting_events_lo"] == pytest.approx(lo, abs=0.05)
+            assert got["mean_forgetting_events_hi"] == pytest.approx(hi, abs=0.05)
+    assert len(summary) == 3 + 2
+
+    overlap = {(r["eval_task"], r["split"]): r for r in overlap_table(ex, 4000).to_pylist()}
+    assert set(overlap) == {("t0", "test"), ("t1", "test")}  # seed 0 forgot t0 and t1; t0/train only once
+    for (task, split), got in overlap.items():
+
+        def unforgettable(trial_id: str) -> set[int]:
+            return {
+                r["example_idx"]
+                for r in rows
+                if (r["trial_id"], r["phase"], r["eval_task"], r["split"]) == (trial_id, "forget", task, split)
+                and r["unforgettable"]
+            }
+
+        a, b = unforgettable("a0"), unforgettable("b0")
+        assert (got["axis"], got["a"], got["b"], got["n_examples"]) == ("forget_task", "t0", "t1", 40)
+        assert (got["n_unforgettable_a"], got["n_unforgettable_b"], got["n_both"]) == (len(a), len(b), len(a & b))
+        assert got["jaccard"] == pytest.approx(len(a & b) / len(a | b))
+        assert got["jaccard_lo"] <= got["jaccard"] <= got["jaccard_hi"]

@@ -34,7 +34,14 @@ from matplotlib.figure import Figure
 from raysweep.analysis.common import require_trials
 from raysweep.analysis.context import AnalysisContext, TrialInfo
 from raysweep.analysis.engine import Scan
-from raysweep.analysis.intervals import BOOTSTRAP, SEEDS_T, percentile, resample_chunks, rng_for, t_interval
+from raysweep.analysis.intervals import (
+    BOOTSTRAP,
+    SEEDS_T,
+    bootstrap_mean_of_counts,
+    percentile,
+    rng_for,
+    t_interval,
+)
 from raysweep.analysis.plotting import MAX_PANELS, num, yerr
 from raysweep.analysis.reducers import CollectRows
 from raysweep.analysis.registry import AnalysisResult, Skip, draws, register
@@ -46,9 +53,18 @@ from raysweep.store import trial_fields
 PHASE_START = {"finetune": "pretrained", "forget": "finetuned", "relearn": "forgotten"}
 _TRIAL = [*trial_fields()]
 _PLACE = [("phase", pa.string()), ("eval_task", pa.string()), ("split", pa.string())]
+# A paper-scale sweep has tens of millions of (example, phase) rows: their strings, the same
+# few per trial, are stored once per trial as a dictionary.
+_LABEL = pa.dictionary(pa.int32(), pa.string())
+
+
+def _labelled(fields: list[tuple[str, pa.DataType]]) -> list[tuple[str, pa.DataType]]:
+    return [(n, _LABEL if typ == pa.string() else typ) for n, typ in fields]
+
+
 EXAMPLE_SCHEMA = pa.schema(
-    _TRIAL
-    + _PLACE
+    _labelled(_TRIAL)
+    + _labelled(_PLACE)
     + [
         ("example_idx", pa.int32()),
         ("n_steps", pa.int32()),
@@ -140,7 +156,12 @@ def trial_events(ctx: AnalysisContext, t: TrialInfo) -> pa.Table:
     out = _count(seq)
     n = out.num_rows
     for name, typ in reversed(_TRIAL):
-        out = out.add_column(0, name, pa.array([getattr(t, name)] * n, typ))
+        value = getattr(t, name)
+        if typ == pa.string():
+            column = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], typ))
+        else:
+            column = pa.array(np.full(n, value), typ)
+        out = out.add_column(0, name, column)
     return out.select(EXAMPLE_SCHEMA.names).cast(EXAMPLE_SCHEMA)
 
 
@@ -188,62 +209,99 @@ def _count(seq: pa.Table) -> pa.Table:
     )
 
 
-def _mean_estimate(per_seed: dict[int, np.ndarray], resamples: int, key: tuple) -> dict[str, object]:
-    """Mean of per-seed means with a t-interval over seeds; one seed: bootstrap of its examples."""
+def _group_codes(table: pa.Table, columns: tuple[str, ...]) -> tuple[np.ndarray, list[tuple]]:
+    """Per row, the index of its distinct combination of `columns`, and those combinations in
+    sorted order. Dictionary columns are read through their indices: the examples table holds
+    tens of millions of rows, whose strings are never materialised here."""
+    codes, levels = [], []
+    for c in columns:
+        col = table[c]
+        if pa.types.is_dictionary(col.type):
+            chunks = col.unify_dictionaries().chunks if col.num_chunks else []
+            idx = np.concatenate([ch.indices.to_numpy(zero_copy_only=False) for ch in chunks]) if chunks else []
+            names = chunks[0].dictionary.to_pylist() if chunks else []
+            order = np.argsort(np.array(names, dtype=object), kind="stable") if names else np.array([], np.int64)
+            rank = np.empty(len(names), np.int64)
+            rank[order] = np.arange(len(names))
+            codes.append(rank[np.asarray(idx, np.int64)] if len(names) else np.zeros(0, np.int64))
+            levels.append([names[i] for i in order])
+        else:
+            uniq, inv = np.unique(col.to_numpy(zero_copy_only=False), return_inverse=True)
+            codes.append(inv.astype(np.int64))
+            levels.append([u.item() if hasattr(u, "item") else u for u in uniq])
+    combined = np.zeros(table.num_rows, np.int64)
+    for code, level in zip(codes, levels):
+        combined = combined * max(1, len(level)) + code
+    uniq, inverse = np.unique(combined, return_inverse=True)
+    keys = []
+    for u in uniq.tolist():
+        parts = []
+        for level in reversed(levels):
+            u, r = divmod(u, max(1, len(level)))
+            parts.append(level[r])
+        keys.append(tuple(reversed(parts)))
+    return inverse.astype(np.int64), keys
+
+
+def _seed_estimate(per_seed: dict[int, tuple[np.ndarray, np.ndarray]], resamples: int, key: tuple) -> dict:
+    """Mean of per-seed means with a t-interval over seeds; one seed: bootstrap of its
+    examples. Each seed's examples come as (distinct values, how many examples have each)."""
+    means = {s: float(v @ c / c.sum()) for s, (v, c) in per_seed.items() if c.sum()}
     if len(per_seed) >= 2:
-        est = t_interval([float(v.mean()) for v in per_seed.values() if v.size])
+        est = t_interval(list(means.values()))
         return {"value": est.value, "lo": est.lo, "hi": est.hi, "n_seeds": len(per_seed), "interval": SEEDS_T}
-    (v,) = per_seed.values()
-    if v.size < 2:
-        return {
-            "value": float(v.mean()) if v.size else None,
-            "lo": None,
-            "hi": None,
-            "n_seeds": 1,
-            "interval": BOOTSTRAP,
-        }
-    draws = np.concatenate([v[idx].mean(axis=1) for idx in resample_chunks(v.size, resamples, rng_for(*key))])
-    lo, hi = percentile(draws)
-    return {"value": float(v.mean()), "lo": lo, "hi": hi, "n_seeds": 1, "interval": BOOTSTRAP}
+    ((seed, (values, counts)),) = per_seed.items()
+    lo, hi = bootstrap_mean_of_counts(values, counts, resamples, rng_for(*key))
+    return {"value": means.get(seed), "lo": lo, "hi": hi, "n_seeds": 1, "interval": BOOTSTRAP}
+
+
+SUMMARY_KEYS = ("model", "method", "size", "forget_task", "phase", "eval_task", "split")
 
 
 def summary_table(ex: pa.Table, resamples: int) -> pa.Table:
-    cols = {
-        c: ex[c].to_numpy(zero_copy_only=False)
-        for c in (
-            "model",
-            "method",
-            "size",
-            "forget_task",
-            "phase",
-            "eval_task",
-            "split",
-            "seed",
-            "trial_id",
-            "forgetting_events",
-            "unforgettable",
-            "never_learned",
-        )
-    }
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, key in enumerate(
-        zip(*(cols[c] for c in ("model", "method", "size", "forget_task", "phase", "eval_task", "split")))
-    ):
-        groups[tuple(k.item() if hasattr(k, "item") else k for k in key)].append(i)
+    """Per condition (model, method, size, forget task) and (phase, eval task, split): mean
+    forgetting events and the unforgettable fraction over its examples, with intervals."""
+    if ex.num_rows == 0:
+        return SUMMARY_SCHEMA.empty_table()
+    group, keys = _group_codes(ex, SUMMARY_KEYS)
+    seed_code, seeds = _group_codes(ex, ("seed",))
+    trial_code, _ = _group_codes(ex, ("trial_id",))
+    events = ex["forgetting_events"].to_numpy(zero_copy_only=False).astype(np.int64)
+    unforgettable = ex["unforgettable"].to_numpy(zero_copy_only=False).astype(np.int64)
+    never = ex["never_learned"].to_numpy(zero_copy_only=False).astype(np.int64)
+    n_groups = len(keys)
+    n_examples = np.bincount(group, minlength=n_groups)
+    never_sum = np.bincount(group, weights=never, minlength=n_groups)
+    n_trials = np.bincount(
+        np.unique(group * (trial_code.max() + 1) + trial_code) // (trial_code.max() + 1), minlength=n_groups
+    )
+    # (group, seed, value) -> how many examples: all a bootstrap of a mean of these needs
+    hist: dict[str, dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]] = {}
+    for name, values in (("mean_forgetting_events", events), ("unforgettable_frac", unforgettable)):
+        span = values.max() + 1
+        gs = group * len(seeds) + seed_code
+        cell, count = np.unique(gs * span + values, return_counts=True)
+        per: dict[int, dict[int, tuple[list, list]]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
+        for c, k in zip(cell.tolist(), count.tolist()):
+            gs_i, value = divmod(c, span)
+            g, s = divmod(gs_i, len(seeds))
+            per[g][s][0].append(value)
+            per[g][s][1].append(k)
+        hist[name] = {
+            g: {int(seeds[s][0]): (np.array(v, np.float64), np.array(k, np.int64)) for s, (v, k) in by_seed.items()}
+            for g, by_seed in per.items()
+        }
     rows = []
-    for key in sorted(groups, key=str):
-        idx = np.array(groups[key])
-        seeds = cols["seed"][idx]
-        row = dict(zip(("model", "method", "size", "forget_task", "phase", "eval_task", "split"), key))
+    for g, key in sorted(enumerate(keys), key=lambda gk: str(gk[1])):
+        row = dict(zip(SUMMARY_KEYS, key))
         row.update(
             own_task=key[3] == key[5],
-            n_trials=len(set(cols["trial_id"][idx].tolist())),
-            n_examples=len(idx),
-            never_learned_frac=float(cols["never_learned"][idx].mean()),
+            n_trials=int(n_trials[g]),
+            n_examples=int(n_examples[g]),
+            never_learned_frac=float(never_sum[g] / n_examples[g]),
         )
-        for name, col in (("mean_forgetting_events", "forgetting_events"), ("unforgettable_frac", "unforgettable")):
-            per = {int(s): cols[col][idx[seeds == s]].astype(np.float64) for s in sorted(set(seeds.tolist()))}
-            est = _mean_estimate(per, resamples, (*key, name))
+        for name in ("mean_forgetting_events", "unforgettable_frac"):
+            est = _seed_estimate(dict(sorted(hist[name][g].items())), resamples, (*key, name))
             row.update(
                 {
                     name: est["value"],
@@ -257,31 +315,53 @@ def summary_table(ex: pa.Table, resamples: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
-def _jaccard(a: np.ndarray, b: np.ndarray) -> float | None:
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else None
+def _jaccard(both: int, either: int) -> float | None:
+    return both / either if either else None
 
 
-def _bootstrap_jaccard(
-    a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator
-) -> tuple[float | None, float | None]:
-    draws = []
-    for idx in resample_chunks(a.size, resamples, rng):
-        both, either = (a[idx] & b[idx]).sum(axis=1), (a[idx] | b[idx]).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            draws.append(np.where(either > 0, both / np.maximum(either, 1), np.nan))
-    return percentile(np.concatenate(draws))
+def _bootstrap_jaccard(va: np.ndarray, vb: np.ndarray, resamples: int, rng: np.random.Generator):
+    """Percentile bounds of the Jaccard index over resampled examples. Each example is one of
+    four kinds (in both sets, in a only, in b only, in neither), so a resample is a
+    multinomial draw over the four counts."""
+    n = va.size
+    kinds = np.array([(va & vb).sum(), (va & ~vb).sum(), (~va & vb).sum(), (~va & ~vb).sum()], np.float64)
+    draw = rng.multinomial(n, kinds / n, size=resamples).astype(np.float64)
+    either = draw[:, :3].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return percentile(np.where(either > 0, draw[:, 0] / np.maximum(either, 1), np.nan))
+
+
+RUN_KEYS = ("model", "size", "seed", "forget_task", "method")
+
+
+def _unforgettable_sets(ex: pa.Table) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """(model, size, seed, forget task, method, eval task, split) -> (example indices sorted,
+    unforgettable in the forget phase). Where two trials share the key, the later one's
+    value of an example is kept."""
+    phase, phases = _group_codes(ex, ("phase",))
+    if ("forget",) not in phases:
+        return {}
+    fx = ex.filter(pa.array(phase == phases.index(("forget",))))
+    if fx.num_rows == 0:
+        return {}
+    group, keys = _group_codes(fx, (*RUN_KEYS, "eval_task", "split"))
+    idx = fx["example_idx"].to_numpy(zero_copy_only=False).astype(np.int64)
+    flag = fx["unforgettable"].to_numpy(zero_copy_only=False)
+    order = np.lexsort((idx, group))  # stable: equal keys stay in table order
+    group, idx, flag = group[order], idx[order], flag[order]
+    last = np.ones(group.size, bool)
+    last[:-1] = (group[1:] != group[:-1]) | (idx[1:] != idx[:-1])
+    group, idx, flag = group[last], idx[last], flag[last]
+    bounds = np.flatnonzero(np.diff(group)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [group.size]])
+    return {keys[group[a]]: (idx[a:b], flag[a:b]) for a, b in zip(starts, ends)}
 
 
 def overlap_table(ex: pa.Table, resamples: int) -> pa.Table:
     """Jaccard of unforgettable sets in the forget phase, per seed, for run pairs that differ
     in one factor (forget task, or method), on each (eval task, split) both scored."""
-    fx = ex.filter(pc.equal(ex["phase"], "forget")).to_pylist()
-    sets: dict[tuple, dict[int, bool]] = defaultdict(dict)
-    for r in fx:
-        sets[(r["model"], r["size"], r["seed"], r["forget_task"], r["method"], r["eval_task"], r["split"])][
-            r["example_idx"]
-        ] = r["unforgettable"]
+    sets = _unforgettable_sets(ex)
     runs = sorted({k[:5] for k in sets}, key=str)
     pairs: dict[tuple, list[tuple]] = defaultdict(list)
     for (m1, s1, seed1, f1, me1), (m2, s2, seed2, f2, me2) in combinations(runs, 2):
@@ -291,22 +371,25 @@ def overlap_table(ex: pa.Table, resamples: int) -> pa.Table:
             pairs[(m1, s1, "forget_task", me1, f1, f2)].append((seed1, (f1, me1), (f2, me2)))
         elif f1 == f2 and me1 != me2:
             pairs[(m1, s1, "method", f1, me1, me2)].append((seed1, (f1, me1), (f2, me2)))
+    places_of: dict[tuple, list[tuple]] = defaultdict(set)
+    for k in sets:
+        places_of[k[:2]].add(k[5:])
     rows = []
     for (model, size, axis, fixed, a, b), matches in sorted(pairs.items(), key=str):
-        places = sorted({k[5:] for k in sets if k[:2] == (model, size)}, key=str)
-        for task, split in places:
+        for task, split in sorted(places_of[(model, size)], key=str):
             per_seed, counts = {}, [0, 0, 0, 0]
             for seed, ra, rb in matches:
-                sa = sets.get((model, size, seed, *ra, task, split), {})
-                sb = sets.get((model, size, seed, *rb, task, split), {})
-                shared = sorted(set(sa) & set(sb))
-                if not shared:
+                sa = sets.get((model, size, seed, *ra, task, split))
+                sb = sets.get((model, size, seed, *rb, task, split))
+                if sa is None or sb is None:
                     continue
-                va = np.array([sa[i] for i in shared])
-                vb = np.array([sb[i] for i in shared])
+                _, ia, ib = np.intersect1d(sa[0], sb[0], assume_unique=True, return_indices=True)
+                if not ia.size:
+                    continue
+                va, vb = sa[1][ia], sb[1][ib]
                 per_seed[seed] = (va, vb)
                 counts = [
-                    counts[0] + len(shared),
+                    counts[0] + ia.size,
                     counts[1] + int(va.sum()),
                     counts[2] + int(vb.sum()),
                     counts[3] + int((va & vb).sum()),
@@ -327,15 +410,16 @@ def overlap_table(ex: pa.Table, resamples: int) -> pa.Table:
                 "n_unforgettable_b": counts[2],
                 "n_both": counts[3],
             }
+            jac = {s: _jaccard(int((va & vb).sum()), int((va | vb).sum())) for s, (va, vb) in per_seed.items()}
             if len(per_seed) >= 2:
-                est = t_interval([_jaccard(va, vb) for va, vb in per_seed.values()])
+                est = t_interval(list(jac.values()))
                 row.update(
                     jaccard=est.value, jaccard_lo=est.lo, jaccard_hi=est.hi, n_seeds=len(per_seed), interval=SEEDS_T
                 )
             else:
-                ((va, vb),) = per_seed.values()
+                ((seed, (va, vb)),) = per_seed.items()
                 lo, hi = _bootstrap_jaccard(va, vb, resamples, rng_for(model, size, axis, fixed, a, b, task, split))
-                row.update(jaccard=_jaccard(va, vb), jaccard_lo=lo, jaccard_hi=hi, n_seeds=1, interval=BOOTSTRAP)
+                row.update(jaccard=jac[seed], jaccard_lo=lo, jaccard_hi=hi, n_seeds=1, interval=BOOTSTRAP)
             rows.append(row)
     return pa.Table.from_pylist(rows, schema=OVERLAP_SCHEMA)
 

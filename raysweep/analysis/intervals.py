@@ -164,3 +164,16 @@ def correlation_estimates(by_seed: dict[object, tuple[list, list]], resamples: i
 
 def _clip(v: float | None) -> float | None:
     return None if v is None else max(-1.0, min(1.0, v))
+
+
+def bootstrap_mean_of_counts(
+    values: np.ndarray, counts: np.ndarray, resamples: int, rng: np.random.Generator
+) -> tuple[float | None, float | None]:
+    """Percentile bounds of the mean of n = sum(counts) points, `counts[i]` of them equal to
+    `values[i]`. Resampling n points is a multinomial draw over the distinct values (the
+    same distribution), so a resample costs O(distinct values) rather than O(n)."""
+    n = int(counts.sum())
+    if n < 2:
+        return None, None
+    draws = rng.multinomial(n, counts / n, size=resamples) @ values.astype(np.float64) / n
+    return percentile(draws)
