@@ -151,6 +151,23 @@ def requests_for(n_examples: int, long_prompts: bool, tasks=ALL_TASKS):
     return exs
 
 
+def packed_positions(tok, exs) -> dict:
+    """Positions the packed scorer feeds: the floor of the hidden-state cost, since each
+    choice's last token is fed only when its state is read."""
+    from raysweep.scoring import encode_examples
+
+    enc = encode_examples(tok, exs)
+    without = sum(len(a.context) + len(a.continuation) + len(b.continuation) - 2 for a, b in enc)
+    return {
+        "examples": len(enc),
+        "positions_without_hidden": without,
+        "positions_with_hidden": without + 2 * len(enc),
+        "extra_positions": round(2 * len(enc) / without, 4),
+        "one_token_answer_examples": sum(len(a.continuation) == 1 == len(b.continuation) for a, b in enc),
+        "mean_prompt_tokens": round(sum(len(a.context) for a, _ in enc) / len(enc), 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="tiny", choices=list(ARCHS))
@@ -169,11 +186,17 @@ def main() -> None:
     # contender can be left out (--no-separate); its column then reads null.
     ap.add_argument("--no-separate", action="store_true")
     ap.add_argument("--out", default="benchmarks_out/scoring.json")
+    ap.add_argument(
+        "--positions", action="store_true", help="only count the packed positions with and without hidden states"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     model, tok = build(args.arch, args.device, dtype)
     exs = requests_for(args.examples, args.long_prompts, tuple(args.tasks.split(",")))
+    if args.positions:
+        print(json.dumps(packed_positions(tok, exs)))
+        return
     pairs = [(e.prompt, c) for e in exs for c in e.continuations]
 
     from lm_eval.api.instance import Instance

@@ -130,7 +130,10 @@ def test_cluster_check_stopped_by_a_signal_leaves_no_node_running():
             if line.startswith("cluster_check: work dir "):
                 work = line.split("work dir ", 1)[1].strip()
             if "both nodes up" in line:
-                sessions = [int(x.split()[1]) for x in Path(work, "sessions").read_text().splitlines()]
+                # The script goes on meanwhile and may already have recorded its sweep
+                # driver's session too: the nodes are the sessions named head and worker.
+                recorded = [x.split() for x in Path(work, "sessions").read_text().splitlines() if x.strip()]
+                sessions = [int(sid) for role, sid in recorded if role in ("head", "worker")]
                 break
         assert work and len(sessions) == 2, "the script never reported both nodes up:\n" + "".join(seen[-40:])
         assert all(session_alive(sid) for sid in sessions)
