@@ -189,8 +189,11 @@ def committed(store: Path, sweep: str, trial_id: str) -> int:
 
 
 def cmd_kill_worker(args) -> int:
-    """SIGKILL the worker node's raylet once a trial running there has committed
-    `after_commits` epochs, so that the node dies mid-trial, with work left to resume."""
+    """SIGKILL the worker node once a trial running there has committed `after_commits`
+    epochs, so that the node dies mid-trial, with work left to resume. The whole node goes
+    at once, as when a machine dies: its raylet first (so it starts nothing new), then every
+    other process of its session. A trial process left to notice its raylet's death on its
+    own can outlive it long enough to finish a tiny trial, leaving nothing to retry."""
     worker_temp = Path(args.worker_temp)
     node = json.loads(Path(args.worker_node).read_text())
     store = Path(args.store)
@@ -206,7 +209,9 @@ def cmd_kill_worker(args) -> int:
             n = committed(store, args.sweep, tid)
             if pid in on_worker and n >= args.after_commits:
                 os.kill(node["raylet_pid"], signal.SIGKILL)
+                killed = kill_session(node["sid"])
                 out.update(killed=True, trial=tid, trial_pid=pid, commits_before_kill=n, at=time.time())
+                out["node_processes_killed"] = killed
                 break
         time.sleep(0.1)
     if not out["killed"] and "error" not in out:
@@ -217,8 +222,8 @@ def cmd_kill_worker(args) -> int:
         while _state(node["raylet_pid"]) not in ("", "Z") and time.time() - t0 < 10:
             time.sleep(0.1)
         out["raylet_gone"] = _state(node["raylet_pid"]) in ("", "Z")
-        # Its trial process must go too (a worker exits when it loses its raylet), or it
-        # would go on writing next to the retry; the retry would wait on its lock.
+        # Its trial process must be gone too, or it would go on writing next to the retry
+        # (which would wait on its lock).
         t0 = time.time()
         while _state(out["trial_pid"]) not in ("", "Z") and time.time() - t0 < 60:
             time.sleep(0.2)

@@ -7,8 +7,8 @@
 #      with its own temp dir, its own ports and its own resource (rsc_head / rsc_worker);
 #   2. `raysweep run SPEC --address ...` of a 4-trial tiny-model spec (1 CPU a trial): the
 #      reference store; Tune's records show which node ran each trial;
-#   3. the same spec into a second store, SIGKILL of the worker node's raylet while one of
-#      its trials is mid-way: Tune retries that trial (max_failures) on the head, where it
+#   3. the same spec into a second store, SIGKILL of the whole worker node (its raylet,
+#      then every process of its session) while one of its trials is mid-way: Tune retries that trial (max_failures) on the head, where it
 #      resumes from its resume point; the store is compared row for row with the reference
 #      (scripts/reliability.py compare_stores: nothing lost, duplicated or extra);
 #   4. a JSON summary to stdout (or FILE): nodes, trials per node, the killed node, rows
