@@ -7,9 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 BUILD = """
-import hashlib, json, sys
+import json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(int(sys.argv[2]))
@@ -18,20 +19,20 @@ from raysweep.spec import ModelSpec
 spec = ModelSpec(name="repro", arch="gpt2", tiny={"layers": 5, "hidden": 32, "heads": 2, "vocab": 400},
                  pretrain={"steps": 25, "batch_size": 8, "examples_per_task": 40})
 path = ensure_builtin(spec, Path(sys.argv[1]))
-from safetensors.torch import load_file
-w = load_file(str(path / "model.safetensors"))
-print(json.dumps({"weights": hashlib.sha256(b"".join(w[k].numpy().tobytes() for k in sorted(w))).hexdigest(),
-                  "tokenizer": hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest(),
-                  "loss": json.loads((path / "READY").read_text())["pretrain_loss"],
+sys.path.insert(0, sys.argv[3])
+from scripts.demo_fingerprint import fingerprint
+f = fingerprint(path)
+print(json.dumps({"weights": f["weights_sha256"], "tokenizer": f["tokenizer_sha256"], "loss": f["pretrain_loss"],
                   "threads_after": torch.get_num_threads(), "isa": torch.backends.cpu.get_cpu_capability()}))
 """
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _build(folder, threads: int, hash_seed: str) -> dict:
     pinned = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "RAYSWEEP_MODEL_CACHE")
     env = {k: v for k, v in os.environ.items() if k not in pinned}
     env.update(PYTHONHASHSEED=hash_seed, RAYON_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-c", BUILD, str(folder), str(threads)]
+    cmd = [sys.executable, "-c", BUILD, str(folder), str(threads), str(ROOT)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
