@@ -20,7 +20,7 @@ import numpy as np
 
 from raysweep.distributed import Group
 from raysweep.models import LoadedModel
-from raysweep.records import EvalSlice, concat_results, hidden_task, score_all
+from raysweep.records import EvalSlice, concat_results, hidden_task, keeps_hidden, score_all
 from raysweep.scoring import ScoreResult
 from raysweep.spec import TrialPlan
 from raysweep.store import Store, replacing
@@ -82,8 +82,7 @@ class PretrainedScores:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _name(self, sl: EvalSlice) -> str:
-        only = hidden_task(self.plan)
-        return slice_name(sl, hidden=self.plan.scoring.hidden_states != "none" and only in (None, sl.task))
+        return slice_name(sl, hidden=keeps_hidden(self.plan, sl.task))
 
     def _load(self, sl: EvalSlice) -> ScoreResult | None:
         path = self.dir / self._name(sl)

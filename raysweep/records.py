@@ -71,6 +71,11 @@ def hidden_task(plan: TrialPlan) -> str | None:
     return plan.forget_task if plan.scoring.hidden_tasks == "forget" else None
 
 
+def keeps_hidden(plan: TrialPlan, task: str) -> bool:
+    """Whether a trial captures and keeps `task`'s hidden states."""
+    return plan.scoring.hidden_states != "none" and hidden_task(plan) in (None, task)
+
+
 def score_all(
     lm: LoadedModel, slices: list[EvalSlice], scoring: ScoringConfig, group: Group, only_hidden: str | None = None
 ) -> ScoreResult | None:
@@ -159,9 +164,7 @@ def epoch_tables(
     )
     hidden = None
     if with_hidden and res.hidden is not None:
-        keep = rows
-        if plan.scoring.hidden_tasks == "forget":
-            keep = np.flatnonzero(np.array([sl.task == plan.forget_task for sl in slices for _ in sl.examples], bool))
+        keep = np.flatnonzero(np.array([keeps_hidden(plan, sl.task) for sl in slices for _ in sl.examples], bool))
         hidden = _hidden_table(common, res, gold, keep)
     return scores, hidden
 

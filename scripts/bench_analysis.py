@@ -34,6 +34,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -715,11 +716,8 @@ def isolated(args: argparse.Namespace, engine: str, name: str) -> tuple[float, C
     out_dir = _tables_dir(args, name, engine)
     tables = {p.stem: pq.read_table(p) for p in sorted(out_dir.glob("*.parquet"))}
 
-    class Outcome:  # what the comparisons read of an AnalysisOutcome
-        status = got["status"]
-
-    Outcome.tables = tables
-    out = tables["reference"] if engine == "duckdb" else [Outcome]
+    # What the comparisons read of an AnalysisOutcome: its status and tables.
+    out = tables["reference"] if engine == "duckdb" else [SimpleNamespace(status=got["status"], tables=tables)]
     return got["seconds"], ChildRun(got["peak_self"], got["peak_tree"], got["ray_init_seconds"]), out
 
 

@@ -371,7 +371,7 @@ def overlap_table(ex: pa.Table, resamples: int) -> pa.Table:
             pairs[(m1, s1, "forget_task", me1, f1, f2)].append((seed1, (f1, me1), (f2, me2)))
         elif f1 == f2 and me1 != me2:
             pairs[(m1, s1, "method", f1, me1, me2)].append((seed1, (f1, me1), (f2, me2)))
-    places_of: dict[tuple, list[tuple]] = defaultdict(set)
+    places_of: dict[tuple, set[tuple]] = defaultdict(set)
     for k in sets:
         places_of[k[:2]].add(k[5:])
     rows = []
