@@ -29,12 +29,12 @@ from transformers import (
 )
 
 from raysweep.errors import BadInput
-from raysweep.reproducible import pin_cpu_numerics
+from raysweep.reproducible import CorrectlyRoundedAdamW, pin_cpu_numerics
 from raysweep.spec import ModelSpec, locate_gguf
 from raysweep.store import replacing_dir
 
 # Bump when the tokenizer recipe, tiny configs or pretraining recipe change: it keys the cache.
-BUILTIN_RECIPE = 5
+BUILTIN_RECIPE = 6
 # Fraction of the pretraining steps over which the learning rate warms up before its cosine decay.
 _PRETRAIN_WARMUP = 0.05
 # Above this size the built-in pretraining may use a GPU (and its weights depend on the machine).
@@ -187,7 +187,8 @@ def _pretrain_loop(
     seed: int,
 ) -> float:
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    adamw = CorrectlyRoundedAdamW if device == "cpu" else torch.optim.AdamW
+    opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     # At a constant rate the skills a batch-8 run has just picked up come and go from one
     # few hundred steps to the next (sentiment 0.54, 0.99, 0.59 at steps 600, 900, 1200), and
     # a skill caught on its way up is one the first fine-tuning epochs knock over again.

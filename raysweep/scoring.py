@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from raysweep.reproducible import exact_sqrt
 from raysweep.tasks.base import Example
 
 HIDDEN_LAYER = -5  # the paper's "fifth to last layer"
@@ -161,7 +162,7 @@ class TokenStats:
         plogp = prob * finite
         mu = plogp.sum(-1)
         var = (plogp * finite).sum(-1) - mu * mu
-        z = (picked - mu) / var.clamp_min(1e-12).sqrt()
+        z = (picked - mu) / exact_sqrt(var.clamp_min(1e-12))
         lp = picked.double().cpu().numpy()
         np.add.at(self.sums, owner, lp)
         self._owner.append(owner)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from raysweep import models
+from raysweep.reproducible import CorrectlyRoundedAdamW
 from raysweep.spec import ModelSpec, load_spec
 from raysweep.tasks.builtin import BUILTIN_TASKS
 
@@ -38,13 +38,14 @@ def test_pretraining_rate_warms_up_then_decays_to_zero():
 def test_pretraining_takes_its_last_steps_at_a_vanishing_rate(tmp_path, monkeypatch):
     """The rate the optimizer actually used, step by step, in a real (small) pretraining."""
     seen: list[float] = []
-    step = torch.optim.AdamW.step
+    # CPU pretraining takes its steps with the correctly rounded AdamW (raysweep.reproducible).
+    step = CorrectlyRoundedAdamW.step
 
     def recording(self, *args, **kwargs):
         seen.append(self.param_groups[0]["lr"])
         return step(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    monkeypatch.setattr(CorrectlyRoundedAdamW, "step", recording)
     spec = ModelSpec(
         name="story",
         arch="gpt2",
