@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,3 +78,26 @@ def test_pipeline_is_identical_on_emulated_intel_and_amd_processors():
     assert prints["native"]["cpu_capability"] == "AVX2"
     assert prints["Haswell"] == prints["native"]
     assert prints["EPYC"] == prints["native"]
+
+
+DEMO_MODEL = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from raysweep.models import ensure_builtin
+from raysweep.spec import load_spec
+from scripts.demo_fingerprint import fingerprint
+spec = load_spec(Path(sys.argv[2]) / "specs" / "quickstart.yaml")
+print(json.dumps(fingerprint(ensure_builtin(spec.models[0], Path(sys.argv[1])))))
+"""
+
+
+@pytest.mark.slow
+def test_demo_model_has_the_fingerprint_the_readme_prints(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    documented = re.search(r"weights sha256 `([0-9a-f]{64})`", readme).group(1)
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "RAYSWEEP_MODEL_CACHE")}
+    cmd = [sys.executable, "-c", DEMO_MODEL, str(tmp_path), str(ROOT)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
+    built = json.loads(out.stdout.strip().splitlines()[-1])
+    assert built["weights_sha256"] == documented
