@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from raysweep.errors import BadInput
-from raysweep.reproducible import CorrectlyRoundedAdamW, pin_cpu_numerics
+from raysweep.reproducible import adamw, pin_cpu_numerics
 from raysweep.spec import ModelSpec, locate_gguf
 from raysweep.store import replacing_dir
 
@@ -187,7 +187,6 @@ def _pretrain_loop(
     seed: int,
 ) -> float:
     torch.manual_seed(seed)
-    adamw = CorrectlyRoundedAdamW if device == "cpu" else torch.optim.AdamW
     opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     # At a constant rate the skills a batch-8 run has just picked up come and go from one
     # few hundred steps to the next (sentiment 0.54, 0.99, 0.59 at steps 600, 900, 1200), and

@@ -48,6 +48,15 @@ def exact_sqrt(values: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.sqrt(values.detach().double().numpy())).to(values.dtype)
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW for these parameters: the correctly rounded one on CPU, where runs are meant to
+    give the same bits on every machine; torch's own on other devices."""
+    params = list(params)
+    if params and params[0].device.type == "cpu":
+        return CorrectlyRoundedAdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 class CorrectlyRoundedAdamW(torch.optim.AdamW):
     """torch.optim.AdamW's single-tensor update, operation for operation, with the second
     moment's root taken by `exact_sqrt`. Its state is torch's (resume points load either)."""

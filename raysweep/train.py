@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from raysweep.distributed import SINGLE, Group
-from raysweep.reproducible import CorrectlyRoundedAdamW
+from raysweep.reproducible import adamw
 from raysweep.scoring import encode_pair, model_max_length, pad_id
 from raysweep.tasks.base import Example
 
@@ -104,10 +104,7 @@ def _torch_optimizer(model, cfg: PhaseConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if params and params[0].device.type == "cpu":
-        # CPU runs are meant to give the same bits on every machine (see raysweep.reproducible).
-        return CorrectlyRoundedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class Stepper:

@@ -20,10 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from raysweep.models import ensure_builtin, load_model  # noqa: E402  (pins the CPU paths before torch runs)
-from raysweep.spec import FinetuneConfig, ModelSpec  # noqa: E402
+from raysweep.spec import FinetuneConfig, load_spec  # noqa: E402
 
 
 def _digest(arrays) -> str:
@@ -41,12 +42,8 @@ def fingerprint(steps: int, examples: int) -> dict:
     from raysweep.tasks.base import prepare_task
     from raysweep.train import build_batches, make_optimizer, train_epoch
 
-    spec = ModelSpec(
-        name="cpu-check",
-        arch="gpt2",
-        tiny={"layers": 5},
-        pretrain={"steps": steps, "batch_size": 8, "lr": 3e-3, "label_noise": 0.1, "lr_schedule": "cosine"},
-    )
+    demo = load_spec(ROOT / "specs" / "quickstart.yaml").models[0]
+    spec = demo.model_copy(update={"pretrain": demo.pretrain.model_copy(update={"steps": steps})})
     with tempfile.TemporaryDirectory() as models_dir:
         ensure_builtin(spec, Path(models_dir))
         loaded = load_model(spec, Path(models_dir))

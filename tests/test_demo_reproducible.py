@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from raysweep.reproducible import PINNED_ENV
+
 BUILD = """
 import json, sys
 from pathlib import Path
-
-import pytest
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 from raysweep.models import ensure_builtin
@@ -34,9 +34,15 @@ print(json.dumps({"weights": f["weights_sha256"], "tokenizer": f["tokenizer_sha2
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _unpinned_env() -> dict:
+    """This process's environment less the CPU pins and the shared model cache: each child
+    must pin (and build) for itself, as a fresh machine would."""
+    drop = {*PINNED_ENV, "RAYSWEEP_MODEL_CACHE"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def _build(folder, threads: int, hash_seed: str) -> dict:
-    pinned = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "RAYSWEEP_MODEL_CACHE")
-    env = {k: v for k, v in os.environ.items() if k not in pinned}
+    env = _unpinned_env()
     env.update(PYTHONHASHSEED=hash_seed, RAYON_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-c", BUILD, str(folder), str(threads), str(ROOT)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=True)
@@ -62,7 +68,7 @@ def test_pipeline_is_identical_on_emulated_intel_and_amd_processors():
     # way, and qemu computes them exactly: torch's float32 square root differs on all three,
     # so before Adam took exact roots the pretrained weights already differed after 20 steps.
     script = [sys.executable, str(ROOT / "scripts" / "cpu_fingerprint.py")]
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    env = _unpinned_env()
     runs = {
         "native": subprocess.Popen(script, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True),
         **{
@@ -96,7 +102,7 @@ print(json.dumps(fingerprint(ensure_builtin(spec.models[0], Path(sys.argv[1]))))
 def test_demo_model_has_the_fingerprint_the_readme_prints(tmp_path):
     readme = (ROOT / "README.md").read_text()
     documented = re.search(r"weights sha256 `([0-9a-f]{64})`", readme).group(1)
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "RAYSWEEP_MODEL_CACHE")}
+    env = _unpinned_env()
     cmd = [sys.executable, "-c", DEMO_MODEL, str(tmp_path), str(ROOT)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
     built = json.loads(out.stdout.strip().splitlines()[-1])
